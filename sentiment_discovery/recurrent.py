@@ -1,0 +1,256 @@
+"""Recurrent stacks sharing one interface.
+
+Every stack here is called as ``stack(x[T, B, E], hidden=None, reset=None) -> (out[T, B, H], (h, c))``
+with ``h``/``c`` of shape ``[num_layers, B, H]`` (for GRU and plain RNNs ``c`` is ``h``), and
+``reset`` an optional ``[T, B]`` bool mask: True zeroes that row's state before it consumes the
+input of that step. ``forward_states`` additionally returns the per-step hidden and cell states of
+every layer (inference only), which featurization pools.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import weight_norm as _weight_norm
+
+State = tuple[Tensor, Tensor]
+
+
+def _zero_rows(state: State, keep: Tensor) -> State:
+    """Multiply both state tensors by ``keep`` ([B, 1] float): rows with 0 are reset."""
+    return state[0] * keep, state[1] * keep
+
+
+# --------------------------------------------------------------------------------------------
+# mLSTM
+# --------------------------------------------------------------------------------------------
+
+
+class mLSTMLayer(nn.Module):
+    """One multiplicative-LSTM layer (formats.md), gate order i, f, g, o.
+
+    Parameters use the NVIDIA release's names (one summed bias instead of two):
+    ``w_ih [4H, E]``, ``w_hh [4H, H]``, ``w_mih [H, E]``, ``w_mhh [H, H]``, ``bias [4H]``.
+    With ``weight_norm`` the four matrices are parametrized by PyTorch's weight norm over each
+    output row.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, weight_norm: bool = True):
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        H, E = hidden_size, input_size
+        self.w_ih = nn.Parameter(torch.empty(4 * H, E))
+        self.w_hh = nn.Parameter(torch.empty(4 * H, H))
+        self.w_mih = nn.Parameter(torch.empty(H, E))
+        self.w_mhh = nn.Parameter(torch.empty(H, H))
+        self.bias = nn.Parameter(torch.empty(4 * H))
+        bound = 1.0 / math.sqrt(H)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        self.weight_norm = weight_norm
+        if weight_norm:
+            for name in ("w_ih", "w_hh", "w_mih", "w_mhh"):
+                _weight_norm(self, name, dim=0)
+
+    def weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The effective (weight-normalised) matrices, computed once per call."""
+        return self.w_ih, self.w_hh, self.w_mih, self.w_mhh, self.bias
+
+    def zero_state(self, batch: int, like: Tensor) -> State:
+        z = like.new_zeros(batch, self.hidden_size)
+        return z, z.clone()
+
+    def forward(
+        self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False
+    ) -> tuple[Tensor, State, Tensor | None]:
+        return self.reference_forward(x, state, reset, return_cells)
+
+    def reference_forward(
+        self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False
+    ) -> tuple[Tensor, State, Tensor | None]:
+        """Plain per-step implementation of formats.md, differentiable through autograd."""
+        T, B, _ = x.shape
+        h, c = state if state is not None else self.zero_state(B, x)
+        w_ih, w_hh, w_mih, w_mhh, bias = self.weights()
+        outs, cells = [], []
+        for t in range(T):
+            if reset is not None:
+                keep = (~reset[t]).to(x.dtype).unsqueeze(1)
+                h, c = h * keep, c * keep
+            h, c = mlstm_step(x[t], h, c, w_ih, w_hh, w_mih, w_mhh, bias)
+            outs.append(h)
+            if return_cells:
+                cells.append(c)
+        out = torch.stack(outs)
+        return out, (h, c), (torch.stack(cells) if return_cells else None)
+
+
+def mlstm_step(
+    x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor
+) -> State:
+    """One mLSTM step on ``x [B, E]``, ``h``/``c`` ``[B, H]``: the math of formats.md."""
+    m = (x @ w_mih.t()) * (h @ w_mhh.t())
+    z = x @ w_ih.t() + m @ w_hh.t() + bias
+    i, f, g, o = z.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
+
+
+class mLSTM(nn.Module):
+    """Multi-layer mLSTM with the interface of ``torch.nn.LSTM`` plus a per-row reset mask."""
+
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0, weight_norm: bool = True
+    ):
+        super().__init__()
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.dropout = dropout
+        self.layers = nn.ModuleList(
+            mLSTMLayer(input_size if i == 0 else hidden_size, hidden_size, weight_norm) for i in range(num_layers)
+        )
+
+    def forward(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
+        out, state, _, _ = self._run(input, hidden, reset, keep_states=False)
+        return out, state
+
+    def forward_states(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
+        """(per-layer hidden sequences, per-layer cell sequences, final (h, c)); inference only."""
+        _, state, hs, cs = self._run(input, hidden, reset, keep_states=True)
+        return hs, cs, state
+
+    def _run(self, x, hidden, reset, keep_states):
+        hs, cs, finals_h, finals_c = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            layer_state = None if hidden is None else (hidden[0][i], hidden[1][i])
+            x, (h, c), cells = layer(x, layer_state, reset, return_cells=keep_states)
+            finals_h.append(h)
+            finals_c.append(c)
+            if keep_states:
+                hs.append(x)
+                cs.append(cells)
+            if self.dropout and self.training and i < self.num_layers - 1:
+                x = nn.functional.dropout(x, self.dropout, True)
+        return x, (torch.stack(finals_h), torch.stack(finals_c)), hs, cs
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch's own fused RNNs (LSTM, GRU, RNN_TANH, RNN_RELU)
+# --------------------------------------------------------------------------------------------
+
+
+class TorchRNN(nn.Module):
+    """A stack of single-layer ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (PyTorch's fused kernels).
+
+    One module per layer so that per-layer states are reachable for featurization. Resets split the
+    sequence at the steps where any row resets; between those steps the fused kernel runs whole.
+    """
+
+    def __init__(
+        self, kind: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+        weight_norm: bool = True,
+    ):
+        super().__init__()
+        self.kind = kind
+        self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
+        self.layers = nn.ModuleList()
+        for i in range(num_layers):
+            n_in = input_size if i == 0 else hidden_size
+            if kind == "LSTM":
+                layer = nn.LSTM(n_in, hidden_size)
+            elif kind == "GRU":
+                layer = nn.GRU(n_in, hidden_size)
+            elif kind in ("RNNTanh", "RNNReLU"):
+                layer = nn.RNN(n_in, hidden_size, nonlinearity="tanh" if kind == "RNNTanh" else "relu")
+            else:
+                raise ValueError(f"unknown recurrent type {kind!r}")
+            if weight_norm:
+                for name in ("weight_ih_l0", "weight_hh_l0"):
+                    _weight_norm(layer, name, dim=0)
+            self.layers.append(layer)
+        self.weight_norm = weight_norm
+
+    @property
+    def is_lstm(self) -> bool:
+        return self.kind == "LSTM"
+
+    def _call(self, layer: nn.Module, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.weight_norm:
+            # nn.RNNBase caches its weight tensors; refresh them from the parametrization.
+            layer._init_flat_weights()
+        if self.is_lstm:
+            out, (h, c) = layer(x, (h.unsqueeze(0), c.unsqueeze(0)))
+            return out, h[0], c[0]
+        out, h = layer(x, h.unsqueeze(0))
+        return out, h[0], h[0]
+
+    def _segments(self, T: int, reset: Tensor | None) -> list[int]:
+        if reset is None:
+            return [0, T]
+        steps = torch.nonzero(reset[1:].any(dim=1)).flatten().add(1).tolist()
+        return [0, *steps, T]
+
+    def _layer(self, layer, x, h, c, reset, keep_states):
+        T = x.shape[0]
+        outs, cells = [], []
+        bounds = self._segments(T, reset)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if reset is not None:
+                keep = (~reset[a]).to(x.dtype).unsqueeze(1)
+                h, c = h * keep, c * keep
+            if keep_states and self.is_lstm:
+                # nn.LSTM does not expose per-step cell states: step it one byte at a time.
+                for t in range(a, b):
+                    out, h, c = self._call(layer, x[t : t + 1], h, c)
+                    outs.append(out)
+                    cells.append(c.unsqueeze(0))
+            else:
+                out, h, c = self._call(layer, x[a:b], h, c)
+                outs.append(out)
+                if keep_states:
+                    cells.append(out)
+        out = torch.cat(outs)
+        return out, h, c, (torch.cat(cells) if keep_states else None)
+
+    def _run(self, x, hidden, reset, keep_states):
+        B = x.shape[1]
+        hs, cs, fh, fc = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            if hidden is None:
+                h = x.new_zeros(B, self.hidden_size)
+                c = h
+            else:
+                h, c = hidden[0][i], hidden[1][i]
+            x, h, c, cells = self._layer(layer, x, h, c, reset, keep_states)
+            fh.append(h)
+            fc.append(c)
+            if keep_states:
+                hs.append(x)
+                cs.append(cells)
+            if self.dropout and self.training and i < self.num_layers - 1:
+                x = nn.functional.dropout(x, self.dropout, True)
+        return x, (torch.stack(fh), torch.stack(fc)), hs, cs
+
+    def forward(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
+        out, state, _, _ = self._run(input, hidden, reset, keep_states=False)
+        return out, state
+
+    def forward_states(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
+        _, state, hs, cs = self._run(input, hidden, reset, keep_states=True)
+        return hs, cs, state
+
+
+RNN_TYPES = ("mLSTM", "LSTM", "GRU", "RNNTanh", "RNNReLU")
+
+
+def make_rnn(
+    kind: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0, weight_norm: bool = True
+) -> nn.Module:
+    if kind == "mLSTM":
+        return mLSTM(input_size, hidden_size, num_layers, dropout, weight_norm)
+    if kind in RNN_TYPES:
+        return TorchRNN(kind, input_size, hidden_size, num_layers, dropout, weight_norm)
+    raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(RNN_TYPES)}")
