@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 
 class DataError(Exception):
@@ -117,14 +118,16 @@ def read_records(
                 f"delimiter {delim!r}{hint}"
             )
         if text_key not in frame.columns:
-            raise DataError(f"{path}: line 1: missing text column {text_key!r} (columns: {list(frame.columns)})")
+            columns = list(frame.columns)
+            raise DataError(f"{path}: line 1: missing text column {text_key!r} (columns: {columns})")
         if frame.empty:
             raise DataError(f"{path}: no records (only a header)")
         texts = frame[text_key].tolist()
         raw_labels = None
         if need_labels:
             if label_key not in frame.columns:
-                raise DataError(f"{path}: line 1: missing label column {label_key!r} (columns: {list(frame.columns)})")
+                columns = list(frame.columns)
+                raise DataError(f"{path}: line 1: missing label column {label_key!r} (columns: {columns})")
             raw_labels = frame[label_key].tolist()
 
     labels = None if raw_labels is None else _labels(path, raw_labels, binarize_labels)
@@ -146,7 +149,8 @@ def _labels(path: Path, raw: list, binarize: bool) -> np.ndarray:
     if not set(seen) <= {0.0, 1.0}:
         shown = ", ".join(f"{v:g}" for v in seen[:10]) + (" ..." if len(seen) > 10 else "")
         raise DataError(
-            f"{path}: labels must be 0 or 1, saw {shown} (pass --binarize_labels to rescale ratings such as 1-5)"
+            f"{path}: labels must be 0 or 1, saw {shown} "
+            "(pass --binarize_labels to rescale ratings such as 1-5)"
         )
     return values.astype(np.int64)
 
@@ -157,3 +161,260 @@ def _is_number(v) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# Language-model corpus: samples -> shards -> splits -> truncated-BPTT batches
+# --------------------------------------------------------------------------------------------
+
+PAD_TARGET = -100  # target of a padded step; the default ignore_index of torch's cross_entropy
+
+
+@dataclass
+class EncodedCorpus:
+    """Every sample of a corpus, preprocessed and byte-encoded, concatenated in file order.
+
+    ``tokens`` (uint8) may be a numpy memmap; ``starts[i]`` is the byte offset of sample ``i`` and
+    ``starts[-1] == len(tokens)``.
+    """
+
+    path: str
+    tokens: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.starts) - 1
+
+
+def encode_corpus(
+    texts: list[str], path: str = "<texts>", preprocess: str = "nvidia", progress: bool = False
+) -> EncodedCorpus:
+    """Preprocess and byte-encode every text (the per-text cleaning is the cost), then concatenate."""
+    from tqdm import tqdm
+
+    from .preprocess import encode
+
+    bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
+    pieces = [encode(t, preprocess) for t in bar]
+    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    starts = np.zeros(len(pieces) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
+    return EncodedCorpus(str(path), tokens, starts)
+
+
+def load_corpus(
+    path: str | Path,
+    text_key: str = "sentence",
+    delim: str = ",",
+    loose_json: bool = False,
+    preprocess: str = "nvidia",
+    progress: bool = False,
+) -> EncodedCorpus:
+    records = read_records(path, text_key=text_key, delim=delim, loose_json=loose_json)
+    return encode_corpus(records.texts, str(path), preprocess, progress)
+
+
+def parse_split(spec: str, has_valid: bool = False, has_test: bool = False) -> tuple[float, float, float]:
+    """``--split`` ("100,1,1", "0.9/0.1", "1.") -> normalised (train, val, test) proportions.
+
+    As in the original: proportions summing below 1 get the remainder appended; a separately
+    given ``--valid``/``--test`` file zeroes that part of the split.
+    """
+    try:
+        parts = [float(s) for s in spec.replace("/", ",").split(",") if s.strip()]
+    except ValueError:
+        raise DataError(f"--split {spec!r}: expected comma-separated numbers such as 100,1,1") from None
+    if not parts or any(p < 0 for p in parts) or len(parts) > 3:
+        raise DataError(f"--split {spec!r}: expected one to three non-negative proportions")
+    if sum(parts) < 1.0:
+        parts.append(1.0 - sum(parts))
+    parts = (parts + [0.0, 0.0])[:3]
+    if has_valid:
+        parts[1] = 0.0
+    if has_test:
+        parts[2] = 0.0
+    total = sum(parts)
+    if parts[0] <= 0 or total <= 0:
+        raise DataError(f"--split {spec!r}: the training part must be positive")
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def shard_starts(num_samples: int, num_shards: int) -> np.ndarray:
+    """Sample index where each of ``num_shards`` contiguous, near-equal shards begins, plus the end.
+
+    A corpus with fewer samples than shards gets one shard per sample.
+    """
+    if num_shards < 1:
+        raise DataError(f"the number of shards must be at least 1 (got {num_shards})")
+    shards = min(num_shards, num_samples)
+    return (np.arange(shards + 1, dtype=np.int64) * num_samples) // max(shards, 1)
+
+
+def split_shards(num_shards: int, proportions: tuple[float, float, float]) -> tuple[range, range, range]:
+    """Contiguous shard ranges for (train, val, test). A positive val/test part gets at least one shard."""
+    _, p_val, p_test = proportions
+    n_val = max(1, round(p_val * num_shards)) if p_val > 0 else 0
+    n_test = max(1, round(p_test * num_shards)) if p_test > 0 else 0
+    n_train = num_shards - n_val - n_test
+    if n_train < 1:
+        raise DataError(
+            f"{num_shards} shard(s) cannot be split into train/val/test parts {proportions}: "
+            "use more samples, more --num_shards, or give --valid/--test files"
+        )
+    return range(0, n_train), range(n_train, n_train + n_val), range(n_train + n_val, num_shards)
+
+
+@dataclass
+class Batch:
+    """One truncated-BPTT batch: ``input``/``target`` ``[T, B]`` long, ``reset`` ``[T, B]`` bool.
+
+    ``target`` is PAD_TARGET where a row has run out of text; ``reset`` marks the steps where the
+    row's state is zeroed before that input byte is consumed.
+    """
+
+    input: torch.Tensor
+    target: torch.Tensor
+    reset: torch.Tensor
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.target != PAD_TARGET).sum())
+
+    def to(self, device) -> Batch:
+        return Batch(self.input.to(device), self.target.to(device), self.reset.to(device))
+
+
+class TBPTTBatches:
+    """The batches of one split, in order.
+
+    The split's shards are dealt in contiguous groups to ``min(batch_size, shards)`` rows; each row
+    is one stream of whole shards (consecutive in the corpus, so a row is one slice of
+    ``corpus.tokens``). Step ``t`` of a row reads byte ``t`` and predicts byte ``t + 1``; batch
+    ``b`` holds steps ``b*T .. b*T + T - 1`` of every row. Rows that are shorter than the longest
+    are padded (target PAD_TARGET), and the last batch may be shorter than ``T``.
+
+    ``persist_state``: 1 resets a row where its next shard begins, 0 at every sample start,
+    -1 never. ``seq_length`` < 0 picks ``T`` so that the split has ``-seq_length`` batches.
+    """
+
+    def __init__(
+        self,
+        corpus: EncodedCorpus,
+        shard_bounds: np.ndarray,
+        batch_size: int,
+        seq_length: int,
+        persist_state: int = 1,
+        name: str = "train",
+    ):
+        if batch_size < 1:
+            raise DataError(f"{name}: batch size must be at least 1 (got {batch_size})")
+        if seq_length == 0:
+            raise DataError(f"{name}: sequence length must not be 0")
+        if persist_state not in (-1, 0, 1):
+            raise DataError(f"--persist_state must be -1, 0 or 1 (got {persist_state})")
+        self.corpus, self.name, self.persist_state = corpus, name, persist_state
+        num_shards = len(shard_bounds) - 1
+        self.rows = min(batch_size, num_shards)
+        row_shards = (np.arange(self.rows + 1, dtype=np.int64) * num_shards) // self.rows
+        row_samples = shard_bounds[row_shards]
+        self.row_begin = corpus.starts[row_samples[:-1]]
+        self.row_end = corpus.starts[row_samples[1:]]
+        self.steps = int((self.row_end - self.row_begin).max()) - 1  # predictions of the longest row
+        if self.steps < 1:
+            raise DataError(f"{corpus.path}: the {name} split holds fewer than two bytes of text")
+        self.seq_length = seq_length if seq_length > 0 else -(-self.steps // -seq_length)
+        self.num_batches = -(-self.steps // self.seq_length)
+        if persist_state == 0:
+            self.boundaries = corpus.starts[:-1]
+        elif persist_state == 1:
+            self.boundaries = corpus.starts[shard_bounds[:-1]]
+        else:
+            self.boundaries = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def num_targets(self) -> int:
+        """Predicted bytes in one pass over the split."""
+        return int((self.row_end - self.row_begin - 1).clip(min=0).sum())
+
+    def batch(self, index: int) -> Batch:
+        first = index * self.seq_length
+        steps = min(self.seq_length, self.steps - first)
+        pos = self.row_begin[:, None] + first + np.arange(steps, dtype=np.int64)[None, :]  # [B, T]
+        valid = pos + 1 < self.row_end[:, None]
+        safe = np.where(valid, pos, 0)
+        inputs = np.where(valid, self.corpus.tokens[safe].astype(np.int64), 0)
+        targets = np.where(valid, self.corpus.tokens[safe + 1].astype(np.int64), PAD_TARGET)
+        at = np.searchsorted(self.boundaries, pos).clip(max=max(len(self.boundaries) - 1, 0))
+        reset = valid & (self.boundaries[at] == pos) if len(self.boundaries) else np.zeros_like(valid)
+        as_steps = lambda a: torch.from_numpy(np.ascontiguousarray(a.T))  # [B, T] -> [T, B]
+        return Batch(as_steps(inputs), as_steps(targets), as_steps(reset))
+
+    def __iter__(self):
+        return (self.batch(i) for i in range(self.num_batches))
+
+
+@dataclass
+class LMSplits:
+    train: TBPTTBatches
+    val: TBPTTBatches | None
+    test: TBPTTBatches | None
+
+
+def lm_splits(
+    data: str,
+    valid: str | None = None,
+    test: str | None = None,
+    *,
+    split: str = "100,1,1",
+    num_shards: int = 102,
+    val_shards: int = 0,
+    test_shards: int = 0,
+    batch_size: int = 128,
+    eval_batch_size: int = 0,
+    seq_length: int = 256,
+    eval_seq_length: int = 0,
+    persist_state: int = 1,
+    text_key: str = "sentence",
+    eval_text_key: str | None = None,
+    delim: str = ",",
+    loose_json: bool = False,
+    preprocess: str = "nvidia",
+    progress: bool = False,
+) -> LMSplits:
+    """Read ``data`` (and the optional ``valid``/``test`` files) into train/val/test batch streams.
+
+    The training file is cut into ``num_shards`` shards partitioned by ``split``; a separate
+    evaluation file replaces its part and is cut into ``val_shards``/``test_shards`` shards
+    (0: ``num_shards``). Evaluation uses ``eval_batch_size``/``eval_seq_length`` (0: as training).
+    """
+    eval_batch = eval_batch_size or batch_size
+    eval_seq = eval_seq_length or seq_length
+    eval_key = eval_text_key or text_key
+
+    def read(path: str, key: str) -> EncodedCorpus:
+        return load_corpus(path, key, delim, loose_json, preprocess, progress)
+
+    corpus = read(data, text_key)
+    proportions = parse_split(split, has_valid=bool(valid), has_test=bool(test))
+    bounds = shard_starts(corpus.num_samples, num_shards)
+    parts = split_shards(len(bounds) - 1, proportions)
+
+    def from_split(shards: range, rows: int, seq: int, name: str) -> TBPTTBatches | None:
+        if not len(shards):
+            return None
+        return TBPTTBatches(corpus, bounds[shards.start : shards.stop + 1], rows, seq, persist_state, name)
+
+    def from_file(path: str, shards: int, name: str) -> TBPTTBatches:
+        eval_corpus = read(path, eval_key)
+        eval_bounds = shard_starts(eval_corpus.num_samples, shards or num_shards)
+        return TBPTTBatches(eval_corpus, eval_bounds, eval_batch, eval_seq, persist_state, name)
+
+    train = from_split(parts[0], batch_size, seq_length, "train")
+    val = from_file(valid, val_shards, "val") if valid else from_split(parts[1], eval_batch, eval_seq, "val")
+    tst = from_file(test, test_shards, "test") if test else from_split(parts[2], eval_batch, eval_seq, "test")
+    return LMSplits(train, val, tst)

@@ -21,6 +21,11 @@ def shared_path(*parts: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _small_threads():
+def _one_thread_seeded():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
+    # make each step far slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)

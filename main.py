@@ -1,0 +1,128 @@
+"""Pre-train a byte-level recurrent language model (``python main.py --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sentiment_discovery.checkpoint import CheckpointError
+from sentiment_discovery.cli import normalize_argv
+from sentiment_discovery.data import DataError
+from sentiment_discovery.model import RNN_TYPES
+from sentiment_discovery.preprocess import PREPROCESSORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="--load of a checkpoint written during training (it holds train_state) resumes that run "
+        "exactly; a finished run's checkpoint starts a new run from its weights. --eval_only reports the "
+        "val/test BPC of --load.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="mLSTM", choices=RNN_TYPES)
+    m.add_argument("--emsize", type=int, default=64, help="byte embedding size")
+    m.add_argument("--nhid", type=int, default=4096, help="hidden units per layer")
+    m.add_argument("--nlayers", type=int, default=1)
+    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--tied", action="store_true", help="tie embedding and decoder (needs nhid == emsize)")
+    m.add_argument("--no_weight_norm", action="store_true", help="weight norm is on by default")
+    m.add_argument(
+        "--preprocess_variant",
+        default="nvidia",
+        choices=sorted(PREPROCESSORS),
+        help="text preprocessing (recorded in the checkpoint; openai is what OpenAI's weights need)",
+    )
+
+    t = p.add_argument_group("training")
+    t.add_argument("--lr", type=float, default=5e-4, help="initial learning rate, decayed linearly to 0")
+    t.add_argument("--optim", default="Adam", help="any torch.optim class name")
+    t.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (0 = off)")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument(
+        "--train_iters", type=int, default=0, help="stop after this many updates (0: epochs x batches)"
+    )
+    t.add_argument("--seed", type=int, default=-1, help="-1 picks a seed and prints it")
+    t.add_argument(
+        "--log-interval",
+        "--log_interval",
+        dest="log_interval",
+        type=int,
+        default=100,
+        help="batches between log lines",
+    )
+    t.add_argument(
+        "--save",
+        default="lang_model.pt",
+        help="checkpoint path; <stem>.best.pt, <stem>.metrics.jsonl and <stem>.bpc.png go beside it",
+    )
+    t.add_argument("--save_iters", type=int, default=2000, help="batches between checkpoints and validations")
+    t.add_argument(
+        "--load", "--load_model", dest="load", default="", help="checkpoint to start from or resume"
+    )
+    t.add_argument("--eval_only", action="store_true", help="report val/test BPC of --load, no training")
+    t.add_argument(
+        "--fp16",
+        action="store_true",
+        help="mixed precision (torch.amp autocast: float16 on GPU, bfloat16 on CPU)",
+    )
+    t.add_argument("--loss_scale", type=float, default=1.0, help="static loss scale with --fp16")
+    t.add_argument(
+        "--dynamic_loss_scale", action="store_true", help="with --fp16: dynamic loss scaling (GradScaler)"
+    )
+    t.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="./data/imdb/unsup.json", help="training file (csv or json)")
+    d.add_argument("--valid", default=None, help="validation file (else a part of --split)")
+    d.add_argument("--test", default=None, help="test file (else a part of --split)")
+    d.add_argument("--batch_size", type=int, default=128, help="rows of a batch")
+    d.add_argument("--eval_batch_size", type=int, default=0, help="0: --batch_size")
+    d.add_argument(
+        "--seq_length",
+        type=int,
+        default=256,
+        help="TBPTT steps per batch (negative -N: chosen so an epoch has N batches)",
+    )
+    d.add_argument("--eval_seq_length", type=int, default=256, help="as --seq_length, for evaluation")
+    d.add_argument("--loose_json", action="store_true", help="one json object per line")
+    d.add_argument("--delim", default=",", help="csv delimiter")
+    d.add_argument("--split", default="100,1,1", help="train/val/test proportions over shards")
+    d.add_argument("--text_key", default="sentence", help="csv column / json key of the text")
+    d.add_argument(
+        "--label_key",
+        default="label",
+        help="label column/key (unused by language modelling; accepted so the original commands run)",
+    )
+    d.add_argument("--eval_text_key", default=None, help="text key of --valid/--test (default: --text_key)")
+    d.add_argument(
+        "--eval_label_key", default=None, help="label key of --valid/--test (unused here, as --label_key)"
+    )
+    d.add_argument(
+        "--persist_state",
+        type=int,
+        default=1,
+        choices=(-1, 0, 1),
+        help="reset the state at every shard (1), every sample (0) or never (-1)",
+    )
+    d.add_argument("--num_shards", type=int, default=102, help="contiguous shards of the training file")
+    d.add_argument("--val_shards", type=int, default=0, help="shards of --valid (0: --num_shards)")
+    d.add_argument("--test_shards", type=int, default=0, help="shards of --test (0: --num_shards)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    from sentiment_discovery.train import pretrain
+
+    try:
+        pretrain(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,446 @@
+"""Language-model pre-training: the truncated-BPTT loop, linear lr decay, evaluation, checkpoints, metrics.
+
+Resume semantics: a checkpoint written during or at the end of training carries ``train_state``
+(optimizer, lr schedule, step, data position, carried hidden state, RNG states, best validation
+BPC). Loading it continues the run exactly where it stopped, including the schedule length; a
+checkpoint whose run has finished (or that has no ``train_state``) starts a new run from its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, save_checkpoint
+from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
+from .model import RNNModel
+from .recurrent import State
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainOptions:
+    optim: str = "Adam"
+    lr: float = 5e-4
+    clip: float = 0.0  # gradient-norm clipping; 0 = off
+    epochs: int = 1
+    train_iters: int = 0  # 0: epochs x batches per epoch
+    log_interval: int = 100
+    save: str = "lang_model.pt"
+    save_iters: int = 2000  # batches between checkpoints (with a validation); 0 = only at the end
+    progress: bool = True
+    fp16: bool = False  # mixed precision: autocast to float16 on GPU, bfloat16 on CPU
+    loss_scale: float = 1.0  # static loss scale (with fp16)
+    dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
+
+
+def pick_seed(seed: int) -> int:
+    """``-1`` picks a random seed (printed by the caller so the run can be repeated)."""
+    return secrets.randbelow(2**31 - 1) if seed < 0 else seed
+
+
+def pick_device(force_cpu: bool = False) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
+
+
+def sibling(save: str | Path, suffix: str) -> Path:
+    """``lang_model.pt`` + ``.best.pt`` -> ``lang_model.best.pt``: outputs that live beside ``--save``."""
+    save = Path(save)
+    return save.with_name(save.stem + suffix)
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    cls = getattr(torch.optim, name, None)
+    if not (
+        isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
+    ):
+        known = sorted(
+            n
+            for n, c in vars(torch.optim).items()
+            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+        )
+        raise ValueError(f"--optim {name!r} is not a torch.optim optimizer; choose one of {', '.join(known)}")
+    return cls(params, lr=lr)
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate falls linearly from its initial value to 0 at ``total_steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+
+
+def detach(hidden: State | None) -> State | None:
+    return None if hidden is None else (hidden[0].detach(), hidden[1].detach())
+
+
+def batch_loss(model: RNNModel, batch: Batch, hidden: State | None) -> tuple[torch.Tensor, State]:
+    """Summed cross-entropy (nats) over the batch's real targets, and the final state."""
+    logits, hidden = model(batch.input, hidden, batch.reset)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        batch.target.reshape(-1),
+        ignore_index=PAD_TARGET,
+        reduction="sum",
+    )
+    return loss, hidden
+
+
+@torch.no_grad()
+def evaluate(model: RNNModel, batches: TBPTTBatches, device: torch.device, progress: bool = False) -> float:
+    """Bits per byte over one pass of ``batches``, state carried across batches as in training."""
+    was_training = model.training
+    model.eval()
+    hidden, nats, count = None, 0.0, 0
+    for batch in tqdm(batches, desc=f"{batches.name} BPC", leave=False, disable=not progress):
+        batch = batch.to(device)
+        loss, hidden = batch_loss(model, batch, hidden)
+        nats += loss.item()
+        count += batch.num_targets
+    model.train(was_training)
+    return nats / max(count, 1) / LN2
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """One json object per line: step, epoch, bytes_seen, train_bpc, val_bpc, test_bpc, lr, chars_per_s."""
+
+    FIELDS = ("step", "epoch", "bytes_seen", "train_bpc", "val_bpc", "test_bpc", "lr", "chars_per_s")
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and path.exists():
+            # a resumed run keeps what was logged up to its checkpoint, not what came after it
+            kept = [r for r in self.read(path) if r["step"] <= resume_step and r["test_bpc"] is None]
+        with path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(self, **values) -> None:
+        row = {k: values.get(k) for k in self.FIELDS}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_bpc(metrics_path: Path, png_path: Path) -> None:
+    """BPC against bytes seen: training (line) and validation (points), test BPC in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = MetricsLog.read(metrics_path)
+    train = [(r["bytes_seen"], r["train_bpc"]) for r in rows if r["train_bpc"] is not None]
+    val = [(r["bytes_seen"], r["val_bpc"]) for r in rows if r["val_bpc"] is not None]
+    test = [r["test_bpc"] for r in rows if r["test_bpc"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", ms=4)
+    ax.set_xlabel("bytes seen")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(f"test BPC {test[-1]:.3f}" if test else "BPC")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+class Trainer:
+    """Runs (or resumes) one pre-training run of ``model`` on ``splits``."""
+
+    def __init__(
+        self,
+        model: RNNModel,
+        splits: LMSplits,
+        options: TrainOptions,
+        device: torch.device,
+        train_state: dict | None = None,
+    ):
+        self.model = model.to(device)
+        self.splits, self.opt, self.device = splits, options, device
+        self.train = splits.train
+        if self.train is None:
+            raise ValueError("no training split")
+        self.optimizer = make_optimizer(options.optim, self.model.parameters(), options.lr)
+        resume = train_state is not None and train_state["step"] < train_state["total_steps"]
+        self.total_steps = (
+            train_state["total_steps"]
+            if resume
+            else (options.train_iters or options.epochs * len(self.train))
+        )
+        self.scheduler = linear_decay(self.optimizer, self.total_steps)
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        dynamic = options.fp16 and options.dynamic_loss_scale
+        self.scaler = torch.amp.GradScaler(device.type) if dynamic else None
+        self.step, self.epoch, self.batch_index, self.bytes_seen = 0, 0, 0, 0
+        self.hidden: State | None = None
+        self.best_val = math.inf
+        self.resumed = resume
+        if resume:
+            self._restore(train_state)
+        self.best_path = sibling(options.save, ".best.pt")
+        self.metrics = MetricsLog(sibling(options.save, ".metrics.jsonl"), self.step if resume else None)
+        self.png_path = sibling(options.save, ".bpc.png")
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch,
+            "batch": self.batch_index,
+            "rows": self.train.rows,
+            "batches_per_epoch": len(self.train),
+            "bytes_seen": self.bytes_seen,
+            "best_val_bpc": self.best_val,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "hidden": None if self.hidden is None else [t.detach().cpu() for t in self.hidden],
+            "rng": rng_state(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        if (state["rows"], state["batches_per_epoch"]) != (self.train.rows, len(self.train)):
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was trained on {state['rows']} rows x "
+                f"{state['batches_per_epoch']} batches per epoch, these data/flags give {self.train.rows} x "
+                f"{len(self.train)} (use the same --data, --batch_size, --seq_length, --num_shards, --split)"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch"]
+        self.bytes_seen, self.best_val = state["bytes_seen"], state["best_val_bpc"]
+        if state["hidden"] is not None:
+            self.hidden = tuple(t.to(self.device) for t in state["hidden"])
+        set_rng_state(state["rng"])
+
+    def save(self, path: str | Path | None = None) -> None:
+        save_checkpoint(path or self.opt.save, self.model, train_state=self.train_state())
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def validate(self) -> float | None:
+        if self.splits.val is None:
+            return None
+        bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress)
+        self.metrics.write(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, val_bpc=bpc)
+        better = bpc < self.best_val
+        if better:
+            self.best_val = bpc
+            save_checkpoint(self.best_path, self.model)
+        tqdm.write(
+            f"| step {self.step} | val BPC {bpc:.4f}" + (f" | best, saved {self.best_path}" if better else "")
+        )
+        return bpc
+
+    def train_step(self, batch: Batch) -> float:
+        """One update on ``batch``; returns the summed loss in nats."""
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opt.fp16):
+            loss, hidden = batch_loss(self.model, batch, detach(self.hidden))
+        self.hidden = detach(hidden)
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = loss / max(batch.num_targets, 1)
+        static_scale = self.opt.loss_scale if self.opt.fp16 and self.scaler is None else 1.0
+        if self.scaler is not None:
+            self.scaler.scale(mean_loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            (mean_loss * static_scale).backward()
+            if static_scale != 1.0:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(static_scale)
+        if self.opt.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opt.clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def run(self) -> dict:
+        """Train to ``total_steps``; then final checkpoint, validation, test BPC, metrics plot."""
+        opt = self.opt
+        self.model.train()
+        if self.resumed:
+            where = f"epoch {self.epoch}, batch {self.batch_index}"
+            tqdm.write(f"resuming at step {self.step}/{self.total_steps} ({where})")
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", unit="batch", disable=not opt.progress
+        )
+        interval_nats, interval_bytes, interval_start, interval_steps = 0.0, 0, time.perf_counter(), 0
+        last_val_step = None
+        while self.step < self.total_steps:
+            batch = self.train.batch(self.batch_index)
+            interval_nats += self.train_step(batch)
+            n = batch.num_targets
+            interval_bytes += n
+            self.bytes_seen += n
+            self.step += 1
+            interval_steps += 1
+            self.batch_index += 1
+            bar.update(1)
+            if self.step % opt.log_interval == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - interval_start
+                bpc = interval_nats / max(interval_bytes, 1) / LN2
+                lr = self.scheduler.get_last_lr()[0]
+                speed = interval_bytes / elapsed
+                self.metrics.write(
+                    step=self.step,
+                    epoch=self.epoch,
+                    bytes_seen=self.bytes_seen,
+                    train_bpc=bpc,
+                    lr=lr,
+                    chars_per_s=speed,
+                )
+                tqdm.write(
+                    f"| epoch {self.epoch} | step {self.step}/{self.total_steps} | loss {bpc * LN2:.4f} | "
+                    f"BPC {bpc:.4f} | lr {lr:.3g} | {1000 * elapsed / interval_steps:.1f} ms/batch | "
+                    f"{speed:,.0f} chars/s"
+                )
+                bar.set_postfix(bpc=f"{bpc:.3f}")
+                interval_nats, interval_bytes, interval_start, interval_steps = 0.0, 0, time.perf_counter(), 0
+            epoch_done = self.batch_index == len(self.train)
+            if epoch_done:
+                self.epoch, self.batch_index = self.epoch + 1, 0
+            if epoch_done or (opt.save_iters and self.step % opt.save_iters == 0):
+                self.validate()
+                last_val_step = self.step
+                self.save()
+        bar.close()
+        if last_val_step != self.step:
+            self.validate()
+        self.save()
+        result = {"step": self.step, "bytes_seen": self.bytes_seen, "best_val_bpc": self.best_val_or_none()}
+        if self.splits.test is not None:
+            test_bpc = evaluate(self.model, self.splits.test, self.device, opt.progress)
+            self.metrics.write(
+                step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc
+            )
+            tqdm.write(f"| end of training | test BPC {test_bpc:.4f}")
+            result["test_bpc"] = test_bpc
+        plot_bpc(self.metrics.path, self.png_path)
+        tqdm.write(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.png_path}")
+        return result
+
+    def best_val_or_none(self) -> float | None:
+        return None if math.isinf(self.best_val) else self.best_val
+
+
+def pretrain(args) -> dict:
+    """Everything ``main.py`` does after parsing its flags (``args``: its argparse namespace)."""
+    from .checkpoint import load_checkpoint
+    from .data import lm_splits
+    from .model import ModelConfig
+
+    seed = pick_seed(args.seed)
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
+    device = pick_device(args.cpu)
+    train_state = None
+    if args.load:
+        checkpoint = load_checkpoint(args.load)
+        model, train_state = checkpoint.model, checkpoint.train_state
+        print(
+            f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
+        )
+    else:
+        model = RNNModel(
+            ModelConfig(
+                model=args.model,
+                emsize=args.emsize,
+                nhid=args.nhid,
+                nlayers=args.nlayers,
+                dropout=args.dropout,
+                tied=args.tied,
+                weight_norm=not args.no_weight_norm,
+                preprocess=args.preprocess_variant,
+            )
+        )
+    splits = lm_splits(
+        args.data,
+        args.valid,
+        args.test,
+        split=args.split,
+        num_shards=args.num_shards,
+        val_shards=args.val_shards,
+        test_shards=args.test_shards,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        seq_length=args.seq_length,
+        eval_seq_length=args.eval_seq_length,
+        persist_state=args.persist_state,
+        text_key=args.text_key,
+        eval_text_key=args.eval_text_key,
+        delim=args.delim,
+        loose_json=args.loose_json,
+        preprocess=model.config.preprocess,
+        progress=True,
+    )
+    for name in ("train", "val", "test"):
+        part = getattr(splits, name)
+        if part is not None:
+            print(
+                f"{name}: {part.num_targets:,} bytes in {part.rows} rows x {len(part)} batches "
+                f"of {part.seq_length} steps"
+            )
+    print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
+    if args.eval_only:
+        if splits.val is None and splits.test is None:
+            raise ValueError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
+        model.to(device)
+        result = {}
+        for name in ("val", "test"):
+            part = getattr(splits, name)
+            if part is not None:
+                result[f"{name}_bpc"] = evaluate(model, part, device, progress=True)
+                print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
+        return result
+    options = TrainOptions(
+        optim=args.optim,
+        lr=args.lr,
+        clip=args.clip,
+        epochs=args.epochs,
+        train_iters=args.train_iters,
+        log_interval=args.log_interval,
+        save=args.save,
+        save_iters=args.save_iters,
+        fp16=args.fp16,
+        loss_scale=args.loss_scale,
+        dynamic_loss_scale=args.dynamic_loss_scale,
+    )
+    return Trainer(model, splits, options, device, train_state).run()

@@ -1,0 +1,371 @@
+"""generate.py and sentiment_discovery.generation: sampling, warm-up, neuron overwrite, heatmaps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from sentiment_discovery import generation as gen
+from sentiment_discovery.checkpoint import save_checkpoint
+from sentiment_discovery.featurize import featurize
+from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.preprocess import encode
+
+H = 24
+TEXT = "25 August 2003 League of Extraordinary Gentlemen: Sean Connery is one of the all time greats"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # One byte per model call: with several threads the hand-offs cost more than a tiny model's math.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(kind: str = "mLSTM", nlayers: int = 1, seed: int = 0) -> RNNModel:
+    torch.manual_seed(seed)
+    model = RNNModel(ModelConfig(model=kind, emsize=8, nhid=H, nlayers=nlayers))
+    with torch.no_grad():  # larger recurrent weights: cell values spread over more of -1..1
+        for name, p in model.rnn.named_parameters():
+            if "original0" in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
+def classifier(
+    neurons: list[int], n_features: int = H, all_layers: bool = False, state: str = "cell"
+) -> dict:
+    weight = torch.zeros(n_features)
+    weight[neurons[0]] = -1.5
+    for f in neurons[1:]:
+        weight[f] = 0.5
+    return {
+        "weight": weight,
+        "bias": torch.tensor(0.2),
+        "neurons": torch.tensor(neurons, dtype=torch.long),
+        "pooling": "last",
+        "state": state,
+        "all_layers": all_layers,
+        "mean": None,
+        "scale": None,
+        "C": 1.0,
+    }
+
+
+def states(model: RNNModel, tokens, layer: int, unit: int, state: str = "cell") -> np.ndarray:
+    """The neuron after every byte, from one forward_states pass over the whole sequence."""
+    x = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).unsqueeze(1)
+    with torch.no_grad():
+        hs, cs, _ = model.forward_states(x)
+    return (cs if state == "cell" else hs)[layer][:, 0, unit].numpy()
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron selection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_select_neuron_from_classifier_and_flag():
+    model = tiny_model(nlayers=2)
+    top = gen.select_neuron(model, classifier([7, 3]), None)
+    assert (top.layer, top.unit, top.state, top.sign) == (1, 7, "cell", -1)
+    chosen = gen.select_neuron(model, classifier([7, 3]), 3)
+    assert (chosen.unit, chosen.sign) == (3, 1)
+    every = gen.select_neuron(
+        model, classifier([H + 5, 2], n_features=2 * H, all_layers=True, state="hidden"), -1
+    )
+    assert (every.feature, every.layer, every.unit, every.state) == (H + 5, 1, 5, "hidden")
+    assert gen.select_neuron(model, None, None) is None
+    bare = gen.select_neuron(model, None, 4)
+    assert (bare.layer, bare.unit, bare.sign) == (1, 4, None)
+    with pytest.raises(gen.GenerationError, match="out of range"):
+        gen.select_neuron(model, None, H)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_text_and_length_counts_warmup():
+    model = tiny_model()
+    a = gen.generate(model, "The film", gen_length=60, seed=11)
+    b = gen.generate(model, "The film", gen_length=60, seed=11)
+    c = gen.generate(model, "The film", gen_length=60, seed=12)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert len(a.tokens) == 60 and a.n_warmup == len("\n The film")
+    assert a.seed == 11 and gen.generate(model, "x", gen_length=5, seed=-1).seed >= 0
+
+
+def test_warmup_drops_the_pad_space_unless_the_text_ends_with_whitespace():
+    assert gen.warmup_tokens("I lov", "nvidia").tobytes() == b"\n I lov"
+    assert gen.warmup_tokens("Sean Connery is ", "nvidia").tobytes() == b"\n Sean Connery is "
+    assert gen.warmup_tokens("", "openai").tobytes() == b"\n "
+    model = tiny_model()
+    result = gen.generate(model, "I lov", gen_length=20, seed=0)
+    assert result.tokens[: result.n_warmup].tobytes() == b"\n I lov"
+    short = gen.generate(model, "a long warm-up text", gen_length=5, seed=0)
+    assert short.tokens.tobytes() == b"\n a long warm-up text" and short.generated_text == ""
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-7])
+def test_low_temperature_is_the_argmax_continuation(temperature):
+    model = tiny_model()
+    result = gen.generate(model, "It was", gen_length=40, temperature=temperature, seed=3)
+    # Independent greedy loop: the warm-up in one call, then one byte at a time.
+    prefix = torch.as_tensor(np.frombuffer(b"\n It was", dtype=np.uint8).astype(np.int64)).unsqueeze(1)
+    with torch.no_grad():
+        logits, hidden = model(prefix)
+        expected = list(prefix[:, 0].tolist())
+        while len(expected) < 40:
+            expected.append(int(logits[-1, 0].argmax()))
+            logits, hidden = model(torch.tensor([[expected[-1]]]), hidden)
+    assert result.tokens.tolist() == expected
+
+
+def test_only_byte_logits_are_sampled():
+    # A decoder with extra ids (as in 257-id releases) favouring them must still yield bytes only.
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(emsize=8, nhid=H, ntoken=300)).eval()
+    with torch.no_grad():
+        model.decoder.bias[256:] = 50.0
+        first_logits, _ = model(torch.tensor([[10], [32]]))
+    greedy = gen.generate(model, "", gen_length=3, temperature=0.0, seed=0)
+    assert greedy.tokens[2] == int(first_logits[-1, 0, :256].argmax())
+    sampled = gen.generate(model, "", gen_length=40, temperature=1.0, seed=0)
+    assert len(sampled.tokens) == 40
+
+
+def test_invalid_utf8_output_never_raises(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():  # nearly uniform over all 256 bytes: most high bytes form invalid UTF-8
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+    result = gen.generate(model, "", gen_length=400, seed=1, neuron=gen.select_neuron(model, None, 0))
+    assert "\ufffd" in result.text
+    assert (result.tokens >= 0x80).sum() > 50
+    gen.plot_heatmap(result.tokens, result.values, tmp_path / "h.png")
+    gen.write_values(tmp_path / "h.json", result)
+    assert len(json.loads((tmp_path / "h.json").read_text(encoding="utf-8"))["values"]) == 400
+
+
+def test_char_cells_group_utf8_and_replace_invalid_bytes():
+    tokens = np.frombuffer(b"a\xc3\xa9\xff\xe2\x82b\xf0\x9f\x98\x80\xe2", dtype=np.uint8)
+    assert gen.char_cells(tokens) == [
+        (0, "a"),
+        (2, "\u00e9"),
+        (3, "\ufffd"),
+        (4, "\ufffd"),
+        (5, "\ufffd"),
+        (6, "b"),
+        (10, "\U0001f600"),
+        (11, "\ufffd"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron values and overwrite
+# ---------------------------------------------------------------------------------------------
+
+
+def test_analysed_values_equal_the_featurizer_at_each_prefix():
+    model = tiny_model(nlayers=2)
+    neuron = gen.select_neuron(model, classifier([H + 9, 1], n_features=2 * H, all_layers=True), None)
+    assert neuron.layer == 1 and neuron.unit == 9
+    result = gen.generate(model, TEXT, gen_length=-1, neuron=neuron)
+    tokens = encode(TEXT, "nvidia")
+    assert result.tokens.tobytes() == tokens.tobytes() and result.n_warmup == len(tokens)
+    np.testing.assert_allclose(result.values, states(model, tokens, 1, 9), atol=1e-5)
+    # featurize(prefix before a space) ends on the pad space, i.e. on that space of the full text.
+    cuts = [i for i, ch in enumerate(TEXT) if ch == " "] + [len(TEXT)]
+    features = featurize(model, [TEXT[:k] for k in cuts], all_layers=True, device="cpu")
+    np.testing.assert_allclose(result.values[[k + 2 for k in cuts]], features[:, H + 9], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mLSTM", "LSTM", "GRU"])
+def test_generated_values_follow_the_state_and_overwrite_forces_it(kind):
+    model = tiny_model(kind)
+    neuron = gen.select_neuron(model, None, 5)
+    free = gen.generate(model, "Good", gen_length=50, seed=4, neuron=neuron)
+    np.testing.assert_allclose(free.values, states(model, free.tokens, 0, 5), atol=1e-5)
+
+    seen = []  # the state each step reads
+    forward = model.forward
+
+    def spy(tokens, hidden=None, reset=None):
+        seen.append(None if hidden is None else hidden[0 if kind == "GRU" else 1][0, 0, 5].item())
+        return forward(tokens, hidden, reset)
+
+    model.forward = spy
+    forced = gen.generate(model, "Good", gen_length=50, seed=4, neuron=neuron, overwrite=0.75)
+    n = forced.n_warmup
+    # Warm-up untouched; from the step after the first generated byte on, every step reads 0.75.
+    np.testing.assert_allclose(forced.values[:n], free.values[:n], atol=1e-6)
+    assert all(v != pytest.approx(0.75) for v in seen[1 : n + 1])
+    assert seen[n + 1 :] == pytest.approx([0.75] * (50 - n - 1))
+    assert not np.allclose(forced.values[n + 1 :], free.values[n + 1 :])
+
+
+def test_overwrite_without_neuron_is_refused():
+    with pytest.raises(gen.GenerationError, match="--neuron"):
+        gen.generate(tiny_model(), "x", gen_length=10, overwrite=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# heatmap
+# ---------------------------------------------------------------------------------------------
+
+
+def test_layout_wraps_at_spaces_and_breaks_on_newlines():
+    chars = list("\nshort line\n" + "word " * 30)
+    lines = gen.layout_lines(chars, 32)
+    assert [i for line in lines for i in line] == list(range(len(chars)))
+    assert ["".join(chars[i] for i in line) for line in lines[:2]] == ["\n", "short line\n"]
+    assert all(len(line) <= 32 for line in lines)
+    assert all(chars[line[-1]] == " " for line in lines[2:-1])  # word wrap: no word is split
+    long_word = gen.layout_lines(list("y" * 70), 32)
+    assert [len(line) for line in long_word] == [32, 32, 6]
+    short_then_long = gen.layout_lines(list("the " + "y" * 70), 32)  # no line of just "the "
+    assert [len(line) for line in short_then_long] == [32, 32, 10]
+
+
+def test_heatmap_png_size_and_cell_colours(tmp_path):
+    tokens = np.frombuffer(b"\n" + b"x" * 10 + b"\n" + b"y" * 130, dtype=np.uint8)
+    values = np.linspace(-1.5, 1.5, len(tokens)).astype(np.float32)
+    colormap = matplotlib.colormaps["RdYlGn"]
+    for negate in (False, True):
+        path = tmp_path / f"heat{negate}.png"
+        layout = gen.plot_heatmap(tokens, values, path, negate=negate, width=64, title="t")
+        image = matplotlib.image.imread(path)
+        rows = 5  # "\n" | "x"*10 "\n" | "y"*64 | "y"*64 | "y"*2
+        assert image.shape[:2] == (
+            gen.HEADER_PX + rows * gen.CELL_H_PX + gen.MARGIN_PX,
+            2 * gen.MARGIN_PX + 64 * gen.CELL_W_PX,
+        )
+        assert layout.size_px == (image.shape[1], image.shape[0])
+        for row, line in enumerate(layout.lines):
+            for col, cell in enumerate(line):
+                index = layout.cells[cell][0]
+                x, y = layout.cell_origin_px(row, col)
+                shown = -values[index] if negate else values[index]
+                expected = colormap((np.clip(shown, -1, 1) + 1) / 2)[:3]
+                np.testing.assert_allclose(image[y + 1, x + 1, :3], expected, atol=2 / 255)
+    # The first generated byte is marked by a black bar on the left edge of its cell.
+    layout = gen.plot_heatmap(tokens, values, tmp_path / "bar.png", width=64, generated_from=20)
+    image = matplotlib.image.imread(tmp_path / "bar.png")
+    x, y = layout.cell_origin_px(2, 8)  # byte 20: row "y"*64 starts at byte 12
+    assert layout.cells[layout.lines[2][8]][0] == 20
+    np.testing.assert_allclose(image[y + 1, x, :3], 0.0, atol=2 / 255)
+    assert image[y + 1, x + 1, :3].max() > 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# the script
+# ---------------------------------------------------------------------------------------------
+
+
+def test_script_analysis_writes_heatmap_and_values(tmp_path, capsys):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "clf.pt", model, classifier=classifier([7, 3]))
+    code = load_script().main(
+        [
+            "--load_model",
+            str(tmp_path / "clf.pt"),
+            "--gen_length",
+            "-1",
+            "--visualize",
+            "--text",
+            TEXT,
+            "--save",
+            str(tmp_path / "out" / "analysed.txt"),
+            "--cpu",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "unit 7" in out and "negative (use --negate)" in out and "P(positive)" in out
+    record = json.loads((tmp_path / "out" / "analysed.json").read_text(encoding="utf-8"))
+    tokens = encode(TEXT, "nvidia")
+    assert [row["byte"] for row in record["values"]] == tokens.tolist()
+    np.testing.assert_allclose(
+        [row["value"] for row in record["values"]], states(model, tokens, 0, 7), atol=1e-5
+    )
+    image = matplotlib.image.imread(tmp_path / "out" / "analysed.png")
+    cells = gen.char_cells(tokens)
+    expected = gen.HeatmapLayout(gen.layout_lines([ch for _, ch in cells], 64), cells, 64).size_px
+    assert (image.shape[1], image.shape[0]) == expected
+    assert (tmp_path / "out" / "analysed.txt").read_text(encoding="utf-8") == tokens.tobytes().decode()
+
+
+def test_script_without_classifier_or_neuron_gives_a_clear_error(tmp_path, capsys):
+    save_checkpoint(tmp_path / "lm.pt", tiny_model())
+    script = load_script()
+    assert (
+        script.main(["--load_model", str(tmp_path / "lm.pt"), "--heatmap", "--save", str(tmp_path / "g.txt")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: --heatmap needs a neuron") and "--neuron" in err
+    assert script.main(["--load_model", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_default_model_prefers_the_transferred_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert gen.default_load_model() == "lang_model.pt"
+    (tmp_path / "lang_model_transfer").mkdir()
+    (tmp_path / "lang_model_transfer" / "classifier.pt").write_bytes(b"")
+    assert gen.default_load_model() == "lang_model_transfer/classifier.pt"
+
+
+def test_script_one_dash_spellings_generate_with_overwrite(tmp_path):
+    save_checkpoint(tmp_path / "clf.pt", tiny_model(), classifier=classifier([7, 3]))
+    cmd = [
+        sys.executable,
+        str(ROOT / "generate.py"),
+        "-load_model",
+        "clf.pt",
+        "-text",
+        "Sean Connery is",
+        "-overwrite",
+        "-1",
+        "-negate",
+        "-gen_length",
+        "80",
+        "-seed",
+        "5",
+        "-heatmap",
+        "-save",
+        "g.txt",
+        "-cpu",
+        "-log-interval",
+        "10",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "seed 5" in run.stdout and "generated 60/" in run.stdout
+    record = json.loads((tmp_path / "g.json").read_text(encoding="utf-8"))
+    assert record["overwrite"] == 1.0 and record["negate"] is True  # -negate flips -overwrite -1
+    assert len(record["values"]) == 80 and (tmp_path / "g.png").exists()
+    assert (tmp_path / "g.txt").read_text(encoding="utf-8").startswith("\n Sean Connery is")
