@@ -25,15 +25,6 @@ H = 24
 TEXT = "25 August 2003 League of Extraordinary Gentlemen: Sean Connery is one of the all time greats"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # One byte per model call: with several threads the hand-offs cost more than a tiny model's math.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(kind: str = "mLSTM", nlayers: int = 1, seed: int = 0) -> RNNModel:
     torch.manual_seed(seed)
     model = RNNModel(ModelConfig(model=kind, emsize=8, nhid=H, nlayers=nlayers))

@@ -1,0 +1,55 @@
+"""Convert any loadable checkpoint (native, NVIDIA 2018, OpenAI shard directory) to the native format.
+
+    python3 -m sentiment_discovery.convert SRC DST [--safetensors] [--fp16]
+
+The result holds the model, its classifier (if any) and ``extra`` (e.g. OpenAI's default neuron);
+a training state is not carried over (a converted file starts new runs, it does not resume one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m sentiment_discovery.convert",
+        description="Write a checkpoint (project format, NVIDIA 2018 .pt, or a directory of OpenAI .npy "
+        "shards; detected) in the project's own format.",
+    )
+    parser.add_argument("src", help="checkpoint file or OpenAI shard directory")
+    parser.add_argument("dst", help="output file (.pt, or .safetensors)")
+    parser.add_argument(
+        "--safetensors", action="store_true", help="write safetensors (the default for a .safetensors DST)"
+    )
+    parser.add_argument("--fp16", action="store_true", help="store the weights as float16 (loading upcasts)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.src)
+        save_checkpoint(
+            args.dst,
+            ckpt.model,
+            ckpt.classifier,
+            extra=ckpt.extra,
+            half=args.fp16,
+            safetensors_file=args.safetensors or None,
+        )
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config = ckpt.config
+    print(
+        f"wrote {args.dst}: {config.model} {config.nlayers}x{config.nhid} (emsize {config.emsize}, "
+        f"preprocess {config.preprocess}) from {ckpt.source_format}"
+        + (", with classifier" if ckpt.classifier is not None else "")
+        + (", float16" if args.fp16 else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Import the released weights (formats.md): OpenAI's ``.npy`` shard directory and NVIDIA's 2018 checkpoints.
+
+Both become an ``RNNModel`` (and, for NVIDIA files after transfer, the project's classifier dict)
+whose outputs equal the original math; ``checkpoint.load_checkpoint`` detects which one a path is.
+
+Weight norm: a file that stores gain and direction separately (OpenAI always; NVIDIA ``_g``/``_v``)
+loads into a ``weight_norm=True`` model with gain -> ``original0`` ``[out, 1]`` and direction ->
+``original1``; PyTorch's ``g * v / ||v||`` per output row is exactly OpenAI's normalisation over
+axis 0 of the transposed ``[n_in, n_out]`` layout, so fine-tuning keeps the trained parametrization.
+An NVIDIA file with folded weights loads into a ``weight_norm=False`` model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import Checkpoint, CheckpointError, model_from_state
+from .model import ModelConfig
+
+OPENAI_FORMAT = "openai-shards"
+NVIDIA_FORMAT = "nvidia-2018"
+OPENAI_SHARD_COUNT = 15
+OPENAI_HIDDEN = 4096
+OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
+OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
+NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
+
+
+def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
+    """State-dict key(s) of a parameter: (gain, direction) under PyTorch's weight-norm parametrization."""
+    if weight_norm:
+        return f"{prefix}parametrizations.{name}.original0", f"{prefix}parametrizations.{name}.original1"
+    return (prefix + name,)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI
+# --------------------------------------------------------------------------------------------
+
+
+def openai_shard_dir(path: str | Path) -> Path | None:
+    """``path`` itself or its ``model/`` subfolder when it holds OpenAI's ``0.npy``; else None."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "0.npy").is_file():
+            return candidate
+    return None
+
+
+def read_openai_shards(directory: str | Path) -> list[np.ndarray]:
+    """The 15 arrays ``0.npy`` ... ``14.npy`` (``allow_pickle=False``: plain numbers only)."""
+    directory = Path(directory)
+    files = [directory / f"{i}.npy" for i in range(OPENAI_SHARD_COUNT)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: OpenAI shard directory lacks {', '.join(missing)}")
+    shards = []
+    for f in files:
+        try:
+            shards.append(np.load(f, allow_pickle=False))
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{f}: not a plain .npy array ({e})") from None
+    return shards
+
+
+def openai_checkpoint(shards: Sequence[np.ndarray], source: str) -> Checkpoint:
+    """Build the one-layer mLSTM of OpenAI's 15 arrays (any H and E; sizes read from the shards)."""
+    if len(shards) != OPENAI_SHARD_COUNT:
+        raise CheckpointError(f"{source}: expected {OPENAI_SHARD_COUNT} OpenAI shards, got {len(shards)}")
+    if np.ndim(shards[6]) != 2:
+        raise CheckpointError(f"{source}: 6.npy (Wmx) must be a matrix [E, H], got {np.shape(shards[6])}")
+    E, H = np.shape(shards[6])
+    wh_blocks = shards[2:6]
+    bad_blocks = [
+        f"{i}.npy {np.shape(a)}" for i, a in enumerate(wh_blocks, 2) if np.ndim(a) != 2 or len(a) != H
+    ]
+    if bad_blocks:
+        raise CheckpointError(f"{source}: Wh column blocks must have {H} rows: {', '.join(bad_blocks)}")
+    arrays = [shards[0], shards[1], np.concatenate(wh_blocks, axis=1), *shards[6:]]
+    layout = [  # (file, name, shape) of each merged array, formats.md
+        ("0", "embedding", (256, E)),
+        ("1", "Wx", (E, 4 * H)),
+        ("2-5", "Wh", (H, 4 * H)),
+        ("6", "Wmx", (E, H)),
+        ("7", "Wmh", (H, H)),
+        ("8", "b", (4 * H,)),
+        ("9", "gx", (4 * H,)),
+        ("10", "gh", (4 * H,)),
+        ("11", "gmx", (H,)),
+        ("12", "gmh", (H,)),
+        ("13", "output W", (H, 256)),
+        ("14", "output b", (256,)),
+    ]
+    wrong = [
+        f"{file}.npy ({name}): {tuple(np.shape(a))} vs expected {shape}"
+        for (file, name, shape), a in zip(layout, arrays)
+        if tuple(np.shape(a)) != shape
+    ]
+    if wrong:
+        raise CheckpointError(f"{source}: shards do not fit an mLSTM with E={E}, H={H}: {'; '.join(wrong)}")
+    tensors = (torch.from_numpy(np.asarray(a, np.float32)) for a in arrays)
+    emb, wx, wh, wmx, wmh, b, gx, gh, gmx, gmh, w_out, b_out = tensors
+
+    def gates(t: Tensor) -> Tensor:  # reorder the four H blocks along the last axis
+        blocks = t.reshape(*t.shape[:-1], 4, H)
+        return blocks[..., list(OPENAI_TO_OUR_GATES), :].reshape(t.shape)
+
+    layer = "rnn.layers.0."
+    state = {
+        "encoder.weight": emb,
+        layer + "bias": gates(b),
+        "decoder.weight": w_out.t(),
+        "decoder.bias": b_out,
+    }
+    for name, gain, direction in (
+        ("w_ih", gates(gx), gates(wx)),
+        ("w_hh", gates(gh), gates(wh)),
+        ("w_mih", gmx, wmx),
+        ("w_mhh", gmh, wmh),
+    ):
+        g_key, v_key = _param_keys(layer, name, weight_norm=True)
+        state[g_key] = gain.unsqueeze(1)
+        state[v_key] = direction.t()  # TF [n_in, n_out] -> PyTorch [n_out, n_in]
+    config = ModelConfig(
+        model="mLSTM",
+        emsize=E,
+        nhid=H,
+        nlayers=1,
+        dropout=0.0,
+        tied=False,
+        weight_norm=True,
+        ntoken=256,
+        preprocess="openai",
+    )
+    model = model_from_state(config, state, source)
+    extra = {"default_neuron": OPENAI_SENTIMENT_NEURON} if H == OPENAI_HIDDEN else {}
+    return Checkpoint(model, None, None, OPENAI_FORMAT, extra)
+
+
+def load_openai_shards(path: str | Path) -> Checkpoint:
+    directory = openai_shard_dir(path)
+    if directory is None:
+        raise CheckpointError(f"{path}: a directory without OpenAI .npy shards (no 0.npy in it or in model/)")
+    return openai_checkpoint(read_openai_shards(directory), str(directory))
+
+
+# --------------------------------------------------------------------------------------------
+# NVIDIA 2018
+# --------------------------------------------------------------------------------------------
+
+_NVIDIA_RNN_KEY = re.compile(r"encoder\.rnn\.rnns\.(\d+)\.(\w+?)(_g|_v)?")
+_MLSTM_NAMES = {"w_ih": "w_ih", "w_hh": "w_hh", "w_mih": "w_mih", "w_mhh": "w_mhh"}
+_LSTM_NAMES = {"w_ih": "weight_ih_l0", "w_hh": "weight_hh_l0"}
+
+
+def _flatten(obj: dict, prefix: str, out: dict) -> None:
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            _flatten(value, f"{prefix}{key}.", out)
+        else:
+            out[prefix + str(key)] = value
+
+
+def nvidia_flat_state(obj) -> dict | None:
+    """The NVIDIA state dict as flat dotted keys (``encoder.rnn.rnns.0.w_ih`` ...), or None if ``obj`` is
+    not one. Accepts the nested and the flat form, a ``module.`` prefix, the ``{'sd', 'args'}`` wrapper."""
+    if isinstance(obj, dict) and isinstance(obj.get("sd"), dict):
+        obj = obj["sd"]
+    if not isinstance(obj, dict):
+        return None
+    flat: dict = {}
+    _flatten(obj, "", flat)
+    flat = {k.removeprefix("module."): v for k, v in flat.items()}
+    return flat if isinstance(flat.get("encoder.encoder.weight"), Tensor) else None
+
+
+def _fold(g: Tensor, v: Tensor, g_key: str) -> Tensor:
+    """``g * v / ||v||`` per output row (the released files' unfolded weight norm)."""
+    if g.numel() != v.shape[0]:
+        raise CheckpointError(f"{g_key}: {g.numel()} gains for {v.shape[0]} output rows")
+    g = g.float().reshape(-1, *([1] * (v.dim() - 1)))
+    v = v.float()
+    return g * v / v.reshape(len(v), -1).norm(dim=1).reshape(g.shape)
+
+
+def nvidia_checkpoint(flat: dict, source: str) -> Checkpoint:
+    """Build the model (and classifier) of a flat NVIDIA state dict from ``nvidia_flat_state``."""
+    layers: dict[int, dict[str, dict[str, Tensor]]] = {}  # layer -> name -> {"": w} or {"_g": g, "_v": v}
+    for key, value in flat.items():
+        match = _NVIDIA_RNN_KEY.fullmatch(key)
+        if key.startswith("encoder.rnn."):
+            if not (match and isinstance(value, Tensor)):
+                raise CheckpointError(f"{source}: unknown recurrent key {key} ({type(value).__name__})")
+            layers.setdefault(int(match[1]), {}).setdefault(match[2], {})[match[3] or ""] = value
+    if sorted(layers) != list(range(len(layers))) or not layers:
+        found = sorted(layers)
+        raise CheckpointError(f"{source}: recurrent layers must be encoder.rnn.rnns.0, 1, ... (got {found})")
+    kind = "mLSTM" if "w_mih" in layers[0] else "LSTM"
+    names = _MLSTM_NAMES if kind == "mLSTM" else _LSTM_NAMES
+    weight_norm = all(set(layer.get(n, {})) == {"_g", "_v"} for layer in layers.values() for n in names)
+
+    state: dict[str, Tensor] = {}
+    file_keys: dict[str, str] = {}  # our key -> the file's key, for error messages
+    for i, layer in layers.items():
+        src = f"encoder.rnn.rnns.{i}."
+        prefix = f"rnn.layers.{i}."
+        unknown = set(layer) - set(names) - {"b_ih", "b_hh"}
+        if unknown:
+            unknown_keys = ", ".join(src + n for n in sorted(unknown))
+            raise CheckpointError(f"{source}: {kind} layer {i} has unknown keys {unknown_keys}")
+        stored = {}
+        for name, parts in layer.items():
+            if set(parts) == {""}:
+                stored[name] = parts[""]
+            elif set(parts) == {"_g", "_v"} and name in names and weight_norm:
+                g_key, v_key = _param_keys(prefix, names[name], weight_norm=True)
+                state[g_key], state[v_key] = parts["_g"].reshape(-1, 1), parts["_v"]
+                file_keys[g_key], file_keys[v_key] = src + name + "_g", src + name + "_v"
+            elif set(parts) == {"_g", "_v"}:
+                stored[name] = _fold(parts["_g"], parts["_v"], src + name + "_g")
+            else:
+                raise CheckpointError(f"{source}: {src}{name} has parts {sorted(parts)}; need _g with _v")
+        missing = [src + n for n in (*names, "b_ih", "b_hh") if n not in stored and n not in layer]
+        if missing:
+            raise CheckpointError(f"{source}: missing keys " + ", ".join(missing))
+        for name, ours in names.items():
+            if name in stored:
+                state[prefix + ours] = stored[name]
+                file_keys[prefix + ours] = src + name
+        if kind == "mLSTM":  # our layer keeps one bias: the two released ones always add up
+            state[prefix + "bias"] = stored["b_ih"].float() + stored["b_hh"].float()
+            file_keys[prefix + "bias"] = f"{src}b_ih + {src}b_hh"
+        else:
+            state[prefix + "bias_ih_l0"], state[prefix + "bias_hh_l0"] = stored["b_ih"], stored["b_hh"]
+
+    embedding = flat["encoder.encoder.weight"]
+    decoder_w, decoder_b = flat.get("decoder.weight"), flat.get("decoder.bias")
+    if not (isinstance(decoder_w, Tensor) and isinstance(decoder_b, Tensor)):
+        raise CheckpointError(f"{source}: missing keys decoder.weight / decoder.bias")
+    vocab = embedding.shape[0]
+    shapes = (embedding.dim(), decoder_w.dim(), decoder_w.shape[0], decoder_b.shape)
+    if vocab not in (256, NVIDIA_PAD_VOCAB) or shapes != (2, 2, vocab, (vocab,)):
+        raise CheckpointError(
+            f"{source}: vocabulary rows must be 256 or 257 and agree: encoder.encoder.weight "
+            f"{tuple(embedding.shape)}, decoder.weight {tuple(decoder_w.shape)}, "
+            f"decoder.bias {tuple(decoder_b.shape)}"
+        )
+    if vocab == NVIDIA_PAD_VOCAB:  # drop the padding id: byte b is then id b, and a pad can never be sampled
+        embedding, decoder_w, decoder_b = embedding[1:], decoder_w[1:], decoder_b[1:]
+    state.update({"encoder.weight": embedding, "decoder.weight": decoder_w, "decoder.bias": decoder_b})
+    file_keys["encoder.weight"] = "encoder.encoder.weight"
+
+    E = embedding.shape[1]
+    H = decoder_w.shape[1]
+    config = ModelConfig(
+        model=kind,
+        emsize=E,
+        nhid=H,
+        nlayers=len(layers),
+        dropout=0.0,
+        tied=False,
+        weight_norm=weight_norm,
+        ntoken=256,
+        preprocess="nvidia",
+    )
+    model = model_from_state(config, state, source, file_keys)
+    return Checkpoint(model, _nvidia_classifier(flat, H, len(layers), source), None, NVIDIA_FORMAT)
+
+
+def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | None:
+    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as our dict."""
+    weight, bias, neurons = (flat.get(f"classifier.{k}") for k in ("weight", "bias", "neurons"))
+    if weight is None:
+        return None
+    if not (isinstance(weight, Tensor) and isinstance(bias, Tensor) and bias.numel() == 1):
+        raise CheckpointError(f"{source}: classifier.weight and classifier.bias (one number) must be tensors")
+    weight = weight.float().reshape(-1)
+    neurons = None if neurons is None else torch.as_tensor(neurons).long().reshape(-1)
+    features = weight.numel() if weight.numel() in (H, nlayers * H) else H
+    if (
+        neurons is not None
+        and neurons.numel()
+        and not 0 <= int(neurons.min()) <= int(neurons.max()) < features
+    ):
+        raise CheckpointError(f"{source}: classifier.neurons has indices outside 0 ... {features - 1}")
+    if weight.numel() == features:
+        full = weight
+    elif neurons is not None and neurons.numel() == weight.numel():
+        full = torch.zeros(H).index_copy_(0, neurons, weight)  # a regression fitted on those units only
+    else:
+        raise CheckpointError(
+            f"{source}: classifier.weight has {weight.numel()} values for H={H} "
+            f"(classifier.neurons: {None if neurons is None else neurons.numel()})"
+        )
+    order = torch.argsort(full.abs(), descending=True, stable=True)
+    if neurons is not None:
+        order = neurons[torch.argsort(full[neurons].abs(), descending=True, stable=True)]
+    return {
+        "weight": full,
+        "bias": bias.float().reshape(()),
+        "neurons": order,
+        "pooling": "last",
+        "state": "cell",
+        "all_layers": full.numel() > H,
+        "mean": None,
+        "scale": None,
+        "C": None,  # not stored in the released files
+    }
