@@ -84,20 +84,26 @@ class Neuron:
         return f"neuron {where}; classifier weight {self.weight:+.4f}: {sign}"
 
 
-def select_neuron(model: RNNModel, classifier: dict | None, neuron: int | None = None) -> Neuron | None:
-    """The neuron to show/force: ``neuron`` (a feature index; ``None`` or -1: the classifier's top one).
+def select_neuron(
+    model: RNNModel, classifier: dict | None, neuron: int | None = None, default_neuron: int | None = None
+) -> Neuron | None:
+    """The neuron to show/force: ``neuron`` (a feature index; ``None`` or -1: the classifier's top one,
+    else ``default_neuron``, the unit a released model documents, such as OpenAI's 2388).
 
     Feature indices follow the classifier: with ``all_layers`` feature ``f`` is unit ``f % H`` of
-    layer ``f // H``, otherwise a unit of the last layer. Without classifier and without ``neuron``
-    there is none (``None``).
+    layer ``f // H``, otherwise a unit of the last layer. Without classifier, ``neuron`` and
+    ``default_neuron`` there is none (``None``).
     """
     H, L = model.config.nhid, model.config.nlayers
     all_layers = bool(classifier and classifier.get("all_layers"))
     n_features = H * L if all_layers else H
     if neuron is None or neuron == -1:
-        if classifier is None:
+        if classifier is not None:
+            neuron = int(classifier["neurons"][0])
+        elif default_neuron is not None:
+            neuron = int(default_neuron)
+        else:
             return None
-        neuron = int(classifier["neurons"][0])
     if not 0 <= neuron < n_features:
         raise GenerationError(
             f"--neuron {neuron} is out of range: the {'all-layers ' if all_layers else ''}features of this "
@@ -432,7 +438,7 @@ def run_generate(args) -> Generation:
     load_model = args.load_model or default_load_model()
     ckpt = load_checkpoint(load_model)
     model, classifier = ckpt.model, ckpt.classifier
-    neuron = select_neuron(model, classifier, args.neuron)
+    neuron = select_neuron(model, classifier, args.neuron, ckpt.extra.get("default_neuron"))
     flags_on = (("--heatmap", args.heatmap), ("--overwrite", args.overwrite is not None))
     wanted = [flag for flag, on in flags_on if on]
     if neuron is None and wanted:

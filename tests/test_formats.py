@@ -19,6 +19,7 @@ from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, sav
 from sentiment_discovery.convert import main as convert_main
 from sentiment_discovery.encoder import Encoder
 from sentiment_discovery.featurize import featurize
+from sentiment_discovery.generation import select_neuron
 from sentiment_discovery.formats import NVIDIA_FORMAT, OPENAI_FORMAT, openai_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
 
@@ -151,6 +152,9 @@ def test_openai_released_shards_at_4096():
     ckpt = openai_checkpoint(shards, "openai release")
     assert (ckpt.config.nhid, ckpt.config.emsize, ckpt.config.preprocess) == (H, E, "openai")
     assert ckpt.extra["default_neuron"] == 2388
+    # generate.py's default neuron for this release (no classifier) is that unit of the last layer
+    neuron = select_neuron(ckpt.model, ckpt.classifier, None, ckpt.extra.get("default_neuron"))
+    assert (neuron.layer, neuron.unit) == (0, 2388)
     texts = ["ok!", "no"]  # short: each step reads 335 MB of weights
     reference = openai_reference_cells(shards, texts, dtype=np.float32)  # float64 at this size takes long
     assert_relative_close(featurize(ckpt.model, texts, device="cpu"), reference)

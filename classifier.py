@@ -1,0 +1,50 @@
+"""Classify texts with a transferred model (classifier.pt from transfer.py): probability of positive."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sentiment_discovery.checkpoint import CheckpointError
+from sentiment_discovery.cli import normalize_argv
+from sentiment_discovery.data import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--load_model", default="lang_model_transfer/classifier.pt", help="transferred checkpoint")
+    p.add_argument("--data", default="data/binary_sst/test.csv", help="csv/json of texts (labels optional)")
+    p.add_argument(
+        "--text", nargs="+", action="extend", default=None, help="classify these texts instead of --data"
+    )
+    p.add_argument("--text_key", default="sentence")
+    p.add_argument("--label_key", default="label")
+    p.add_argument("--delim", default=",")
+    p.add_argument("--loose_json", action="store_true")
+    p.add_argument("--binarize_labels", action="store_true")
+    p.add_argument("--all_layers", action="store_true", help="check that the classifier uses every layer")
+    p.add_argument(
+        "--neurons", type=int, default=-1, help="keep only the N largest-|weight| weights (-1: all)"
+    )
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--save_probs", default="clf_results.npy")
+    p.add_argument("--write_results", default="", help="csv (or .json) with label and probability per text")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    from sentiment_discovery.transfer import run_classifier
+
+    try:
+        run_classifier(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

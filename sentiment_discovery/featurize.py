@@ -1,0 +1,161 @@
+"""Featurization: one vector per text from the recurrent states of a language model.
+
+Texts are sorted by length and batched with their neighbours, LEFT-padded so that all rows of a
+batch end on the same step, and the recurrent layer's reset mask zeroes each row's state just
+before its first real byte: the final state of every row is then exactly the state after its own
+last byte, whatever the batch. Long batches run in chunks of ``chunk_length`` steps with the state
+carried over, and a row enters the computation only at the chunk where its text starts (rows are
+sorted longest first, so the rows running in a chunk are a prefix of the batch); memory therefore
+depends on the chunk length, not on the length of the longest text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from .model import RNNModel
+from .preprocess import encode
+
+POOLINGS = ("last", "mean", "max")
+STATES = ("cell", "hidden")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def num_features(model: RNNModel, all_layers: bool = False) -> int:
+    return model.config.nhid * (model.config.nlayers if all_layers else 1)
+
+
+def _autocast(device: torch.device, fp16: bool):
+    if not fp16:
+        return contextlib.nullcontext()
+    # CPUs have no fast float16 matmul; bfloat16 is their reduced precision.
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def _layers_to_features(per_layer: torch.Tensor, all_layers: bool) -> torch.Tensor:
+    """``[L, B, H]`` -> ``[B, F]``: the last layer, or all layers (feature f = layer f // H, unit f % H)."""
+    if not all_layers:
+        return per_layer[-1]
+    L, B, H = per_layer.shape
+    return per_layer.permute(1, 0, 2).reshape(B, L * H)
+
+
+class _BatchRunner:
+    """Runs one length-sorted (longest first) batch of token arrays through ``model`` in chunks."""
+
+    def __init__(
+        self, model: RNNModel, tokens: list[np.ndarray], device: torch.device, pooling: str, state: str
+    ):
+        self.model, self.tokens, self.device, self.pooling, self.state = model, tokens, device, pooling, state
+        self.lengths = np.array([len(t) for t in tokens])
+        self.total = int(self.lengths[0])
+        self.starts = self.total - self.lengths  # left padding of each row (ascending)
+
+    def _chunk_inputs(self, a: int, b: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens ``[b-a, rows]`` of steps a..b, the reset mask, and the mask of real (non-padding) steps."""
+        steps = b - a
+        chunk = np.zeros((steps, rows), dtype=np.int64)
+        reset = np.zeros((steps, rows), dtype=bool)
+        for j in range(rows):
+            start = int(self.starts[j])
+            first = max(a, start)
+            chunk[first - a :, j] = self.tokens[j][first - start : b - start]
+            if a <= start < b:
+                reset[start - a, j] = True
+        real = np.arange(a, b)[:, None] >= self.starts[None, :rows]
+        to = lambda x: torch.from_numpy(x).to(self.device)
+        return to(chunk), to(reset), to(real)
+
+    def run(self, chunk_length: int, all_layers: bool) -> torch.Tensor:
+        cfg = self.model.config
+        B = len(self.tokens)
+        h = torch.zeros(cfg.nlayers, B, cfg.nhid, device=self.device)
+        c = torch.zeros_like(h)
+        pooled = None
+        if self.pooling == "mean":
+            pooled = torch.zeros_like(h)
+        elif self.pooling == "max":
+            pooled = torch.full_like(h, float("-inf"))
+        for a in range(0, self.total, chunk_length):
+            b = min(a + chunk_length, self.total)
+            rows = int(np.searchsorted(self.starts, b, side="left"))  # rows whose text has started by b
+            x, reset, real = self._chunk_inputs(a, b, rows)
+            hidden = (h[:, :rows], c[:, :rows])
+            if self.pooling == "last":
+                _, (h_new, c_new) = self.model.rnn(self.model.encoder(x), hidden, reset)
+            else:
+                hs, cs, (h_new, c_new) = self.model.forward_states(x, hidden, reset)
+                seq = torch.stack(cs if self.state == "cell" else hs).float()  # [L, steps, rows, H]
+                mask = real[None, :, :, None]
+                if self.pooling == "mean":
+                    pooled[:, :rows] += (seq * mask).sum(dim=1)
+                else:
+                    seq = seq.masked_fill(~mask, float("-inf")).amax(dim=1)
+                    pooled[:, :rows] = torch.maximum(pooled[:, :rows], seq)
+            h[:, :rows] = h_new.float()
+            c[:, :rows] = c_new.float()
+        if self.pooling == "last":
+            per_layer = c if self.state == "cell" else h
+        elif self.pooling == "mean":
+            per_layer = pooled / torch.from_numpy(self.lengths).to(self.device, torch.float32)[None, :, None]
+        else:
+            per_layer = pooled
+        return _layers_to_features(per_layer, all_layers)
+
+
+def featurize(
+    model: RNNModel,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 128,
+    pooling: str = "last",
+    state: str = "cell",
+    all_layers: bool = False,
+    preprocess: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    fp16: bool = False,
+    chunk_length: int = 256,
+) -> np.ndarray:
+    """Features ``[len(texts), F]`` (float32) of ``texts``; F = nhid, or nhid * nlayers with ``all_layers``.
+
+    ``pooling``: ``last`` (the state after the last byte of the preprocessed text, the original's
+    features), ``mean`` or ``max`` over all bytes of the preprocessed text (its pads included);
+    ``state``: ``cell`` (c, the original's choice) or ``hidden`` (h). ``preprocess`` defaults to the
+    model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
+    available) and put in eval mode. ``fp16`` runs under autocast (float16 on GPU, bfloat16 on CPU).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if state not in STATES:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    if batch_size < 1 or chunk_length < 1:
+        raise ValueError("batch_size and chunk_length must be positive")
+    device = default_device() if device is None else torch.device(device)
+    preprocess = preprocess or model.config.preprocess
+    model.to(device).eval()
+
+    tokens = [encode(text, preprocess) for text in texts]
+    out = np.zeros((len(tokens), num_features(model, all_layers)), dtype=np.float32)
+    order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
+    with (
+        torch.inference_mode(),
+        parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
+        _autocast(device, fp16),
+        tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
+    ):
+        for first in range(0, len(order), batch_size):
+            idx = order[first : first + batch_size]
+            runner = _BatchRunner(model, [tokens[i] for i in idx], device, pooling, state)
+            out[idx] = runner.run(chunk_length, all_layers).float().cpu().numpy()
+            bar.update(len(idx))
+    return out

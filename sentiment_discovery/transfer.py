@@ -1,0 +1,528 @@
+"""Sentiment transfer: L1 logistic regression on language-model features, and the sentiment neuron(s).
+
+Features are standardised with the training split's mean and standard deviation before the
+regression, and the scaling is stored with the classifier: the L1 penalty then treats every unit
+alike, whatever its range, so that the largest |weight| names the most useful unit (the sentiment
+neuron) rather than the unit with the smallest range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .data import DataError, Records, is_json_path, read_records
+from .featurize import featurize
+
+SPLITS = ("train", "val", "test")
+N_EXTREME = 10  # texts shown at each end of the top neuron's range
+
+
+# --------------------------------------------------------------------------------------------
+# Regression and neuron selection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Regression:
+    """A fitted L1 logistic regression on (optionally a subset of) standardised features."""
+
+    weight: np.ndarray  # [k]
+    bias: float
+    C: float
+    val_accuracy_by_C: dict[float, float]
+    converged: bool
+
+    @property
+    def nonzero(self) -> int:
+        return int(np.count_nonzero(self.weight))
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        return _sigmoid(x.astype(np.float64) @ self.weight + self.bias)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean((probs > 0.5).astype(np.int64) == labels))
+
+
+def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale of the training features; constant features keep scale 1."""
+    mean = train_features.mean(axis=0, dtype=np.float64)
+    std = train_features.std(axis=0, dtype=np.float64)
+    scale = np.where(std > 1e-8, std, 1.0)
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
+    """C = 2^log2_min ... 2^log2_max (OpenAI's sweep is 2^-8 ... 2^0)."""
+    if log2_min > log2_max:
+        raise ValueError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
+    return [2.0**e for e in range(log2_min, log2_max + 1)]
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> tuple[LogisticRegression, bool]:
+    model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x, y)
+    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def fit_l1_regression(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    Cs: list[float],
+    max_iter: int = 100,
+    seed: int = 42,
+) -> Regression:
+    """Fit one L1 regression per C on train and keep the best on validation. Of tied C, the first
+    (strongest penalty, sparsest) that uses any feature at all: an all-zero model only predicts the
+    majority class. Re-fitting at the chosen C would give the same (deterministic) model."""
+    if len(np.unique(train_y)) < 2:
+        raise DataError("the training labels are all one class: a classifier needs both 0 and 1")
+    best, best_rank, scores = None, None, {}
+    for C in Cs:
+        model, converged = _fit(train_x, train_y, C, max_iter, seed)
+        scores[C] = float(model.score(val_x, val_y))
+        rank = (scores[C], bool(np.any(model.coef_)))
+        if best is None or rank > best_rank:
+            best, best_rank = (C, model, converged), rank
+    C, model, converged = best
+    return Regression(model.coef_[0].astype(np.float64), float(model.intercept_[0]), C, scores, converged)
+
+
+def top_neurons(weight: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest |weight| features, largest first (ties: lower index first)."""
+    w = np.abs(np.asarray(weight, dtype=np.float64).reshape(-1))
+    n = len(w) if n < 0 else min(n, len(w))
+    return np.argsort(-w, kind="stable")[:n].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# The classifier dict stored in checkpoints (contract in notes: weight, bias, neurons, ...)
+# --------------------------------------------------------------------------------------------
+
+
+def make_classifier(
+    regression: Regression,
+    mean: np.ndarray | None,
+    scale: np.ndarray | None,
+    neurons: np.ndarray,
+    pooling: str,
+    state: str,
+    all_layers: bool,
+) -> dict:
+    f32 = lambda a: None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32)
+    return {
+        "weight": f32(regression.weight),
+        "bias": torch.tensor(regression.bias, dtype=torch.float32),
+        "neurons": torch.as_tensor(neurons, dtype=torch.long),
+        "pooling": pooling,
+        "state": state,
+        "all_layers": all_layers,
+        "mean": f32(mean),
+        "scale": f32(scale),
+        "C": float(regression.C),
+    }
+
+
+def classifier_settings(classifier: dict | None) -> tuple[str, str, bool]:
+    """(pooling, state, all_layers) a classifier was trained with; the original's when unrecorded."""
+    classifier = classifier or {}
+    return (
+        classifier.get("pooling") or "last",
+        classifier.get("state") or "cell",
+        bool(classifier.get("all_layers")),
+    )
+
+
+def classifier_probs(features: np.ndarray, classifier: dict, neurons: int = -1) -> np.ndarray:
+    """P(positive) = sigmoid(((x - mean) / scale) . weight + bias), float64 ``[n]``.
+
+    ``neurons`` >= 0 keeps only that many largest-|weight| weights (masking, no refit), as the
+    original classifier.py did; -1 keeps all.
+    """
+    weight = _numpy(classifier["weight"]).reshape(-1)
+    if features.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"features have {features.shape[1]} columns but the classifier has {weight.shape[0]} weights"
+        )
+    if neurons >= 0:
+        masked = np.zeros_like(weight)
+        keep = top_neurons(weight, neurons)
+        masked[keep] = weight[keep]
+        weight = masked
+    x = features.astype(np.float64)
+    if classifier.get("mean") is not None:
+        x = x - _numpy(classifier["mean"]).reshape(-1)
+    if classifier.get("scale") is not None:
+        x = x / _numpy(classifier["scale"]).reshape(-1)
+    bias = float(_numpy(classifier["bias"]).reshape(-1)[0])
+    return _sigmoid(x @ weight + bias)
+
+
+def _numpy(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Results files
+# --------------------------------------------------------------------------------------------
+
+
+def write_predictions(
+    path: str | Path, texts: list[str], probs: np.ndarray, text_key: str, label_key: str
+) -> None:
+    """Texts with predicted label and probability: json when ``path`` ends in .json (.jsonl: one
+    object per line), csv otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame({text_key: texts, label_key: (probs > 0.5).astype(int), "prob": probs})
+    if is_json_path(path):
+        frame.to_json(path, orient="records", lines=path.suffix.lower() == ".jsonl", force_ascii=False)
+    else:
+        frame.to_csv(path, index=False)
+
+
+def extreme_samples(values: np.ndarray, records: Records, n: int = N_EXTREME) -> dict:
+    """The texts with the most positive and most negative values of one neuron."""
+    order = np.argsort(values, kind="stable")
+
+    def rows(indices):
+        out = []
+        for i in indices:
+            row = {"value": float(values[i]), "text": records.texts[i]}
+            if records.labels is not None:
+                row["label"] = int(records.labels[i])
+            out.append(row)
+        return out
+
+    return {"most_positive": rows(order[::-1][:n]), "most_negative": rows(order[:n])}
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Features saved as ``features_<split>.npy`` with the key they were computed under beside them
+    (``features_<split>.json``): model file digest, data file digest, pooling, state, layers,
+    preprocessing and reading options. A cached file is reused only when its key matches."""
+
+    def __init__(self, folder: Path, base_key: dict):
+        self.folder, self.base_key = folder, base_key
+
+    def _paths(self, split: str) -> tuple[Path, Path]:
+        return self.folder / f"features_{split}.npy", self.folder / f"features_{split}.json"
+
+    def key(self, data_path: str) -> dict:
+        return {
+            **self.base_key,
+            "data": str(Path(data_path).resolve()),
+            "data_sha256": file_digest(data_path),
+        }
+
+    def load(self, split: str, data_path: str, n_texts: int) -> np.ndarray | None:
+        npy, meta = self._paths(split)
+        if not (npy.exists() and meta.exists()):
+            return None
+        try:
+            if json.loads(meta.read_text()) != self.key(data_path):
+                return None
+            features = np.load(npy)
+        except (OSError, ValueError):
+            return None
+        return features if features.shape[0] == n_texts else None
+
+    def save(self, split: str, data_path: str, features: np.ndarray) -> None:
+        npy, meta = self._paths(split)
+        np.save(npy, features)
+        meta.write_text(json.dumps(self.key(data_path), indent=1))
+
+
+# --------------------------------------------------------------------------------------------
+# transfer.py
+# --------------------------------------------------------------------------------------------
+
+
+def default_results_dir(load_model: str) -> Path:
+    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/."""
+    path = Path(load_model)
+    return path.with_name(path.stem + "_transfer")
+
+
+def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
+    """--model/--emsize/--nhid/--nlayers are only a check: the checkpoint records its architecture."""
+    config = ckpt.config
+    for flag in ("model", "emsize", "nhid", "nlayers"):
+        given = getattr(args, flag, None)
+        if given is not None and given != getattr(config, flag):
+            raise DataError(
+                f"{args.load_model}: --{flag} {given} does not match the checkpoint's "
+                f"{flag} = {getattr(config, flag)}"
+            )
+
+
+def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
+    try:
+        return read_records(
+            path,
+            args.text_key,
+            args.label_key,
+            args.delim,
+            args.loose_json,
+            need_labels=need_labels,
+            binarize_labels=args.binarize_labels,
+        )
+    except DataError as e:
+        hint = ""
+        if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
+            hint = " (fetch Binary SST with: python data/download.py sst)"
+        elif split == "test" and need_labels:
+            hint = " (an unlabelled test set? pass --no_test_eval)"
+        raise DataError(f"{split} split: {e}{hint}") from None
+
+
+def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) -> str:
+    accs = ", ".join(f"{split} {100 * a:.2f}%" for split, a in acc.items())
+    note = "" if reg.converged else " (did not converge: raise --epochs)"
+    if reg.nonzero == 0:
+        note += " (all weights zero: the features carry no usable signal at these C; widen --log2_C)"
+    return f"{name}: {accs}; C = {reg.C:g}; {reg.nonzero}/{n_features} non-zero weights{note}"
+
+
+def run_transfer(args: argparse.Namespace) -> dict:
+    """Run transfer.py with its parsed options; returns the results dict also written to results.json."""
+    from .plots import plot_neuron_histogram, plot_weights
+
+    ckpt = load_checkpoint(args.load_model)
+    _check_architecture(ckpt, args)
+    model = ckpt.model
+    out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    paths = {"train": args.data, "val": args.valid, "test": args.test}
+    if not paths["test"]:
+        del paths["test"]
+    records = {
+        split: _read_split(args, split, path, need_labels=not (split == "test" and args.no_test_eval))
+        for split, path in paths.items()
+    }
+
+    cache = FeatureCache(
+        out_dir,
+        {
+            "model_sha256": file_digest(args.load_model),
+            "pooling": args.pooling,
+            "state": args.state,
+            "all_layers": args.all_layers,
+            "preprocess": model.config.preprocess,
+            "fp16": args.fp16,
+            "text_key": args.text_key,
+            "delim": args.delim,
+            "loose_json": args.loose_json,
+        },
+    )
+    features = {}
+    for split, recs in records.items():
+        cached = cache.load(split, recs.path, len(recs)) if args.use_cached else None
+        if cached is not None:
+            print(f"{split}: using cached features from {out_dir}")
+            features[split] = cached
+            continue
+        print(f"{split}: featurizing {len(recs)} texts from {recs.path}")
+        features[split] = featurize(
+            model,
+            recs.texts,
+            batch_size=args.batch_size,
+            pooling=args.pooling,
+            state=args.state,
+            all_layers=args.all_layers,
+            progress=sys.stderr.isatty(),
+            fp16=args.fp16,
+        )
+        cache.save(split, recs.path, features[split])
+
+    mean, scale = standardizer(features["train"])
+    std = {split: (f - mean) / scale for split, f in features.items()}
+    labels = {split: r.labels for split, r in records.items() if r.labels is not None}
+    Cs = c_sweep(*args.log2_C)
+    n_features = features["train"].shape[1]
+
+    def fit_on(columns: np.ndarray | None) -> Regression:
+        pick = (lambda x: x) if columns is None else (lambda x: x[:, columns])
+        return fit_l1_regression(
+            pick(std["train"]), labels["train"], pick(std["val"]), labels["val"], Cs, args.epochs, args.seed
+        )
+
+    def accuracies(probs: dict[str, np.ndarray]) -> dict[str, float]:
+        return {split: accuracy(probs[split], y) for split, y in labels.items()}
+
+    full = fit_on(None)
+    neurons = top_neurons(full.weight, args.neurons)
+    classifier = make_classifier(full, mean, scale, neurons, args.pooling, args.state, args.all_layers)
+    # Probabilities come from the stored classifier, exactly as classifier.py computes them.
+    probs = {split: classifier_probs(f, classifier) for split, f in features.items()}
+    full_acc = accuracies(probs)
+    print(_report("all features", full, full_acc, n_features))
+
+    results = {
+        "load_model": str(args.load_model),
+        "pooling": args.pooling,
+        "state": args.state,
+        "all_layers": args.all_layers,
+        "standardized": True,
+        "C_sweep": Cs,
+        "all_features": {
+            "accuracy": full_acc,
+            "C": full.C,
+            "nonzero_weights": full.nonzero,
+            "n_features": n_features,
+            "val_accuracy_by_C": full.val_accuracy_by_C,
+        },
+        "neurons": {"indices": neurons.tolist(), "weights": full.weight[neurons].tolist()},
+    }
+    if len(neurons):
+        top = fit_on(neurons)
+        top_acc = accuracies({split: top.probs(x[:, neurons]) for split, x in std.items()})
+        print(_report(f"top {len(neurons)} neuron(s) {neurons.tolist()}", top, top_acc, len(neurons)))
+        results["neurons"].update(
+            {"accuracy": top_acc, "C": top.C, "refit_weights": top.weight.tolist(), "refit_bias": top.bias}
+        )
+    if args.drop_neurons and len(neurons):
+        rest = np.setdiff1d(np.arange(n_features), neurons)
+        dropped = fit_on(rest)
+        dropped_acc = accuracies({split: dropped.probs(x[:, rest]) for split, x in std.items()})
+        print(_report(f"without the top {len(neurons)} neuron(s)", dropped, dropped_acc, len(rest)))
+        results["drop_neurons"] = {
+            "accuracy": dropped_acc,
+            "C": dropped.C,
+            "nonzero_weights": dropped.nonzero,
+        }
+
+    for split, p in probs.items():
+        np.save(out_dir / f"probs_{split}.npy", p.astype(np.float32))
+    shown = "test" if "test" in records else "val"
+    if len(neurons):
+        top_values = features[shown][:, neurons[0]]
+        results["extreme_samples_split"] = shown
+        (out_dir / "extreme_samples.json").write_text(
+            json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False)
+        )
+        hist_split = shown if records[shown].labels is not None else "val"
+        plot_neuron_histogram(
+            features[hist_split][:, neurons[0]],
+            records[hist_split].labels,
+            int(neurons[0]),
+            out_dir / "neuron_histogram.png",
+            title_suffix=f" ({hist_split})",
+        )
+    plot_weights(full.weight, neurons, out_dir / "weights.png")
+    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
+    if args.write_results and "test" in records:
+        write_predictions(
+            args.write_results, records["test"].texts, probs["test"], args.text_key, args.label_key
+        )
+        print(f"wrote test predictions to {args.write_results}")
+    print(f"results in {out_dir}/ (classifier: {out_dir / 'classifier.pt'})")
+    return results
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# classifier.py
+# --------------------------------------------------------------------------------------------
+
+
+def _read_maybe_labelled(args: argparse.Namespace) -> Records:
+    """The texts of --data, with labels when the label column exists (then they must be valid)."""
+    read = lambda need: read_records(
+        args.data,
+        args.text_key,
+        args.label_key,
+        args.delim,
+        args.loose_json,
+        need_labels=need,
+        binarize_labels=args.binarize_labels,
+    )
+    try:
+        return read(True)
+    except DataError as e:
+        if f"missing label column {args.label_key!r}" in str(
+            e
+        ) or f"missing label key {args.label_key!r}" in str(e):
+            return read(False)
+        raise
+
+
+def run_classifier(args: argparse.Namespace) -> np.ndarray:
+    """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
+    from .encoder import Encoder
+
+    encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16)
+    if encoder.classifier is None:
+        raise CheckpointError(
+            f"{args.load_model}: holds a language model but no sentiment classifier: run transfer.py on it "
+            "first and pass the classifier.pt it writes (e.g. lang_model_transfer/classifier.pt)"
+        )
+    if args.all_layers and not encoder.all_layers:
+        raise CheckpointError(
+            f"{args.load_model}: --all_layers given, but this classifier uses the last layer only"
+        )
+    if args.text:
+        records = Records("--text", list(args.text))
+    else:
+        records = _read_maybe_labelled(args)
+    probs = encoder.predict_proba(records.texts, neurons=args.neurons, progress=sys.stderr.isatty())
+
+    np.save(args.save_probs, probs.astype(np.float32))
+    kept = "all" if args.neurons < 0 else f"top {args.neurons}"
+    print(
+        f"{len(probs)} texts from {records.path}; pooling {encoder.pooling}, state {encoder.state}, "
+        f"{kept} classifier weights; {int((probs > 0.5).sum())} positive, {int((probs <= 0.5).sum())} "
+        "negative"
+    )
+    if records.labels is not None:
+        print(f"accuracy {100 * accuracy(probs, records.labels):.2f}%")
+    if args.text:
+        for text, p in zip(records.texts, probs):
+            print(f"{p:.4f}  {'positive' if p > 0.5 else 'negative'}  {text[:80]!r}")
+    print(f"probabilities saved to {args.save_probs}")
+    if args.write_results:
+        write_predictions(args.write_results, records.texts, probs, args.text_key, args.label_key)
+        print(f"predictions written to {args.write_results}")
+    return probs

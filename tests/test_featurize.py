@@ -1,0 +1,105 @@
+"""Featurization: a text's features do not depend on its batch, padding or chunking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sentiment_discovery.featurize import featurize
+from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.preprocess import encode
+
+TEXTS = [
+    "A stirring, funny and moving film.",
+    "",
+    "Bad.",
+    "The plot is thin, the acting dull.",
+    "Smart.",
+]
+
+
+def small_model(kind: str = "mLSTM", nlayers: int = 2, nhid: int = 16) -> RNNModel:
+    torch.manual_seed(0)
+    return RNNModel(ModelConfig(model=kind, emsize=8, nhid=nhid, nlayers=nlayers)).eval()
+
+
+def direct_features(model: RNNModel, text: str, pooling: str, state: str) -> np.ndarray:
+    """Reference: one text alone, no padding, no reset, no chunking; all layers concatenated."""
+    tokens = torch.from_numpy(encode(text, model.config.preprocess).astype(np.int64))[:, None]
+    with torch.no_grad():
+        hs, cs, _ = model.forward_states(tokens)
+    per_layer = []
+    for seq in cs if state == "cell" else hs:  # [T, 1, H]
+        seq = seq[:, 0]
+        per_layer.append({"last": seq[-1], "mean": seq.mean(0), "max": seq.amax(0)}[pooling])
+    return torch.cat(per_layer).numpy()
+
+
+CASES = [("mLSTM", pooling, state) for pooling in ("last", "mean", "max") for state in ("cell", "hidden")]
+CASES += [("LSTM", "last", "cell"), ("LSTM", "mean", "cell"), ("LSTM", "max", "hidden")]
+
+
+@pytest.mark.parametrize("kind,pooling,state", CASES)
+def test_batched_features_equal_the_text_alone(kind, pooling, state):
+    model = small_model(kind)
+    # Small batches and chunks: rows of different lengths share batches, and shorter rows join the
+    # computation in a later chunk than the longest one.
+    batched = featurize(
+        model, TEXTS, batch_size=4, chunk_length=16, pooling=pooling, state=state, all_layers=True
+    )
+    assert batched.shape == (len(TEXTS), 2 * 16) and batched.dtype == np.float32
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(batched[i], direct_features(model, text, pooling, state), atol=1e-5)
+    for i in (0, 2):
+        alone = featurize(
+            model, [TEXTS[i]], chunk_length=10_000, pooling=pooling, state=state, all_layers=True
+        )
+        np.testing.assert_allclose(batched[i], alone[0], atol=1e-5, err_msg=f"text {i}")
+
+
+def test_last_layer_is_the_tail_of_all_layers():
+    model = small_model()
+    every = featurize(model, TEXTS[:3], all_layers=True)
+    last = featurize(model, TEXTS[:3])
+    np.testing.assert_array_equal(last, every[:, 16:])
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_long_text_chunked_equals_unchunked(pooling):
+    model = small_model("GRU", nlayers=1)  # fused kernels keep this fast; chunking is model-agnostic
+    rng = np.random.default_rng(0)
+    long_text = " ".join("".join(rng.choice(list("abcdefgh"), 6)) for _ in range(1500))  # ~10 KB
+    texts = [long_text, TEXTS[0]]
+    chunked = featurize(model, texts, chunk_length=256, pooling=pooling, state="hidden")
+    whole = featurize(model, texts, chunk_length=100_000, pooling=pooling, state="hidden")
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    assert np.isfinite(chunked).all()
+
+
+def test_empty_text_is_its_padding():
+    model = small_model(nlayers=1)
+    feats = featurize(model, ["", "   ", "x"], pooling="mean")
+    assert np.isfinite(feats).all()
+    np.testing.assert_allclose(feats[0], feats[1], atol=1e-6)  # both preprocess to "\n  "
+    assert not np.allclose(feats[0], feats[2])
+
+
+def test_no_texts_gives_an_empty_matrix():
+    assert featurize(small_model(nlayers=1), []).shape == (0, 16)
+
+
+def test_reduced_precision_stays_close():
+    model = small_model(nlayers=1)
+    full = featurize(model, TEXTS)
+    low = featurize(model, TEXTS, fp16=True)
+    assert low.dtype == np.float32
+    np.testing.assert_allclose(low, full, atol=0.05)
+
+
+def test_bad_pooling_and_state_are_refused():
+    model = small_model(nlayers=1)
+    with pytest.raises(ValueError, match="pooling"):
+        featurize(model, TEXTS, pooling="median")
+    with pytest.raises(ValueError, match="state"):
+        featurize(model, TEXTS, state="output")

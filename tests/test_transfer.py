@@ -1,0 +1,199 @@
+"""transfer.py: regression sweep, neuron selection, results files, classifier.pt, feature cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, shared_path
+
+from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
+from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.transfer import (
+    Regression,
+    classifier_probs,
+    fit_l1_regression,
+    make_classifier,
+    standardizer,
+    top_neurons,
+)
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sst_slices(folder, sizes=(("train", 200), ("val", 100), ("test", 100))) -> dict[str, str]:
+    paths = {}
+    for split, n in sizes:
+        frame = pd.read_csv(shared_path("data", "binary_sst", f"{split}.csv")).head(n)
+        paths[split] = str(folder / f"{split}.csv")
+        frame.to_csv(paths[split], index=False)
+    return paths
+
+
+def tiny_lm(path, nhid: int = 16, nlayers: int = 1) -> str:
+    torch.manual_seed(0)
+    save_checkpoint(path, RNNModel(ModelConfig(emsize=8, nhid=nhid, nlayers=nlayers)))
+    return str(path)
+
+
+def test_top_neurons_are_the_largest_absolute_weights():
+    weight = np.array([0.1, -3.0, 2.0, 0.0, -0.5])
+    assert top_neurons(weight, 1).tolist() == [1]
+    assert top_neurons(weight, 3).tolist() == [1, 2, 4]
+    assert top_neurons(torch.tensor(weight), -1).tolist() == [1, 2, 4, 0, 3]
+    assert top_neurons(weight, 99).tolist() == [1, 2, 4, 0, 3]
+
+
+def test_standardizer_keeps_constant_features_finite():
+    x = np.array([[1.0, 5.0], [3.0, 5.0]], dtype=np.float32)
+    mean, scale = standardizer(x)
+    np.testing.assert_allclose(mean, [2.0, 5.0])
+    np.testing.assert_allclose(scale, [1.0, 1.0])  # std of column 0 is 1; column 1 constant -> 1
+
+
+def test_classifier_probability_and_neuron_masking():
+    reg = Regression(np.array([0.5, -2.0, 0.0]), 0.25, 1.0, {}, True)
+    mean, scale = np.array([1.0, 0.0, 0.0]), np.array([2.0, 1.0, 1.0])
+    clf = make_classifier(reg, mean, scale, top_neurons(reg.weight, 1), "mean", "hidden", False)
+    x = np.array([[3.0, 1.0, 7.0], [1.0, -1.0, 0.0]], dtype=np.float32)
+    z = ((x - mean) / scale) @ reg.weight + 0.25
+    np.testing.assert_allclose(classifier_probs(x, clf), 1 / (1 + np.exp(-z)), rtol=1e-6)
+    z_top = -2.0 * x[:, 1] + 0.25  # only the largest-|weight| feature (index 1) kept
+    np.testing.assert_allclose(classifier_probs(x, clf, neurons=1), 1 / (1 + np.exp(-z_top)), rtol=1e-6)
+    assert clf["neurons"].tolist() == [1] and clf["neurons"].dtype == torch.long
+
+
+def test_sweep_finds_an_informative_feature():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    y = (x[:, 4] + 0.3 * rng.normal(size=300) > 0).astype(np.int64)
+    reg = fit_l1_regression(x[:200], y[:200], x[200:], y[200:], [2.0**e for e in range(-8, 1)])
+    assert top_neurons(reg.weight, 1).tolist() == [4]
+    assert reg.val_accuracy_by_C[reg.C] == max(reg.val_accuracy_by_C.values()) > 0.85
+
+
+def test_transfer_end_to_end(tmp_path, capsys):
+    paths = sst_slices(tmp_path)
+    lm = tiny_lm(tmp_path / "lm.pt")
+    transfer = load_script("transfer")
+    args = [
+        "--load_model",
+        lm,
+        "--data",
+        paths["train"],
+        "--valid",
+        paths["val"],
+        "--test",
+        paths["test"],
+        "--neurons",
+        "2",
+        "--drop_neurons",
+        "--log2_C",
+        "-2",
+        "4",
+        "--write_results",
+        str(tmp_path / "pred.csv"),
+    ]
+    assert transfer.main(args) == 0
+    out_dir = tmp_path / "lm_transfer"
+    for name in (
+        "results.json",
+        "classifier.pt",
+        "probs_test.npy",
+        "features_train.npy",
+        "features_test.npy",
+        "extreme_samples.json",
+        "weights.png",
+        "neuron_histogram.png",
+    ):
+        assert (out_dir / name).stat().st_size > 0, name
+
+    results = json.loads((out_dir / "results.json").read_text())
+    ckpt = load_checkpoint(out_dir / "classifier.pt")
+    clf = ckpt.classifier
+    assert clf["pooling"] == "last" and clf["state"] == "cell" and clf["all_layers"] is False
+    assert clf["weight"].shape == (16,) and clf["mean"].shape == (16,) and clf["bias"].dim() == 0
+    neurons = clf["neurons"].tolist()
+    assert neurons == results["neurons"]["indices"] == top_neurons(clf["weight"], 2).tolist()
+    assert set(results["neurons"]["accuracy"]) == {"train", "val", "test"}
+    assert "drop_neurons" in results
+
+    # Saved probabilities are the classifier's on the saved features; accuracy follows from them.
+    test_labels = pd.read_csv(paths["test"])["label"].to_numpy()
+    probs = np.load(out_dir / "probs_test.npy")
+    np.testing.assert_allclose(
+        probs, classifier_probs(np.load(out_dir / "features_test.npy"), clf), atol=1e-6
+    )
+    assert results["all_features"]["accuracy"]["test"] == pytest.approx(np.mean((probs > 0.5) == test_labels))
+    written = pd.read_csv(tmp_path / "pred.csv")
+    assert list(written.columns) == ["sentence", "label", "prob"] and len(written) == 100
+    np.testing.assert_allclose(written["prob"], probs, atol=1e-6)
+
+    extremes = json.loads((out_dir / "extreme_samples.json").read_text())
+    top_values = np.load(out_dir / "features_test.npy")[:, neurons[0]]
+    assert extremes["most_positive"][0]["value"] == pytest.approx(top_values.max())
+    assert extremes["most_negative"][0]["value"] == pytest.approx(top_values.min())
+
+    # The cache is reused only under the same settings.
+    capsys.readouterr()
+    assert transfer.main([*args, "--use_cached"]) == 0
+    assert capsys.readouterr().out.count("using cached features") == 3
+    assert transfer.main([*args, "--use_cached", "--pooling", "max", "--log2_C", "0", "0"]) == 0
+    assert "using cached" not in capsys.readouterr().out
+    assert load_checkpoint(out_dir / "classifier.pt").classifier["pooling"] == "max"
+
+
+def test_transfer_bad_inputs(tmp_path, capsys):
+    paths = sst_slices(tmp_path, (("train", 40), ("val", 20), ("test", 20)))
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    transfer = load_script("transfer")
+    common = ["--load_model", lm, "--valid", paths["val"], "--log2_C", "0", "0"]
+    base = [*common, "--test", paths["test"]]
+
+    def fails(args, *expected):
+        assert transfer.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+        for text in expected:
+            assert text in err, err
+
+    ratings = tmp_path / "ratings.csv"
+    pd.DataFrame({"label": [1, 5, 3], "sentence": ["a", "b", "c"]}).to_csv(ratings, index=False)
+    fails([*base, "--data", str(ratings)], "ratings.csv", "0 or 1")
+    unlabelled = tmp_path / "unlabelled.csv"
+    pd.DataFrame({"sentence": ["a", "b"]}).to_csv(unlabelled, index=False)
+    fails([*base, "--data", str(unlabelled)], "unlabelled.csv", "'label'")
+    fails([*common, "--data", paths["train"], "--test", str(unlabelled)], "test split", "--no_test_eval")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    fails([*base, "--data", str(empty)], "empty.csv", "empty")
+    fails([*base, "--data", paths["train"], "--nhid", "4096"], "nhid")
+    fails(["--load_model", str(tmp_path / "missing.pt"), "--data", paths["train"]], "missing.pt")
+
+    # Empty texts and an unlabelled test set are handled.
+    with_empty = tmp_path / "with_empty.csv"
+    frame = pd.read_csv(paths["train"])
+    frame.loc[:4, "sentence"] = ""
+    frame.to_csv(with_empty, index=False)
+    out = str(tmp_path / "out")
+    args = [
+        *common,
+        "--data",
+        str(with_empty),
+        "--test",
+        str(unlabelled),
+        "--no_test_eval",
+        "--save_results",
+        out,
+    ]
+    assert transfer.main(args) == 0
+    assert np.load(tmp_path / "out" / "probs_test.npy").shape == (2,)

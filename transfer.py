@@ -1,0 +1,88 @@
+"""Transfer a pre-trained language model to sentiment classification (L1 logistic regression on its
+features) and find the sentiment neuron(s). Writes ``<model>_transfer/`` with results and classifier.pt."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sentiment_discovery.checkpoint import CheckpointError
+from sentiment_discovery.cli import normalize_argv
+from sentiment_discovery.data import DataError
+from sentiment_discovery.featurize import POOLINGS, STATES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--load_model", default="lang_model.pt", help="language-model checkpoint")
+    arch = p.add_argument_group(
+        "architecture (recorded in the checkpoint; given, they are checked against it)"
+    )
+    arch.add_argument("--model", default=None)
+    arch.add_argument("--emsize", type=int, default=None)
+    arch.add_argument("--nhid", type=int, default=None)
+    arch.add_argument("--nlayers", type=int, default=None)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
+    data.add_argument(
+        "--valid", default="data/binary_sst/val.csv", help="labelled validation texts (choose C)"
+    )
+    data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' for none)")
+    data.add_argument("--text_key", default="sentence")
+    data.add_argument("--label_key", default="label")
+    data.add_argument("--delim", default=",")
+    data.add_argument("--loose_json", action="store_true", help="one json object per line")
+    data.add_argument(
+        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
+    )
+    data.add_argument("--no_test_eval", action="store_true", help="the test set has no labels")
+    feat = p.add_argument_group("features")
+    feat.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default="last",
+        help="state after the last byte, or mean/max over bytes",
+    )
+    feat.add_argument("--state", choices=STATES, default="cell", help="cell state c or hidden state h")
+    feat.add_argument("--all_layers", action="store_true", help="features from every layer")
+    feat.add_argument("--batch_size", type=int, default=128)
+    feat.add_argument(
+        "--fp16", action="store_true", help="featurize under autocast (float16 on GPU, bfloat16 on CPU)"
+    )
+    feat.add_argument(
+        "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
+    )
+    reg = p.add_argument_group("regression")
+    reg.add_argument("--epochs", type=int, default=100, help="max iterations of the logistic regression")
+    reg.add_argument("--seed", type=int, default=42)
+    reg.add_argument(
+        "--log2_C",
+        type=int,
+        nargs=2,
+        default=[-8, 0],
+        metavar=("MIN", "MAX"),
+        help="sweep C = 2^MIN ... 2^MAX, best on validation",
+    )
+    reg.add_argument("--neurons", type=int, default=1, help="top features kept for the second regression")
+    reg.add_argument("--drop_neurons", action="store_true", help="also fit without the top neurons")
+    out = p.add_argument_group("output")
+    out.add_argument("--save_results", default="", help="results folder (default <model>_transfer/)")
+    out.add_argument("--write_results", default="", help="write test texts with predictions (csv or .json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    from sentiment_discovery.transfer import run_transfer
+
+    try:
+        run_transfer(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
