@@ -19,8 +19,8 @@ from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, sav
 from sentiment_discovery.convert import main as convert_main
 from sentiment_discovery.encoder import Encoder
 from sentiment_discovery.featurize import featurize
-from sentiment_discovery.generation import select_neuron
 from sentiment_discovery.formats import NVIDIA_FORMAT, OPENAI_FORMAT, openai_checkpoint
+from sentiment_discovery.generation import select_neuron
 from sentiment_discovery.model import ModelConfig, RNNModel
 
 TEXTS = ["I loved it &amp; the music!", "Terrible.\nWould not  watch again ", "café? non", "x"]
