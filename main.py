@@ -72,11 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is available")
 
+    g = p.add_argument_group(
+        "distributed",
+        "data-parallel training: `python -m multiproc main.py ARGS` (one process per GPU) or torchrun, "
+        "whose RANK/WORLD_SIZE/LOCAL_RANK environment wins over these flags. --batch_size is per process.",
+    )
+    g.add_argument("--world_size", type=int, default=1, help="number of processes")
+    g.add_argument("--rank", type=int, default=-1, help="this process's rank (0 .. world_size - 1)")
+    g.add_argument(
+        "--distributed_backend",
+        default=None,
+        choices=("nccl", "gloo"),
+        help="torch.distributed backend (default: nccl on GPUs, gloo on CPU; the original always used gloo)",
+    )
+
     d = p.add_argument_group("data")
     d.add_argument("--data", default="./data/imdb/unsup.json", help="training file (csv or json)")
     d.add_argument("--valid", default=None, help="validation file (else a part of --split)")
     d.add_argument("--test", default=None, help="test file (else a part of --split)")
-    d.add_argument("--batch_size", type=int, default=128, help="rows of a batch")
+    d.add_argument("--batch_size", type=int, default=128, help="rows of a batch (per process, distributed)")
     d.add_argument("--eval_batch_size", type=int, default=0, help="0: --batch_size")
     d.add_argument(
         "--seq_length",
@@ -86,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--eval_seq_length", type=int, default=256, help="as --seq_length, for evaluation")
     d.add_argument("--loose_json", action="store_true", help="one json object per line")
+    d.add_argument(
+        "--lazy",
+        action="store_true",
+        help="encode each data file once into a cache ($XDG_CACHE_HOME or ~/.cache, under "
+        "sentiment-discovery/lazy/) and memory-map it instead of holding the corpus in memory; "
+        "rebuilt when the file changes",
+    )
+    d.add_argument("--preprocess", action="store_true", help="with --lazy: force rebuilding the cache")
     d.add_argument("--delim", default=",", help="csv delimiter")
     d.add_argument("--split", default="100,1,1", help="train/val/test proportions over shards")
     d.add_argument("--text_key", default="sentence", help="csv column / json key of the text")

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,19 +192,28 @@ class EncodedCorpus:
         return len(self.starts) - 1
 
 
-def encode_corpus(
-    texts: list[str], path: str = "<texts>", preprocess: str = "nvidia", progress: bool = False
-) -> EncodedCorpus:
-    """Preprocess and byte-encode every text (the per-text cleaning is the cost), then concatenate."""
+def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool) -> Iterator[np.ndarray]:
+    """Each text preprocessed and byte-encoded (the per-text cleaning is the cost), in order."""
     from tqdm import tqdm
 
     from .preprocess import encode
 
     bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
-    pieces = [encode(t, preprocess) for t in bar]
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    starts = np.zeros(len(pieces) + 1, dtype=np.int64)
+    return (encode(t, preprocess) for t in bar)
+
+
+def _sample_starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
+    return starts
+
+
+def encode_corpus(
+    texts: list[str], path: str = "<texts>", preprocess: str = "nvidia", progress: bool = False
+) -> EncodedCorpus:
+    """Preprocess and byte-encode every text, then concatenate (the whole corpus in memory)."""
+    pieces = list(_encoded_texts(texts, path, preprocess, progress))
+    starts = _sample_starts(np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces)))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
     return EncodedCorpus(str(path), tokens, starts)
 
@@ -214,6 +228,81 @@ def load_corpus(
 ) -> EncodedCorpus:
     records = read_records(path, text_key=text_key, delim=delim, loose_json=loose_json)
     return encode_corpus(records.texts, str(path), preprocess, progress)
+
+
+LAZY_CACHE_VERSION = 1
+
+
+def lazy_cache_dir(path: str | Path, text_key: str, delim: str, loose_json: bool, preprocess: str) -> Path:
+    """Folder of the ``--lazy`` cache of ``path`` read with these options.
+
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/sentiment-discovery/lazy/<file>-<hash of its absolute
+    path>/<preprocessing>-<hash of the options>/``: never beside the data, which may be shared or read-only.
+    """
+    path = Path(path).resolve()
+    options = json.dumps([text_key, delim, loose_json]).encode()
+    variant = f"{preprocess}-{hashlib.sha1(options).hexdigest()[:10]}"
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    return user_cache / "sentiment-discovery" / "lazy" / f"{path.name}-{digest}" / variant
+
+
+def lazy_corpus(
+    path: str | Path,
+    text_key: str = "sentence",
+    delim: str = ",",
+    loose_json: bool = False,
+    preprocess: str = "nvidia",
+    progress: bool = False,
+    rebuild: bool = False,
+) -> EncodedCorpus:
+    """The corpus of ``path`` memory-mapped from its cache (``lazy_cache_dir``), built when needed.
+
+    The cache holds ``tokens.bin`` (every sample's bytes, concatenated, uint8), ``starts.npy``
+    (sample offsets) and ``meta.json`` (the source file's size and mtime, the options). It is
+    rebuilt when the source changed, the options differ, or ``rebuild`` (``--preprocess``) asks;
+    otherwise reading costs nothing and the bytes stay on disk until a batch touches them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    cache = lazy_cache_dir(path, text_key, delim, loose_json, preprocess)
+    source = path.stat()
+    meta = {
+        "version": LAZY_CACHE_VERSION,
+        "source": str(path.resolve()),
+        "source_size": source.st_size,
+        "source_mtime_ns": source.st_mtime_ns,
+        "text_key": text_key,
+        "delim": delim,
+        "loose_json": loose_json,
+        "preprocess": preprocess,
+    }
+    meta_path = cache / "meta.json"
+    if rebuild or not meta_path.exists() or json.loads(meta_path.read_text()) != meta:
+        _build_lazy_cache(path, cache, meta, progress)
+    starts = np.load(cache / "starts.npy", mmap_mode="r")
+    tokens = np.memmap(cache / "tokens.bin", dtype=np.uint8, mode="r", shape=(int(starts[-1]),))
+    return EncodedCorpus(str(path), tokens, starts)
+
+
+def _build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool) -> None:
+    """Encode ``path`` into a temporary folder beside ``cache`` (bytes streamed to disk), then swap it in."""
+    records = read_records(path, meta["text_key"], delim=meta["delim"], loose_json=meta["loose_json"])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    try:
+        lengths = np.zeros(len(records), dtype=np.int64)
+        with (tmp / "tokens.bin").open("wb") as out:
+            for i, piece in enumerate(_encoded_texts(records.texts, str(path), meta["preprocess"], progress)):
+                out.write(piece.tobytes())
+                lengths[i] = len(piece)
+        np.save(tmp / "starts.npy", _sample_starts(lengths))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete cache
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_split(spec: str, has_valid: bool = False, has_test: bool = False) -> tuple[float, float, float]:
@@ -297,6 +386,12 @@ class TBPTTBatches:
 
     ``persist_state``: 1 resets a row where its next shard begins, 0 at every sample start,
     -1 never. ``seq_length`` < 0 picks ``T`` so that the split has ``-seq_length`` batches.
+
+    Distributed (as the original): ``batch_size`` is per process, so the shards are dealt to
+    ``min(batch_size * world_size, shards)`` rows in all (``total_rows``) and process ``rank`` keeps
+    the contiguous block ``row_range`` of them (``rows`` of its own). Every process has the same
+    number of batches; together they hold exactly the rows of one process with
+    ``batch_size * world_size`` rows.
     """
 
     def __init__(
@@ -307,6 +402,8 @@ class TBPTTBatches:
         seq_length: int,
         persist_state: int = 1,
         name: str = "train",
+        world_size: int = 1,
+        rank: int = 0,
     ):
         if batch_size < 1:
             raise DataError(f"{name}: batch size must be at least 1 (got {batch_size})")
@@ -316,12 +413,15 @@ class TBPTTBatches:
             raise DataError(f"--persist_state must be -1, 0 or 1 (got {persist_state})")
         self.corpus, self.name, self.persist_state = corpus, name, persist_state
         num_shards = len(shard_bounds) - 1
-        self.rows = min(batch_size, num_shards)
-        row_shards = (np.arange(self.rows + 1, dtype=np.int64) * num_shards) // self.rows
+        self.total_rows = min(batch_size * world_size, num_shards)
+        row_shards = (np.arange(self.total_rows + 1, dtype=np.int64) * num_shards) // self.total_rows
         row_samples = shard_bounds[row_shards]
-        self.row_begin = corpus.starts[row_samples[:-1]]
-        self.row_end = corpus.starts[row_samples[1:]]
-        self.steps = int((self.row_end - self.row_begin).max()) - 1  # predictions of the longest row
+        begin, end = corpus.starts[row_samples[:-1]], corpus.starts[row_samples[1:]]
+        self.row_predictions = (end - begin - 1).clip(min=0)  # of every process's rows
+        self.row_range = (rank * self.total_rows // world_size, (rank + 1) * self.total_rows // world_size)
+        self.rows = self.row_range[1] - self.row_range[0]
+        self.row_begin, self.row_end = begin[slice(*self.row_range)], end[slice(*self.row_range)]
+        self.steps = int((end - begin).max()) - 1  # predictions of the longest row
         if self.steps < 1:
             raise DataError(f"{corpus.path}: the {name} split holds fewer than two bytes of text")
         self.seq_length = seq_length if seq_length > 0 else -(-self.steps // -seq_length)
@@ -338,8 +438,13 @@ class TBPTTBatches:
 
     @property
     def num_targets(self) -> int:
-        """Predicted bytes in one pass over the split."""
-        return int((self.row_end - self.row_begin - 1).clip(min=0).sum())
+        """Predicted bytes in one pass over the split (all processes' rows)."""
+        return int(self.row_predictions.sum())
+
+    def targets_in_batch(self, index: int) -> int:
+        """Predicted bytes in batch ``index`` of all processes' rows (``Batch.num_targets`` summed)."""
+        first = index * self.seq_length
+        return int((self.row_predictions - first).clip(0, self.seq_length).sum())
 
     def batch(self, index: int) -> Batch:
         first = index * self.seq_length
@@ -385,18 +490,26 @@ def lm_splits(
     loose_json: bool = False,
     preprocess: str = "nvidia",
     progress: bool = False,
+    lazy: bool = False,
+    rebuild_cache: bool = False,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> LMSplits:
     """Read ``data`` (and the optional ``valid``/``test`` files) into train/val/test batch streams.
 
     The training file is cut into ``num_shards`` shards partitioned by ``split``; a separate
     evaluation file replaces its part and is cut into ``val_shards``/``test_shards`` shards
     (0: ``num_shards``). Evaluation uses ``eval_batch_size``/``eval_seq_length`` (0: as training).
+    ``lazy`` memory-maps each file from its cache (``lazy_corpus``; ``rebuild_cache`` rebuilds it).
+    ``world_size``/``rank``: the rows of process ``rank`` (see TBPTTBatches; batch sizes are per process).
     """
     eval_batch = eval_batch_size or batch_size
     eval_seq = eval_seq_length or seq_length
     eval_key = eval_text_key or text_key
 
     def read(path: str, key: str) -> EncodedCorpus:
+        if lazy:
+            return lazy_corpus(path, key, delim, loose_json, preprocess, progress, rebuild_cache)
         return load_corpus(path, key, delim, loose_json, preprocess, progress)
 
     corpus = read(data, text_key)
@@ -407,14 +520,22 @@ def lm_splits(
     def from_split(shards: range, rows: int, seq: int, name: str) -> TBPTTBatches | None:
         if not len(shards):
             return None
-        return TBPTTBatches(corpus, bounds[shards.start : shards.stop + 1], rows, seq, persist_state, name)
+        split_bounds = bounds[shards.start : shards.stop + 1]
+        return TBPTTBatches(corpus, split_bounds, rows, seq, persist_state, name, world_size, rank)
 
     def from_file(path: str, shards: int, name: str) -> TBPTTBatches:
         eval_corpus = read(path, eval_key)
         eval_bounds = shard_starts(eval_corpus.num_samples, shards or num_shards)
-        return TBPTTBatches(eval_corpus, eval_bounds, eval_batch, eval_seq, persist_state, name)
+        return TBPTTBatches(
+            eval_corpus, eval_bounds, eval_batch, eval_seq, persist_state, name, world_size, rank
+        )
 
     train = from_split(parts[0], batch_size, seq_length, "train")
+    if train.total_rows < world_size:
+        raise DataError(
+            f"{data}: the train split has {train.total_rows} shard(s), fewer than the {world_size} "
+            "processes: use more --num_shards"
+        )
     val = from_file(valid, val_shards, "val") if valid else from_split(parts[1], eval_batch, eval_seq, "val")
     tst = from_file(test, test_shards, "test") if test else from_split(parts[2], eval_batch, eval_seq, "test")
     return LMSplits(train, val, tst)

@@ -4,6 +4,14 @@ Resume semantics: a checkpoint written during or at the end of training carries 
 (optimizer, lr schedule, step, data position, carried hidden state, RNG states, best validation
 BPC). Loading it continues the run exactly where it stopped, including the schedule length; a
 checkpoint whose run has finished (or that has no ``train_state``) starts a new run from its weights.
+
+Distributed (distributed.py): the model is wrapped in DistributedDataParallel, each process trains
+its own block of rows (``--batch_size`` rows per process, as the original), and the loss is
+normalised by the bytes of all processes' rows, so one step equals a single-process step on the
+union of the rows. Validation/test BPC are summed over the processes; the schedule is the same
+everywhere; rank 0 alone logs and writes checkpoints, metrics and the plot. A checkpoint holds the
+carried state of every row (gathered), so resuming needs the same rows in all, not the same
+number of processes.
 """
 
 from __future__ import annotations
@@ -12,13 +20,16 @@ import json
 import math
 import secrets
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, save_checkpoint
 from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
 from .model import RNNModel
@@ -46,10 +57,6 @@ class TrainOptions:
 def pick_seed(seed: int) -> int:
     """``-1`` picks a random seed (printed by the caller so the run can be repeated)."""
     return secrets.randbelow(2**31 - 1) if seed < 0 else seed
-
-
-def pick_device(force_cpu: bool = False) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -95,16 +102,21 @@ def batch_loss(model: RNNModel, batch: Batch, hidden: State | None) -> tuple[tor
 
 @torch.no_grad()
 def evaluate(model: RNNModel, batches: TBPTTBatches, device: torch.device, progress: bool = False) -> float:
-    """Bits per byte over one pass of ``batches``, state carried across batches as in training."""
+    """Bits per byte over one pass of ``batches``, state carried across batches as in training.
+
+    Distributed: each process evaluates its own rows and the sums are reduced over all processes.
+    """
     was_training = model.training
     model.eval()
     hidden, nats, count = None, 0.0, 0
-    for batch in tqdm(batches, desc=f"{batches.name} BPC", leave=False, disable=not progress):
-        batch = batch.to(device)
-        loss, hidden = batch_loss(model, batch, hidden)
-        nats += loss.item()
-        count += batch.num_targets
+    if batches.rows:  # a process may hold no rows of a split with fewer shards than processes
+        for batch in tqdm(batches, desc=f"{batches.name} BPC", leave=False, disable=not progress):
+            batch = batch.to(device)
+            loss, hidden = batch_loss(model, batch, hidden)
+            nats += loss.item()
+            count += batch.num_targets
     model.train(was_training)
+    nats, count = distributed.all_sum(nats, count)
     return nats / max(count, 1) / LN2
 
 
@@ -184,6 +196,14 @@ class Trainer:
         train_state: dict | None = None,
     ):
         self.model = model.to(device)
+        self.world_size, self.rank = distributed.get_world_size(), distributed.get_rank()
+        self.is_main = self.rank == 0
+        # the forward pass goes through DDP (it all-reduces the gradients); everything else uses the model
+        self.ddp = (
+            DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None)
+            if self.world_size > 1
+            else self.model
+        )
         self.splits, self.opt, self.device = splits, options, device
         self.train = splits.train
         if self.train is None:
@@ -206,34 +226,42 @@ class Trainer:
         if resume:
             self._restore(train_state)
         self.best_path = sibling(options.save, ".best.pt")
-        self.metrics = MetricsLog(sibling(options.save, ".metrics.jsonl"), self.step if resume else None)
+        metrics_path = sibling(options.save, ".metrics.jsonl")
+        self.metrics = MetricsLog(metrics_path, self.step if resume else None) if self.is_main else None
         self.png_path = sibling(options.save, ".bpc.png")
 
     # -- state ---------------------------------------------------------------------------------
 
     def train_state(self) -> dict:
+        """The run's state; distributed, every process must call it (it gathers each one's rows)."""
+        hidden = None if self.hidden is None else [t.detach().cpu() for t in self.hidden]
+        gathered = distributed.all_gather((hidden, rng_state()))
+        if hidden is not None:  # every row's carried state, in global row order
+            hidden = [torch.cat(parts, dim=1) for parts in zip(*(h for h, _ in gathered))]
         return {
             "step": self.step,
             "total_steps": self.total_steps,
             "epoch": self.epoch,
             "batch": self.batch_index,
-            "rows": self.train.rows,
+            "rows": self.train.total_rows,
             "batches_per_epoch": len(self.train),
             "bytes_seen": self.bytes_seen,
             "best_val_bpc": self.best_val,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "hidden": None if self.hidden is None else [t.detach().cpu() for t in self.hidden],
-            "rng": rng_state(),
+            "hidden": hidden,
+            "rng": gathered[0][1],
+            "rank_rng": [rng for _, rng in gathered] if self.world_size > 1 else None,
         }
 
     def _restore(self, state: dict) -> None:
-        if (state["rows"], state["batches_per_epoch"]) != (self.train.rows, len(self.train)):
+        if (state["rows"], state["batches_per_epoch"]) != (self.train.total_rows, len(self.train)):
             raise CheckpointError(
                 f"cannot resume: the checkpoint was trained on {state['rows']} rows x "
-                f"{state['batches_per_epoch']} batches per epoch, these data/flags give {self.train.rows} x "
-                f"{len(self.train)} (use the same --data, --batch_size, --seq_length, --num_shards, --split)"
+                f"{state['batches_per_epoch']} batches per epoch, these data/flags give "
+                f"{self.train.total_rows} x {len(self.train)} (use the same --data, --batch_size x "
+                "processes, --seq_length, --num_shards, --split)"
             )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -242,36 +270,55 @@ class Trainer:
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch"]
         self.bytes_seen, self.best_val = state["bytes_seen"], state["best_val_bpc"]
         if state["hidden"] is not None:
-            self.hidden = tuple(t.to(self.device) for t in state["hidden"])
-        set_rng_state(state["rng"])
+            rows = slice(*self.train.row_range)
+            self.hidden = tuple(t[:, rows].to(self.device) for t in state["hidden"])
+        rank_rng = state.get("rank_rng")
+        set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world_size else state["rng"])
 
     def save(self, path: str | Path | None = None) -> None:
-        save_checkpoint(path or self.opt.save, self.model, train_state=self.train_state())
+        """Distributed: every process calls it (train_state gathers), rank 0 writes."""
+        train_state = self.train_state()
+        if self.is_main:
+            save_checkpoint(path or self.opt.save, self.model, train_state=train_state)
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def record(self, **values) -> None:
+        if self.metrics is not None:
+            self.metrics.write(**values)
 
     # -- loop ----------------------------------------------------------------------------------
 
     def validate(self) -> float | None:
         if self.splits.val is None:
             return None
-        bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress)
-        self.metrics.write(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, val_bpc=bpc)
-        better = bpc < self.best_val
+        bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress and self.is_main)
+        self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, val_bpc=bpc)
+        better = bpc < self.best_val  # the same on every process: bpc is reduced over all of them
         if better:
             self.best_val = bpc
-            save_checkpoint(self.best_path, self.model)
-        tqdm.write(
+            if self.is_main:
+                save_checkpoint(self.best_path, self.model)
+        self.log(
             f"| step {self.step} | val BPC {bpc:.4f}" + (f" | best, saved {self.best_path}" if better else "")
         )
         return bpc
 
-    def train_step(self, batch: Batch) -> float:
-        """One update on ``batch``; returns the summed loss in nats."""
+    def train_step(self, batch: Batch, total_targets: int | None = None) -> float:
+        """One update on ``batch``; returns its summed loss in nats.
+
+        ``total_targets``: the bytes predicted in this step by all processes (default: this batch's).
+        """
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opt.fp16):
-            loss, hidden = batch_loss(self.model, batch, detach(self.hidden))
+            loss, hidden = batch_loss(self.ddp, batch, detach(self.hidden))
         self.hidden = detach(hidden)
         self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = loss / max(batch.num_targets, 1)
+        total = batch.num_targets if total_targets is None else total_targets
+        # DDP averages the gradients over the processes: x world_size makes them the mean over all bytes
+        mean_loss = loss * self.world_size / max(total, 1)
         static_scale = self.opt.loss_scale if self.opt.fp16 and self.scaler is None else 1.0
         if self.scaler is not None:
             self.scaler.scale(mean_loss).backward()
@@ -298,16 +345,19 @@ class Trainer:
         self.model.train()
         if self.resumed:
             where = f"epoch {self.epoch}, batch {self.batch_index}"
-            tqdm.write(f"resuming at step {self.step}/{self.total_steps} ({where})")
+            self.log(f"resuming at step {self.step}/{self.total_steps} ({where})")
         bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="train", unit="batch", disable=not opt.progress
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="batch",
+            disable=not (opt.progress and self.is_main),
         )
         interval_nats, interval_bytes, interval_start, interval_steps = 0.0, 0, time.perf_counter(), 0
         last_val_step = None
         while self.step < self.total_steps:
-            batch = self.train.batch(self.batch_index)
-            interval_nats += self.train_step(batch)
-            n = batch.num_targets
+            n = self.train.targets_in_batch(self.batch_index)  # of all processes' rows
+            interval_nats += self.train_step(self.train.batch(self.batch_index), n)
             interval_bytes += n
             self.bytes_seen += n
             self.step += 1
@@ -316,10 +366,11 @@ class Trainer:
             bar.update(1)
             if self.step % opt.log_interval == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - interval_start
+                (interval_nats,) = distributed.all_sum(interval_nats)
                 bpc = interval_nats / max(interval_bytes, 1) / LN2
                 lr = self.scheduler.get_last_lr()[0]
                 speed = interval_bytes / elapsed
-                self.metrics.write(
+                self.record(
                     step=self.step,
                     epoch=self.epoch,
                     bytes_seen=self.bytes_seen,
@@ -327,7 +378,7 @@ class Trainer:
                     lr=lr,
                     chars_per_s=speed,
                 )
-                tqdm.write(
+                self.log(
                     f"| epoch {self.epoch} | step {self.step}/{self.total_steps} | loss {bpc * LN2:.4f} | "
                     f"BPC {bpc:.4f} | lr {lr:.3g} | {1000 * elapsed / interval_steps:.1f} ms/batch | "
                     f"{speed:,.0f} chars/s"
@@ -342,40 +393,61 @@ class Trainer:
                 last_val_step = self.step
                 self.save()
         bar.close()
+        if self.world_size > 1:
+            distributed.check_replicas_identical(self.model)
+            self.log(f"parameters identical on all {self.world_size} processes")
         if last_val_step != self.step:
             self.validate()
         self.save()
         result = {"step": self.step, "bytes_seen": self.bytes_seen, "best_val_bpc": self.best_val_or_none()}
         if self.splits.test is not None:
-            test_bpc = evaluate(self.model, self.splits.test, self.device, opt.progress)
-            self.metrics.write(
-                step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc
-            )
-            tqdm.write(f"| end of training | test BPC {test_bpc:.4f}")
+            test_bpc = evaluate(self.model, self.splits.test, self.device, opt.progress and self.is_main)
+            self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc)
+            self.log(f"| end of training | test BPC {test_bpc:.4f}")
             result["test_bpc"] = test_bpc
-        plot_bpc(self.metrics.path, self.png_path)
-        tqdm.write(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.png_path}")
+        if self.metrics is not None:
+            plot_bpc(self.metrics.path, self.png_path)
+            self.log(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.png_path}")
         return result
 
     def best_val_or_none(self) -> float | None:
         return None if math.isinf(self.best_val) else self.best_val
 
 
+def main_print(*values) -> None:
+    """print on rank 0 only (the others' output would repeat it)."""
+    if distributed.is_main_process():
+        print(*values)
+
+
 def pretrain(args) -> dict:
-    """Everything ``main.py`` does after parsing its flags (``args``: its argparse namespace)."""
+    """Everything ``main.py`` does after parsing its flags (``args``: its argparse namespace).
+
+    One process of a distributed run when torchrun's environment or ``--world_size``/``--rank`` say so.
+    """
+    if args.preprocess and not args.lazy:
+        raise ValueError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
+    device = distributed.setup(args.world_size, args.rank, args.distributed_backend, args.cpu)
+    try:
+        return _pretrain(args, device)
+    finally:
+        distributed.cleanup()
+
+
+def _pretrain(args, device: torch.device) -> dict:
     from .checkpoint import load_checkpoint
     from .data import lm_splits
     from .model import ModelConfig
 
-    seed = pick_seed(args.seed)
-    print(f"seed {seed}")
+    world_size, rank = distributed.get_world_size(), distributed.get_rank()
+    seed = distributed.broadcast(pick_seed(args.seed))
+    main_print(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
     torch.manual_seed(seed)
-    device = pick_device(args.cpu)
     train_state = None
     if args.load:
         checkpoint = load_checkpoint(args.load)
         model, train_state = checkpoint.model, checkpoint.train_state
-        print(
+        main_print(
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
         )
     else:
@@ -391,34 +463,42 @@ def pretrain(args) -> dict:
                 preprocess=args.preprocess_variant,
             )
         )
-    splits = lm_splits(
-        args.data,
-        args.valid,
-        args.test,
-        split=args.split,
-        num_shards=args.num_shards,
-        val_shards=args.val_shards,
-        test_shards=args.test_shards,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        seq_length=args.seq_length,
-        eval_seq_length=args.eval_seq_length,
-        persist_state=args.persist_state,
-        text_key=args.text_key,
-        eval_text_key=args.eval_text_key,
-        delim=args.delim,
-        loose_json=args.loose_json,
-        preprocess=model.config.preprocess,
-        progress=True,
-    )
+    # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
+    with distributed.main_process_first() if args.lazy else nullcontext():
+        splits = lm_splits(
+            args.data,
+            args.valid,
+            args.test,
+            split=args.split,
+            num_shards=args.num_shards,
+            val_shards=args.val_shards,
+            test_shards=args.test_shards,
+            batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+            seq_length=args.seq_length,
+            eval_seq_length=args.eval_seq_length,
+            persist_state=args.persist_state,
+            text_key=args.text_key,
+            eval_text_key=args.eval_text_key,
+            delim=args.delim,
+            loose_json=args.loose_json,
+            preprocess=model.config.preprocess,
+            progress=rank == 0,
+            lazy=args.lazy,
+            rebuild_cache=args.preprocess and rank == 0,
+            world_size=world_size,
+            rank=rank,
+        )
+    if world_size > 1:
+        torch.manual_seed(seed + rank)  # the same initial weights (seeded above), distinct dropout masks
     for name in ("train", "val", "test"):
         part = getattr(splits, name)
         if part is not None:
-            print(
-                f"{name}: {part.num_targets:,} bytes in {part.rows} rows x {len(part)} batches "
-                f"of {part.seq_length} steps"
+            main_print(
+                f"{name}: {part.num_targets:,} bytes in {part.total_rows} rows x {len(part)} batches "
+                f"of {part.seq_length} steps" + (f", across {world_size} processes" if world_size > 1 else "")
             )
-    print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
+    main_print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
     if args.eval_only:
         if splits.val is None and splits.test is None:
             raise ValueError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
@@ -427,8 +507,8 @@ def pretrain(args) -> dict:
         for name in ("val", "test"):
             part = getattr(splits, name)
             if part is not None:
-                result[f"{name}_bpc"] = evaluate(model, part, device, progress=True)
-                print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
+                result[f"{name}_bpc"] = evaluate(model, part, device, progress=rank == 0)
+                main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
     options = TrainOptions(
         optim=args.optim,
