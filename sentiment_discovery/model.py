@@ -42,10 +42,14 @@ class RNNModel(nn.Module):
         if config.model not in RNN_TYPES:
             raise ValueError(f"unknown model {config.model!r}; choose one of {', '.join(RNN_TYPES)}")
         if config.tied and config.nhid != config.emsize:
-            raise ValueError(f"--tied needs --nhid == --emsize (got nhid={config.nhid}, emsize={config.emsize})")
+            raise ValueError(
+                f"--tied needs --nhid == --emsize (got nhid={config.nhid}, emsize={config.emsize})"
+            )
         self.config = config
         self.encoder = nn.Embedding(config.ntoken, config.emsize)
-        self.rnn = make_rnn(config.model, config.emsize, config.nhid, config.nlayers, config.dropout, config.weight_norm)
+        self.rnn = make_rnn(
+            config.model, config.emsize, config.nhid, config.nlayers, config.dropout, config.weight_norm
+        )
         self.decoder = nn.Linear(config.nhid, config.ntoken)
         self.drop = nn.Dropout(config.dropout)
         if config.tied:
