@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from .mlstm_kernels import mlstm_sequence
+
 State = tuple[Tensor, Tensor]
 
 
@@ -66,7 +68,9 @@ class mLSTMLayer(nn.Module):
     def forward(
         self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False
     ) -> tuple[Tensor, State, Tensor | None]:
-        return self.reference_forward(x, state, reset, return_cells)
+        """Fused sequence forward (mlstm_kernels): (out [T, B, H], (h, c), per-step cells or None)."""
+        h, c = state if state is not None else self.zero_state(x.shape[1], x)
+        return mlstm_sequence(x, h, c, *self.weights(), reset=reset, return_cells=return_cells)
 
     def reference_forward(
         self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False
@@ -104,13 +108,19 @@ class mLSTM(nn.Module):
     """Multi-layer mLSTM with the interface of ``torch.nn.LSTM`` plus a per-row reset mask."""
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0, weight_norm: bool = True
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        weight_norm: bool = True,
     ):
         super().__init__()
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.dropout = dropout
         self.layers = nn.ModuleList(
-            mLSTMLayer(input_size if i == 0 else hidden_size, hidden_size, weight_norm) for i in range(num_layers)
+            mLSTMLayer(input_size if i == 0 else hidden_size, hidden_size, weight_norm)
+            for i in range(num_layers)
         )
 
     def forward(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
@@ -155,7 +165,8 @@ class TorchRNN(nn.Module):
     ):
         super().__init__()
         self.kind = kind
-        self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.num_layers, self.dropout = num_layers, dropout
         self.layers = nn.ModuleList()
         for i in range(num_layers):
             n_in = input_size if i == 0 else hidden_size
@@ -247,7 +258,12 @@ RNN_TYPES = ("mLSTM", "LSTM", "GRU", "RNNTanh", "RNNReLU")
 
 
 def make_rnn(
-    kind: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0, weight_norm: bool = True
+    kind: str,
+    input_size: int,
+    hidden_size: int,
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    weight_norm: bool = True,
 ) -> nn.Module:
     if kind == "mLSTM":
         return mLSTM(input_size, hidden_size, num_layers, dropout, weight_norm)

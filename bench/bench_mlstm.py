@@ -1,0 +1,219 @@
+"""Benchmark of the fused mLSTM against the per-step reference mLSTM and torch.nn.LSTM (one process).
+
+Measures the float32 matrix-multiply peak, then characters/second of
+- training: embedding -> recurrent layer -> decoder -> cross-entropy, backward, Adam step;
+- featurization: embedding -> recurrent layer, final state only, under ``torch.inference_mode``;
+- featurization of real text (first 256 sentences of binary_sst/test.csv, real bytes only).
+Each rate is also given per FLOP (GFLOP/s), against nn.LSTM per FLOP, and as a fraction of the bound
+"GEMM peak / FLOPs per character". FLOPs per character: mLSTM 2 * (5H^2 + 5EH), LSTM 2 * (4H^2 + 4EH),
+plus 2 * 256H with the decoder; training counts 3x (forward, and backward's two products).
+
+    .venv/bin/python bench/bench_mlstm.py            # the full run recorded in bench/RESULTS.md
+    .venv/bin/python bench/bench_mlstm.py --quick    # H=512 only, one repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.preprocess import encode
+
+SST_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binary_sst" / "test.csv"
+EMSIZE = 64
+VARIANTS = ("fused", "reference", "nn.LSTM")
+
+
+def best_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Best of ``reps`` timed calls after one warm-up call (the machine is shared: the minimum is the
+    least disturbed measurement)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def gemm_peak_gflops(reps: int, n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), reps) / 1e9
+
+
+def step_kernels(batch: int, hidden: int, reps: int) -> None:
+    """The two choices inside the fused step, measured alone: per-step products through ``torch.mm``
+    vs oneDNN-packed weights, and torch's tanh vs ``2 * sigmoid(2x) - 1``."""
+    print(f"per-step kernels at batch {batch}, H={hidden}:")
+    for n_out, n_in in ((hidden, hidden), (4 * hidden, hidden), (hidden, 4 * hidden)):
+        a, w = torch.randn(batch, n_in), torch.randn(n_out, n_in)
+        flops = 2 * batch * n_in * n_out / 1e9
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
+        mm = flops / best_seconds(lambda a=a, w=w: torch.mm(a, w.t()), 10 * reps)
+        onednn = flops / best_seconds(
+            lambda a=a, p=packed: torch.ops.mkldnn._linear_pointwise(a, p, None, "none", [], ""), 10 * reps
+        )
+        print(f"  [{batch}x{n_in}] x [{n_in}x{n_out}]: torch.mm {mm:.0f} GFLOP/s, oneDNN packed {onednn:.0f}")
+    x, out = torch.randn(batch, hidden), torch.empty(batch, hidden)
+    tanh = best_seconds(lambda: torch.tanh(x, out=out), 10 * reps)
+    via_sigmoid = best_seconds(lambda: torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1), 10 * reps)
+    print(f"  tanh of [{batch}x{hidden}]: torch.tanh {tanh * 1e6:.0f} us, "
+          f"2*sigmoid(2x)-1 {via_sigmoid * 1e6:.0f} us")
+
+
+def build_model(variant: str, hidden: int) -> RNNModel:
+    kind = "LSTM" if variant == "nn.LSTM" else "mLSTM"
+    # nn.LSTM without weight norm: the plain fused PyTorch kernel is the yardstick. The mLSTMs keep
+    # weight norm (the model as trained), which only adds work on their side.
+    model = RNNModel(ModelConfig(model=kind, emsize=EMSIZE, nhid=hidden, weight_norm=kind == "mLSTM"))
+    if variant == "reference":
+        for layer in model.rnn.layers:
+            layer.forward = layer.reference_forward
+    return model
+
+
+def flops_per_char(variant: str, hidden: int, decoder: bool, training: bool) -> float:
+    gates = 4 if variant == "nn.LSTM" else 5
+    macs = gates * hidden * hidden + gates * EMSIZE * hidden + (256 * hidden if decoder else 0)
+    return 2 * macs * (3 if training else 1)
+
+
+def train_rate(model: RNNModel, steps: int, batch: int, reps: int) -> float:
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (steps + 1, batch))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        logits, _ = model(tokens[:-1])
+        loss = loss_fn(logits.view(-1, logits.shape[-1]), tokens[1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return steps * batch / best_seconds(step, reps)
+
+
+def featurize_rate(model: RNNModel, steps: int, batch: int, reps: int) -> float:
+    model.eval()
+    tokens = torch.randint(0, 256, (steps, batch))
+
+    def run():
+        with torch.inference_mode():
+            model.rnn(model.encoder(tokens))
+
+    return steps * batch / best_seconds(run, reps)
+
+
+def real_text_rate(
+    model: RNNModel, n_texts: int, batch: int, reps: int, chunk_length: int | None
+) -> tuple[float, int, str]:
+    texts = pd.read_csv(SST_TEST)["sentence"].astype(str).tolist()[:n_texts]
+    real_bytes = sum(len(encode(t, model.config.preprocess)) for t in texts)
+    try:
+        from sentiment_discovery.featurize import featurize
+    except ImportError:
+        featurize = None
+    if featurize is not None:
+        chunking = {} if chunk_length is None else {"chunk_length": chunk_length}
+        how = f"sentiment_discovery.featurize.featurize (sorted, left-padded, {chunking or 'defaults'})"
+        run = lambda: featurize(model, texts, batch_size=batch, device="cpu", **chunking)
+    else:
+        how = "length-sorted left-padded batches inside the bench"
+        run = lambda: _sorted_batches_featurize(model, texts, batch)
+    return real_bytes / best_seconds(run, reps), real_bytes, how
+
+
+def _sorted_batches_featurize(model: RNNModel, texts: list[str], batch: int) -> None:
+    tokens = sorted((encode(t, model.config.preprocess) for t in texts), key=len, reverse=True)
+    model.eval()
+    with torch.inference_mode():
+        for first in range(0, len(tokens), batch):
+            rows = tokens[first : first + batch]
+            T = len(rows[0])
+            x = torch.zeros(T, len(rows), dtype=torch.long)
+            reset = torch.zeros(T, len(rows), dtype=torch.bool)
+            for j, row in enumerate(rows):
+                x[T - len(row) :, j] = torch.from_numpy(row.astype("int64"))
+                reset[T - len(row), j] = True
+            model.rnn(model.encoder(x), None, reset)
+
+
+def report(kind: str, hidden: int, batch: int, rates: dict[str, float], peak: float, decoder: bool) -> None:
+    training = kind == "train"
+    gflops = {v: r * flops_per_char(v, hidden, decoder, training) / 1e9 for v, r in rates.items()}
+    print(f"\n{kind} H={hidden} batch={batch}")
+    print(f"  {'variant':10s} {'chars/s':>10s} {'x ref':>7s} {'GFLOP/s':>8s} {'/LSTM':>7s} {'of bound':>9s}")
+    for v, r in rates.items():
+        x_ref = r / rates["reference"] if "reference" in rates else float("nan")
+        per_flop = gflops[v] / gflops["nn.LSTM"] if "nn.LSTM" in gflops else float("nan")
+        print(f"  {v:10s} {r:10.0f} {x_ref:7.2f} {gflops[v]:8.1f} {per_flop:7.2f} {gflops[v] / peak:9.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="H=512 only, one repetition, no real text")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[512, 1024], help="H, training and featurizing")
+    ap.add_argument("--featurize-sizes", type=int, nargs="*", default=[4096], help="more H, featurizing")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--train-batch", type=int, default=64)
+    ap.add_argument("--featurize-batch", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (best is kept)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--no-real-text", action="store_true")
+    ap.add_argument("--real-texts", type=int, default=256)
+    ap.add_argument("--real-hidden", type=int, default=4096)
+    ap.add_argument("--real-chunk-length", type=int, default=None, help="featurize's chunk_length")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.featurize_sizes, args.reps, args.no_real_text = [512], [], 1, True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, CPU {cpu}, "
+          f"threads {torch.get_num_threads()}")
+    peak = gemm_peak_gflops(max(args.reps, 3))
+    print(f"fp32 GEMM peak (2048^3 torch.mm): {peak:.1f} GFLOP/s")
+    step_kernels(args.train_batch, max(args.sizes + args.featurize_sizes), args.reps)
+
+    for hidden in args.sizes:
+        rates = {
+            v: train_rate(build_model(v, hidden), args.steps, args.train_batch, args.reps)
+            for v in args.variants
+        }
+        report("train", hidden, args.train_batch, rates, peak, decoder=True)
+    fixed_rates = {}
+    for hidden in args.sizes + args.featurize_sizes:
+        rates = {
+            v: featurize_rate(build_model(v, hidden), args.steps, args.featurize_batch, args.reps)
+            for v in args.variants
+        }
+        fixed_rates[hidden] = rates
+        report("featurize", hidden, args.featurize_batch, rates, peak, decoder=False)
+    if not args.no_real_text:
+        hidden = args.real_hidden
+        rate, real_bytes, how = real_text_rate(build_model("fused", hidden), args.real_texts,
+                                               args.featurize_batch, max(1, args.reps - 1),
+                                               args.real_chunk_length)
+        print(f"\nreal text: first {args.real_texts} sentences of {SST_TEST.name}, {real_bytes} real bytes, "
+              f"H={hidden}, fused, via {how}")
+        line = f"  {rate:.0f} real chars/s"
+        if "fused" in fixed_rates.get(hidden, {}):
+            line += f" = {rate / fixed_rates[hidden]['fused']:.2f}x the fixed-length featurization rate"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
