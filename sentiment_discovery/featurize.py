@@ -124,7 +124,7 @@ def featurize(
     device: str | torch.device | None = None,
     progress: bool = False,
     fp16: bool = False,
-    chunk_length: int = 256,
+    chunk_length: int = 32,
 ) -> np.ndarray:
     """Features ``[len(texts), F]`` (float32) of ``texts``; F = nhid, or nhid * nlayers with ``all_layers``.
 
