@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.checkpoint import CheckpointError
-from sentiment_discovery.cli import normalize_argv
-from sentiment_discovery.generation import GenerationError, run_generate
+from sentiment_discovery.cli import run_script
+from sentiment_discovery.generation import run_generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,15 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     sys.stdout.reconfigure(errors="replace")  # a console that cannot show a generated character
-    try:
-        run_generate(args)
-    except (CheckpointError, GenerationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(build_parser(), run_generate, argv)
 
 
 if __name__ == "__main__":

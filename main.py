@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.checkpoint import CheckpointError
-from sentiment_discovery.cli import normalize_argv
-from sentiment_discovery.data import DataError
+from sentiment_discovery.cli import run_script
 from sentiment_discovery.model import RNN_TYPES
 from sentiment_discovery.preprocess import PREPROCESSORS
 
@@ -134,16 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     from sentiment_discovery.train import pretrain
 
-    try:
-        pretrain(args)
-    except (DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_script(build_parser(), pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 
 def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -21,3 +22,24 @@ def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list
                 arg = "-" + name + sep + value
         out.append(arg)
     return out
+
+
+def run_script(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], object],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``argv`` (one-dash long flags accepted), call ``run(args)``; bad input -> ``error: ...``, 2.
+
+    Bad input (a data file, a checkpoint, a value) is reported in one line, never as a traceback.
+    """
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    try:
+        run(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

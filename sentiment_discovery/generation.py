@@ -46,7 +46,7 @@ N_BYTES = 256  # only the first 256 logits are bytes (the decoder may carry extr
 GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax
 
 
-class GenerationError(Exception):
+class GenerationError(ValueError):
     """A request that cannot be carried out (no neuron to show or force, neuron out of range ...)."""
 
 
