@@ -104,7 +104,43 @@ def mlstm_step(
     return h, c
 
 
-class mLSTM(nn.Module):
+class _LayerStack(nn.Module):
+    """The layer loop shared by the stacks: state per layer, dropout between layers, per-layer states."""
+
+    layers: nn.ModuleList
+    num_layers: int
+    dropout: float
+
+    def _run_layer(
+        self, i: int, x: Tensor, state: State | None, reset: Tensor | None, keep_states: bool
+    ) -> tuple[Tensor, State, Tensor | None]:
+        raise NotImplementedError
+
+    def _run(self, x, hidden, reset, keep_states):
+        hs, cs, finals_h, finals_c = [], [], [], []
+        for i in range(self.num_layers):
+            layer_state = None if hidden is None else (hidden[0][i], hidden[1][i])
+            x, (h, c), cells = self._run_layer(i, x, layer_state, reset, keep_states)
+            finals_h.append(h)
+            finals_c.append(c)
+            if keep_states:
+                hs.append(x)
+                cs.append(cells)
+            if self.dropout and self.training and i < self.num_layers - 1:
+                x = nn.functional.dropout(x, self.dropout, True)
+        return x, (torch.stack(finals_h), torch.stack(finals_c)), hs, cs
+
+    def forward(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
+        out, state, _, _ = self._run(input, hidden, reset, keep_states=False)
+        return out, state
+
+    def forward_states(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
+        """(per-layer hidden sequences, per-layer cell sequences, final (h, c)); inference only."""
+        _, state, hs, cs = self._run(input, hidden, reset, keep_states=True)
+        return hs, cs, state
+
+
+class mLSTM(_LayerStack):
     """Multi-layer mLSTM with the interface of ``torch.nn.LSTM`` plus a per-row reset mask."""
 
     def __init__(
@@ -123,28 +159,8 @@ class mLSTM(nn.Module):
             for i in range(num_layers)
         )
 
-    def forward(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
-        out, state, _, _ = self._run(input, hidden, reset, keep_states=False)
-        return out, state
-
-    def forward_states(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
-        """(per-layer hidden sequences, per-layer cell sequences, final (h, c)); inference only."""
-        _, state, hs, cs = self._run(input, hidden, reset, keep_states=True)
-        return hs, cs, state
-
-    def _run(self, x, hidden, reset, keep_states):
-        hs, cs, finals_h, finals_c = [], [], [], []
-        for i, layer in enumerate(self.layers):
-            layer_state = None if hidden is None else (hidden[0][i], hidden[1][i])
-            x, (h, c), cells = layer(x, layer_state, reset, return_cells=keep_states)
-            finals_h.append(h)
-            finals_c.append(c)
-            if keep_states:
-                hs.append(x)
-                cs.append(cells)
-            if self.dropout and self.training and i < self.num_layers - 1:
-                x = nn.functional.dropout(x, self.dropout, True)
-        return x, (torch.stack(finals_h), torch.stack(finals_c)), hs, cs
+    def _run_layer(self, i, x, state, reset, keep_states):
+        return self.layers[i](x, state, reset, return_cells=keep_states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +168,7 @@ class mLSTM(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class TorchRNN(nn.Module):
+class TorchRNN(_LayerStack):
     """A stack of single-layer ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (PyTorch's fused kernels).
 
     One module per layer so that per-layer states are reachable for featurization. Resets split the
@@ -226,32 +242,12 @@ class TorchRNN(nn.Module):
         out = torch.cat(outs)
         return out, h, c, (torch.cat(cells) if keep_states else None)
 
-    def _run(self, x, hidden, reset, keep_states):
-        B = x.shape[1]
-        hs, cs, fh, fc = [], [], [], []
-        for i, layer in enumerate(self.layers):
-            if hidden is None:
-                h = x.new_zeros(B, self.hidden_size)
-                c = h
-            else:
-                h, c = hidden[0][i], hidden[1][i]
-            x, h, c, cells = self._layer(layer, x, h, c, reset, keep_states)
-            fh.append(h)
-            fc.append(c)
-            if keep_states:
-                hs.append(x)
-                cs.append(cells)
-            if self.dropout and self.training and i < self.num_layers - 1:
-                x = nn.functional.dropout(x, self.dropout, True)
-        return x, (torch.stack(fh), torch.stack(fc)), hs, cs
-
-    def forward(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
-        out, state, _, _ = self._run(input, hidden, reset, keep_states=False)
-        return out, state
-
-    def forward_states(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
-        _, state, hs, cs = self._run(input, hidden, reset, keep_states=True)
-        return hs, cs, state
+    def _run_layer(self, i, x, state, reset, keep_states):
+        if state is None:
+            h = x.new_zeros(x.shape[1], self.hidden_size)
+            state = (h, h)
+        out, h, c, cells = self._layer(self.layers[i], x, *state, reset, keep_states)
+        return out, (h, c), cells
 
 
 RNN_TYPES = ("mLSTM", "LSTM", "GRU", "RNNTanh", "RNNReLU")

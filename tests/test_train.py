@@ -24,15 +24,6 @@ SPEC.loader.exec_module(main_script)
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second intra-op thread only adds contention on the shared 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TEXTS = [f"review {i}: " + "good " * (i % 3) + "bad " * (i % 2) for i in range(16)]
 
 
