@@ -93,16 +93,17 @@ def fit_l1_regression(
     max_iter: int = 100,
     seed: int = 42,
 ) -> Regression:
-    """Fit one L1 regression per C on train and keep the best on validation. Of tied C, the first
-    (strongest penalty, sparsest) that uses any feature at all: an all-zero model only predicts the
-    majority class. Re-fitting at the chosen C would give the same (deterministic) model."""
+    """Fit one L1 regression per C on train and keep the best on validation among the models that use
+    any feature at all (an all-zero model only predicts the validation split's majority class, which
+    can outscore weak features without meaning anything); of tied C, the first (strongest penalty,
+    sparsest). Re-fitting at the chosen C would give the same (deterministic) model."""
     if len(np.unique(train_y)) < 2:
         raise DataError("the training labels are all one class: a classifier needs both 0 and 1")
     best, best_rank, scores = None, None, {}
     for C in Cs:
         model, converged = _fit(train_x, train_y, C, max_iter, seed)
         scores[C] = float(model.score(val_x, val_y))
-        rank = (scores[C], bool(np.any(model.coef_)))
+        rank = (bool(np.any(model.coef_)), scores[C])
         if best is None or rank > best_rank:
             best, best_rank = (C, model, converged), rank
     C, model, converged = best

@@ -197,3 +197,16 @@ def test_transfer_bad_inputs(tmp_path, capsys):
     ]
     assert transfer.main(args) == 0
     assert np.load(tmp_path / "out" / "probs_test.npy").shape == (2,)
+
+
+def test_regression_never_prefers_an_all_zero_model():
+    # An all-zero model predicts one class everywhere; on a validation split that is 80% that class it
+    # outscores a weak feature, but it is no classifier of anything: a model using a feature wins.
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 100)
+    x = (y + rng.normal(0, 2.0, 200))[:, None]
+    val_y = np.array([0] * 80 + [1] * 20)
+    val_x = rng.normal(0, 1, (100, 1))
+    reg = fit_l1_regression(x, y, val_x, val_y, [1e-6, 1.0])
+    assert reg.C == 1.0 and reg.nonzero == 1
+    assert reg.val_accuracy_by_C[1e-6] == 0.8 > reg.val_accuracy_by_C[1.0]
