@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 
@@ -43,3 +44,8 @@ def run_script(
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def pick_seed(seed: int) -> int:
+    """``-1`` (any negative) picks a random seed; the caller prints it so the run can be repeated."""
+    return secrets.randbelow(2**31 - 1) if seed < 0 else seed

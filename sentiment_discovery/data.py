@@ -82,11 +82,13 @@ def read_records(
     label_key: str = "label",
     delim: str = ",",
     loose_json: bool = False,
-    need_labels: bool = False,
+    need_labels: bool | None = False,
     binarize_labels: bool = False,
 ) -> Records:
     """Read ``path`` (csv, or json when it ends in .json/.jsonl or ``loose_json``) into Records.
 
+    ``need_labels=None`` reads labels when the file has them (the column, or the key in the first
+    record) and then requires them everywhere.
     With ``need_labels`` the ``label_key`` column must exist and hold 0/1 (or numeric values with
     ``binarize_labels``: rescaled to [0, 1] and thresholded at > 0.5, as the original suite did).
     """
@@ -108,6 +110,8 @@ def read_records(
                 raise DataError(f"{path}: {where}: missing text key {text_key!r} (keys: {sorted(row)})")
         texts = ["" if row[text_key] is None else str(row[text_key]) for row in rows]
         raw_labels = None
+        if need_labels is None:
+            need_labels = label_key in rows[0]
         if need_labels:
             for n, row in enumerate(rows, 1):
                 if label_key not in row:
@@ -129,6 +133,8 @@ def read_records(
             raise DataError(f"{path}: no records (only a header)")
         texts = frame[text_key].tolist()
         raw_labels = None
+        if need_labels is None:
+            need_labels = label_key in frame.columns
         if need_labels:
             if label_key not in frame.columns:
                 columns = list(frame.columns)

@@ -34,7 +34,8 @@ def num_features(model: RNNModel, all_layers: bool = False) -> int:
     return model.config.nhid * (model.config.nlayers if all_layers else 1)
 
 
-def _autocast(device: torch.device, fp16: bool):
+def autocast(device: torch.device, fp16: bool):
+    """The reduced-precision context of ``--fp16``: float16 on GPU, bfloat16 on CPU; off without fp16."""
     if not fp16:
         return contextlib.nullcontext()
     # CPUs have no fast float16 matmul; bfloat16 is their reduced precision.
@@ -150,7 +151,7 @@ def featurize(
     with (
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
-        _autocast(device, fp16),
+        autocast(device, fp16),
         tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
     ):
         for first in range(0, len(order), batch_size):

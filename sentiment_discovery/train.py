@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import CheckpointError, save_checkpoint
+from .cli import pick_seed
 from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
+from .featurize import autocast
 from .model import RNNModel
 from .recurrent import State
 
@@ -52,11 +53,6 @@ class TrainOptions:
     fp16: bool = False  # mixed precision: autocast to float16 on GPU, bfloat16 on CPU
     loss_scale: float = 1.0  # static loss scale (with fp16)
     dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
-
-
-def pick_seed(seed: int) -> int:
-    """``-1`` picks a random seed (printed by the caller so the run can be repeated)."""
-    return secrets.randbelow(2**31 - 1) if seed < 0 else seed
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -216,7 +212,6 @@ class Trainer:
             else (options.train_iters or options.epochs * len(self.train))
         )
         self.scheduler = linear_decay(self.optimizer, self.total_steps)
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         dynamic = options.fp16 and options.dynamic_loss_scale
         self.scaler = torch.amp.GradScaler(device.type) if dynamic else None
         self.step, self.epoch, self.batch_index, self.bytes_seen = 0, 0, 0, 0
@@ -312,7 +307,7 @@ class Trainer:
         ``total_targets``: the bytes predicted in this step by all processes (default: this batch's).
         """
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.opt.fp16):
+        with autocast(self.device, self.opt.fp16):
             loss, hidden = batch_loss(self.ddp, batch, detach(self.hidden))
         self.hidden = detach(hidden)
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,7 +349,7 @@ class Trainer:
             disable=not (opt.progress and self.is_main),
         )
         interval_nats, interval_bytes, interval_start, interval_steps = 0.0, 0, time.perf_counter(), 0
-        last_val_step = None
+        last_val_step = last_save_step = None
         while self.step < self.total_steps:
             n = self.train.targets_in_batch(self.batch_index)  # of all processes' rows
             interval_nats += self.train_step(self.train.batch(self.batch_index), n)
@@ -390,15 +385,16 @@ class Trainer:
                 self.epoch, self.batch_index = self.epoch + 1, 0
             if epoch_done or (opt.save_iters and self.step % opt.save_iters == 0):
                 self.validate()
-                last_val_step = self.step
                 self.save()
+                last_val_step = last_save_step = self.step
         bar.close()
         if self.world_size > 1:
             distributed.check_replicas_identical(self.model)
             self.log(f"parameters identical on all {self.world_size} processes")
         if last_val_step != self.step:
             self.validate()
-        self.save()
+        if last_save_step != self.step:
+            self.save()
         result = {"step": self.step, "bytes_seen": self.bytes_seen, "best_val_bpc": self.best_val_or_none()}
         if self.splits.test is not None:
             test_bpc = evaluate(self.model, self.splits.test, self.device, opt.progress and self.is_main)
@@ -427,6 +423,10 @@ def pretrain(args) -> dict:
     """
     if args.preprocess and not args.lazy:
         raise ValueError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
+    if (args.dynamic_loss_scale or args.loss_scale != 1) and not args.fp16:
+        raise ValueError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
+    if args.eval_only and not args.load:
+        raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
     device = distributed.setup(args.world_size, args.rank, args.distributed_backend, args.cpu)
     try:
         return _pretrain(args, device)

@@ -111,9 +111,14 @@ def fit_l1_regression(
 
 
 def top_neurons(weight: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest |weight| features, largest first (ties: lower index first)."""
+    """Indices of the ``n`` largest |weight| features, largest first (ties: lower index first).
+
+    Only features with a non-zero weight count (a zero-weight feature is no sentiment neuron); an
+    all-zero regression, which transfer reports as such, keeps the first feature so there is one.
+    """
     w = np.abs(np.asarray(weight, dtype=np.float64).reshape(-1))
-    n = len(w) if n < 0 else min(n, len(w))
+    n = len(w) if n < 0 else n
+    n = min(n, max(1, int(np.count_nonzero(w))))
     return np.argsort(-w, kind="stable")[:n].astype(np.int64)
 
 
@@ -222,10 +227,15 @@ def extreme_samples(values: np.ndarray, records: Records, n: int = N_EXTREME) ->
 
 
 def file_digest(path: str | Path) -> str:
+    """sha256 of a file, or of the sorted files of a directory (an OpenAI shard folder)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for file in files:
+        h.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -320,6 +330,10 @@ def run_transfer(args: argparse.Namespace) -> dict:
     """Run transfer.py with its parsed options; returns the results dict also written to results.json."""
     from .plots import plot_neuron_histogram, plot_weights
 
+    if args.neurons < 1:
+        raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
+    if args.write_results and not args.test:
+        raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
     ckpt = load_checkpoint(args.load_model)
     _check_architecture(ckpt, args)
     model = ckpt.model
@@ -471,23 +485,15 @@ def _jsonable(obj):
 
 def _read_maybe_labelled(args: argparse.Namespace) -> Records:
     """The texts of --data, with labels when the label column exists (then they must be valid)."""
-    read = lambda need: read_records(
+    return read_records(
         args.data,
         args.text_key,
         args.label_key,
         args.delim,
         args.loose_json,
-        need_labels=need,
+        need_labels=None,
         binarize_labels=args.binarize_labels,
     )
-    try:
-        return read(True)
-    except DataError as e:
-        if f"missing label column {args.label_key!r}" in str(
-            e
-        ) or f"missing label key {args.label_key!r}" in str(e):
-            return read(False)
-        raise
 
 
 def run_classifier(args: argparse.Namespace) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,14 @@ def shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     assert path.exists(), f"shared data missing: {path} (tests read real data from ../shared)"
     return path
+
+
+def load_script(name: str):
+    """A top-level script (main.py, transfer.py ...) imported as a module, to call its ``main(argv)``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

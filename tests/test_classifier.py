@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_transfer import load_script, sst_slices, tiny_lm
+from conftest import load_script
+from test_transfer import sst_slices, tiny_lm
 
 from sentiment_discovery.checkpoint import CheckpointError
 from sentiment_discovery.encoder import Encoder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,19 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, load_script, shared_path
 
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.data import TBPTTBatches, lazy_corpus, load_corpus, shard_starts
 from sentiment_discovery.train import MetricsLog, Trainer
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 main_script, multiproc = load_script("main"), load_script("multiproc")
 

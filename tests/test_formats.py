@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, load_script, shared_path
 
 from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sentiment_discovery.convert import main as convert_main
@@ -124,6 +125,14 @@ def test_openai_random_shards_match_numpy_reference(tmp_path):
     # featurize takes the model's own preprocessing: OpenAI's, not the NVIDIA default
     nvidia = featurize(ckpt.model, TEXTS, batch_size=len(TEXTS), device="cpu", preprocess="nvidia")
     assert np.abs(nvidia - reference).max() > 1e-3
+
+    # the scripts take the directory too (transfer.py identifies the model by its files' digest)
+    sst = tmp_path / "sst.csv"
+    pd.read_csv(shared_path("data", "binary_sst", "val.csv")).head(40).to_csv(sst, index=False)
+    transfer = ["--load_model", str(tmp_path), "--data", str(sst), "--valid", str(sst), "--test", str(sst)]
+    out = tmp_path / "out"
+    assert load_script("transfer").main([*transfer, "--log2_C", "0", "0", "--save_results", str(out)]) == 0
+    assert load_checkpoint(out / "classifier.pt").config.preprocess == "openai"
 
     # the output layer too: W [H, 256] used as h @ W + b
     tokens = torch.tensor(list(b"\n hi"), dtype=torch.long)[:, None]
@@ -391,8 +400,9 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         Encoder.load(path)
     assert not marker.exists()
-    # the payload is live: full unpickling (what the suite never does) runs it
-    torch.load(path, weights_only=False)
+    # the payload is live: the call it pickles (what unpickling would run) creates the marker
+    call, call_args = Payload(marker).__reduce__()
+    call(*call_args)
     assert marker.exists()
 
 

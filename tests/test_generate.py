@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 from sentiment_discovery import generation as gen
 from sentiment_discovery.checkpoint import save_checkpoint
@@ -61,13 +60,6 @@ def states(model: RNNModel, tokens, layer: int, unit: int, state: str = "cell") 
     with torch.no_grad():
         hs, cs, _ = model.forward_states(x)
     return (cs if state == "cell" else hs)[layer][:, 0, unit].numpy()
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +206,7 @@ def test_generated_values_follow_the_state_and_overwrite_forces_it(kind):
     np.testing.assert_allclose(forced.values[:n], free.values[:n], atol=1e-6)
     assert all(v != pytest.approx(0.75) for v in seen[1 : n + 1])
     assert seen[n + 1 :] == pytest.approx([0.75] * (50 - n - 1))
+    np.testing.assert_allclose(forced.values[n:], 0.75)  # the recorded values are the forced ones
     assert not np.allclose(forced.values[n + 1 :], free.values[n + 1 :])
 
 
@@ -278,7 +271,7 @@ def test_heatmap_png_size_and_cell_colours(tmp_path):
 def test_script_analysis_writes_heatmap_and_values(tmp_path, capsys):
     model = tiny_model()
     save_checkpoint(tmp_path / "clf.pt", model, classifier=classifier([7, 3]))
-    code = load_script().main(
+    code = load_script("generate").main(
         [
             "--load_model",
             str(tmp_path / "clf.pt"),
@@ -310,7 +303,7 @@ def test_script_analysis_writes_heatmap_and_values(tmp_path, capsys):
 
 def test_script_without_classifier_or_neuron_gives_a_clear_error(tmp_path, capsys):
     save_checkpoint(tmp_path / "lm.pt", tiny_model())
-    script = load_script()
+    script = load_script("generate")
     assert (
         script.main(["--load_model", str(tmp_path / "lm.pt"), "--heatmap", "--save", str(tmp_path / "g.txt")])
         == 2

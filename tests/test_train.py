@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, load_script, shared_path
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
@@ -18,9 +17,7 @@ from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
 from sentiment_discovery.train import MetricsLog, Trainer, TrainOptions, evaluate
 
-SPEC = importlib.util.spec_from_file_location("main_script", ROOT / "main.py")
-main_script = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(main_script)
+main_script = load_script("main")
 
 
 
@@ -157,6 +154,12 @@ def test_main_reports_bad_input_as_an_error(tmp_path, capsys):
     bad.write_text('{"sentence": "a"}\n{oops\n')
     assert main_script.main(["-data", str(bad), "-loose_json", "--nhid", "8"]) == 2
     assert "bad.json: line 2: malformed json" in capsys.readouterr().err
+    # flags that would otherwise do nothing are refused
+    sst = str(shared_path("data", "binary_sst", "val.csv"))
+    assert main_script.main(["--data", sst, "--nhid", "8", "--dynamic_loss_scale"]) == 2
+    assert "add --fp16" in capsys.readouterr().err
+    assert main_script.main(["--data", sst, "--nhid", "8", "--eval_only"]) == 2
+    assert "--eval_only evaluates the model of --load" in capsys.readouterr().err
 
 
 def test_main_trains_on_sst_with_falling_loss_then_eval_only(tmp_path, capsys):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import load_script, shared_path
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
@@ -21,13 +20,6 @@ from sentiment_discovery.transfer import (
     standardizer,
     top_neurons,
 )
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sst_slices(folder, sizes=(("train", 200), ("val", 100), ("test", 100))) -> dict[str, str]:
@@ -49,8 +41,10 @@ def test_top_neurons_are_the_largest_absolute_weights():
     weight = np.array([0.1, -3.0, 2.0, 0.0, -0.5])
     assert top_neurons(weight, 1).tolist() == [1]
     assert top_neurons(weight, 3).tolist() == [1, 2, 4]
-    assert top_neurons(torch.tensor(weight), -1).tolist() == [1, 2, 4, 0, 3]
-    assert top_neurons(weight, 99).tolist() == [1, 2, 4, 0, 3]
+    # a zero-weight feature is no neuron; an all-zero regression still names one feature
+    assert top_neurons(torch.tensor(weight), -1).tolist() == [1, 2, 4, 0]
+    assert top_neurons(weight, 99).tolist() == [1, 2, 4, 0]
+    assert top_neurons(np.zeros(4), 2).tolist() == [0]
 
 
 def test_standardizer_keeps_constant_features_finite():
@@ -178,6 +172,8 @@ def test_transfer_bad_inputs(tmp_path, capsys):
     fails([*base, "--data", str(empty)], "empty.csv", "empty")
     fails([*base, "--data", paths["train"], "--nhid", "4096"], "nhid")
     fails(["--load_model", str(tmp_path / "missing.pt"), "--data", paths["train"]], "missing.pt")
+    fails([*base, "--data", paths["train"], "--neurons", "0"], "--neurons 0")
+    fails([*common, "--data", paths["train"], "--test", "", "--write_results", "p.csv"], "no --test")
 
     # Empty texts and an unlabelled test set are handled.
     with_empty = tmp_path / "with_empty.csv"
