@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
 
@@ -118,33 +119,10 @@ def real_text_rate(
 ) -> tuple[float, int, str]:
     texts = pd.read_csv(SST_TEST)["sentence"].astype(str).tolist()[:n_texts]
     real_bytes = sum(len(encode(t, model.config.preprocess)) for t in texts)
-    try:
-        from sentiment_discovery.featurize import featurize
-    except ImportError:
-        featurize = None
-    if featurize is not None:
-        chunking = {} if chunk_length is None else {"chunk_length": chunk_length}
-        how = f"sentiment_discovery.featurize.featurize (sorted, left-padded, {chunking or 'defaults'})"
-        run = lambda: featurize(model, texts, batch_size=batch, device="cpu", **chunking)
-    else:
-        how = "length-sorted left-padded batches inside the bench"
-        run = lambda: _sorted_batches_featurize(model, texts, batch)
+    chunking = {} if chunk_length is None else {"chunk_length": chunk_length}
+    how = f"sentiment_discovery.featurize.featurize (sorted, left-padded, {chunking or 'defaults'})"
+    run = lambda: featurize(model, texts, batch_size=batch, device="cpu", **chunking)
     return real_bytes / best_seconds(run, reps), real_bytes, how
-
-
-def _sorted_batches_featurize(model: RNNModel, texts: list[str], batch: int) -> None:
-    tokens = sorted((encode(t, model.config.preprocess) for t in texts), key=len, reverse=True)
-    model.eval()
-    with torch.inference_mode():
-        for first in range(0, len(tokens), batch):
-            rows = tokens[first : first + batch]
-            T = len(rows[0])
-            x = torch.zeros(T, len(rows), dtype=torch.long)
-            reset = torch.zeros(T, len(rows), dtype=torch.bool)
-            for j, row in enumerate(rows):
-                x[T - len(row) :, j] = torch.from_numpy(row.astype("int64"))
-                reset[T - len(row), j] = True
-            model.rnn(model.encoder(x), None, reset)
 
 
 def report(kind: str, hidden: int, batch: int, rates: dict[str, float], peak: float, decoder: bool) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,12 +184,16 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # UnpicklingError and friends; the payload never ran
+    except pickle.UnpicklingError as e:  # weights_only rejected a class or call; the payload never ran
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
         raise CheckpointError(
             f"{path}: refused to load: it is not a plain weights file (weights_only=True rejected it: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}). Files that need full unpickling "
-            "can run code and are never loaded."
+            f"{reason}). Files that need full unpickling can run code and are never loaded."
         ) from None
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read it as a checkpoint ({first})") from None
 
 
 def model_from_state(

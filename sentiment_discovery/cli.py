@@ -32,7 +32,8 @@ def run_script(
 ) -> int:
     """Parse ``argv`` (one-dash long flags accepted), call ``run(args)``; bad input -> ``error: ...``, 2.
 
-    Bad input (a data file, a checkpoint, a value) is reported in one line, never as a traceback.
+    Bad input (a data file, a checkpoint, a value, a path that cannot be read or written) is reported
+    in one line, never as a traceback.
     """
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -40,7 +41,7 @@ def run_script(
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     try:
         run(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -78,8 +78,8 @@ def _prepare(
         torch.cat([bias, bias.new_zeros(H)]), x.reshape(T * B, E), torch.cat([w_ih, w_mih]).t()
     ).view(T, B, 5 * H)
     pack = T >= _MIN_STEPS_TO_PACK
-    hh, mh = _RowsTimesWeightT(w_mhh, B, pack), _RowsTimesWeightT(w_hh, B, pack)
-    return proj[..., : 4 * H], proj[..., 4 * H :], hh, mh
+    times_w_mhh, times_w_hh = _RowsTimesWeightT(w_mhh, B, pack), _RowsTimesWeightT(w_hh, B, pack)
+    return proj[..., : 4 * H], proj[..., 4 * H :], times_w_mhh, times_w_hh
 
 
 def _activate_(z: Tensor, H: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -108,7 +108,8 @@ def mlstm_inference(
     T, B, _ = x.shape
     H = w_mhh.shape[0]
     keep, reset_steps = _keep_mask(reset, x)
-    zx, mx, hh, mh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias)  # zx becomes the gates, step by step
+    # zx becomes the gates, step by step
+    zx, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias)
     out = x.new_empty(T, B, H)
     cells = x.new_empty(T, B, H) if return_cells else None
     h = h0
@@ -117,9 +118,9 @@ def mlstm_inference(
         if t in reset_steps:
             h = h * keep[t]
             c = c * keep[t] if return_cells else c.mul_(keep[t])
-        m = hh(h).mul_(mx[t])
+        m = times_w_mhh(h).mul_(mx[t])
         z = zx[t]
-        i, f, g2, o = _activate_(z.add_(mh(m)), H)  # g2 = sigmoid(2g)
+        i, f, g2, o = _activate_(z.add_(times_w_hh(m)), H)  # g2 = sigmoid(2g)
         # c' = f * c + i * tanh(g) = f * c + 2 * i * g2 - i
         c = torch.mul(f, c, out=cells[t]) if return_cells else c.mul_(f)
         c.addcmul_(i, g2, value=2).sub_(i)
@@ -136,7 +137,8 @@ class _MLSTMFunction(torch.autograd.Function):
         T, B, _ = x.shape
         H = w_mhh.shape[0]
         keep, reset_steps = _keep_mask(reset, x)
-        gates, mx, hh, mh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias)  # activated in place, per step
+        # gates: activated in place, per step
+        gates, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias)
         out = x.new_empty(T, B, H)
         cells = x.new_empty(T, B, H)
         tanh_cells = x.new_empty(T, B, H)
@@ -146,11 +148,11 @@ class _MLSTMFunction(torch.autograd.Function):
         for t in range(T):
             if t in reset_steps:
                 h, c = h * keep[t], c * keep[t]
-            hm = hh(h)
+            hm = times_w_mhh(h)
             hms.append(hm)
             m = torch.mul(hm, mx[t], out=ms[t])
             z = gates[t]
-            i, f, g, o = _activate_(z.add_(mh(m)), H)
+            i, f, g, o = _activate_(z.add_(times_w_hh(m)), H)
             g.mul_(2).sub_(1)  # tanh(g), kept for backward
             c = torch.mul(f, c, out=cells[t]).addcmul_(i, g)
             h = torch.mul(_tanh_into(c, tanh_cells[t]), o, out=out[t])

@@ -15,15 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
-from .mlstm_kernels import mlstm_sequence
-
-State = tuple[Tensor, Tensor]
-
-
-def _zero_rows(state: State, keep: Tensor) -> State:
-    """Multiply both state tensors by ``keep`` ([B, 1] float): rows with 0 are reset."""
-    return state[0] * keep, state[1] * keep
-
+from .mlstm_kernels import State, mlstm_sequence
 
 # --------------------------------------------------------------------------------------------
 # mLSTM

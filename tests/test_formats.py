@@ -397,9 +397,15 @@ def test_pickled_code_is_refused_and_never_runs(tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load") as excinfo:
         Encoder.load(path)
     assert not marker.exists()
+    assert "GLOBAL" in str(excinfo.value)  # names what was refused
+    # a truncated checkpoint is reported as unreadable, not as code
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(CheckpointError, match="cannot read it as a checkpoint"):
+        load_checkpoint(truncated)
     # the payload is live: the call it pickles (what unpickling would run) creates the marker
     call, call_args = Payload(marker).__reduce__()
     call(*call_args)
