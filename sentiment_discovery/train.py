@@ -498,6 +498,12 @@ def _pretrain(args, device: torch.device) -> dict:
                 f"{name}: {part.num_targets:,} bytes in {part.total_rows} rows x {len(part)} batches "
                 f"of {part.seq_length} steps" + (f", across {world_size} processes" if world_size > 1 else "")
             )
+            if name == "train" and part.total_rows < args.batch_size * world_size:
+                # each row streams whole shards: fewer shards than rows means fewer rows than asked for
+                main_print(
+                    f"  note: only {part.total_rows} training shards for a batch of "
+                    f"{args.batch_size * world_size} rows; raise --num_shards to fill the batch"
+                )
     main_print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
     if args.eval_only:
         if splits.val is None and splits.test is None:
