@@ -298,17 +298,22 @@ def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
             )
 
 
+def _read_labelled(args: argparse.Namespace, path: str, need_labels: bool | None) -> Records:
+    """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
+    return read_records(
+        path,
+        args.text_key,
+        args.label_key,
+        args.delim,
+        args.loose_json,
+        need_labels=need_labels,
+        binarize_labels=args.binarize_labels,
+    )
+
+
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
     try:
-        return read_records(
-            path,
-            args.text_key,
-            args.label_key,
-            args.delim,
-            args.loose_json,
-            need_labels=need_labels,
-            binarize_labels=args.binarize_labels,
-        )
+        return _read_labelled(args, path, need_labels)
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
@@ -483,19 +488,6 @@ def _jsonable(obj):
 # --------------------------------------------------------------------------------------------
 
 
-def _read_maybe_labelled(args: argparse.Namespace) -> Records:
-    """The texts of --data, with labels when the label column exists (then they must be valid)."""
-    return read_records(
-        args.data,
-        args.text_key,
-        args.label_key,
-        args.delim,
-        args.loose_json,
-        need_labels=None,
-        binarize_labels=args.binarize_labels,
-    )
-
-
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
     from .encoder import Encoder
@@ -513,7 +505,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     if args.text:
         records = Records("--text", list(args.text))
     else:
-        records = _read_maybe_labelled(args)
+        records = _read_labelled(args, args.data, need_labels=None)
     probs = encoder.predict_proba(records.texts, neurons=args.neurons, progress=sys.stderr.isatty())
 
     np.save(args.save_probs, probs.astype(np.float32))
