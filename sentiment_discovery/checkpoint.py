@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,8 +198,9 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     if not path.is_file():
         raise CheckpointError(f"{path}: not a regular file")
     with open(path, "rb") as f:
-        pickled = f.read(1) == b"\x80"  # a pickle's PROTO opcode: the legacy (pre-zip) torch format
-    if not (pickled or zipfile.is_zipfile(path)):
+        head = f.read(4)
+    # a zip archive (torch.save), or a pickle's PROTO opcode (the legacy torch format)
+    if not (head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80"):
         raise CheckpointError(
             f"{path}: not a checkpoint (neither a torch file, a safetensors file nor an OpenAI shard folder)"
         )

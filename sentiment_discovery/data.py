@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections import deque
@@ -469,7 +470,8 @@ def _map_ordered(function: Callable, items: Iterable, workers: int) -> Iterator:
     context = multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     )
-    with context.Pool(workers) as pool:
+    # the workers ignore Ctrl-C: this process handles it (and ends the pool), without a traceback per worker
+    with context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(function, (item,)))
