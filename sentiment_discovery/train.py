@@ -625,9 +625,15 @@ class Trainer:
             self.validate()
         if last_save_step != self.step:
             self.save()
+            last_save_step = self.step
         result = {"step": self.step, "bytes_seen": self.bytes_seen, "best_val_bpc": self.best_val_or_none()}
         if self.splits.test is not None:
-            test_bpc = evaluate(self.model, self.splits.test, self.device, opt.progress and self.is_main)
+            stop = self.stop_requested if self.world_size == 1 else None
+            test_bpc = evaluate(
+                self.model, self.splits.test, self.device, opt.progress and self.is_main, stop
+            )
+            if test_bpc is None or self.stop_requested():
+                self._stop(last_save_step)
             self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc)
             self.log(f"| end of training | test BPC {test_bpc:.4f}")
             result["test_bpc"] = test_bpc
@@ -642,11 +648,14 @@ class Trainer:
             self.save()
         signum = self.stop_request.signum or signal.SIGTERM  # another process got the signal
         name = signal.Signals(signum).name
-        raise Interrupted(
-            f"{name} at step {self.step}/{self.total_steps}: saved {self.opt.save}; resume with the same "
-            f"command and --load {self.opt.save}",
-            signum,
-        )
+        if self.step >= self.total_steps:
+            message = f"{name} after the last step: saved {self.opt.save}; the test evaluation was skipped"
+        else:
+            message = (
+                f"{name} at step {self.step}/{self.total_steps}: saved {self.opt.save}; resume with the same "
+                f"command and --load {self.opt.save}"
+            )
+        raise Interrupted(message, signum)
 
     def best_val_or_none(self) -> float | None:
         return None if math.isinf(self.best_val) else self.best_val
