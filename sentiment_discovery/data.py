@@ -9,6 +9,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import sys
@@ -141,9 +142,10 @@ def _csv_frames(
     """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
     try:
         with open_text(path) as f:
+            # pandas reads a delimiter of several characters as a regex: escaped, it is the text given
             frames = pd.read_csv(
-                f, sep=delim, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL,
-                engine="python" if len(delim) > 1 else "c", chunksize=chunksize,
+                f, sep=re.escape(delim) if len(delim) > 1 else delim, dtype=str, keep_default_na=False,
+                quoting=csv.QUOTE_MINIMAL, engine="python" if len(delim) > 1 else "c", chunksize=chunksize,
             )  # fmt: skip
             for n, frame in enumerate([frames] if chunksize is None else frames):
                 if n == 0:

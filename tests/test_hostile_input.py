@@ -336,3 +336,11 @@ def test_an_empty_path_is_not_the_current_folder(tmp_path):
         lm_splits("")
     with pytest.raises(DataError, match="an empty file path was given"):
         lm_splits("", lazy=True)
+
+
+def test_a_delimiter_of_several_characters_is_taken_literally(tmp_path):
+    """pandas reads such a delimiter as a regex: '||' (it matches everywhere) made a column per character."""
+    path = tmp_path / "pipes.csv"
+    path.write_text("sentence||label\nwhat a|film||1\n" + "x" * 5000 + "||0\n")
+    records = read_records(path, delim="||", need_labels=True)
+    assert records.texts == ["what a|film", "x" * 5000] and records.labels.tolist() == [1, 0]
