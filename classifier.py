@@ -25,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--neurons", type=int, default=-1, help="keep only the N largest-|weight| weights (-1: all)"
     )
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument(
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    p.add_argument("--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)")
     p.add_argument("--save_probs", default="clf_results.npy")
     p.add_argument("--write_results", default="", help="csv (or .json) with label and probability per text")
     return p

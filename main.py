@@ -62,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--fp16",
         action="store_true",
-        help="mixed precision (torch.amp autocast: float16 on GPU, bfloat16 on CPU)",
+        help="mixed precision: float16 matrix products with loss scaling on a GPU; on a CPU, --bf16",
+    )
+    t.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 operands for every matrix product (parameters, optimizer, gates, cell state and loss "
+        "stay float32; no loss scaling). Fast on GPUs since Ampere and CPUs with AVX-512-BF16/AMX; "
+        "emulated, slower than float32, on other CPUs",
+    )
+    t.add_argument(
+        "--save_dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="dtype of the weights in the checkpoints written: fp16/bf16 take about half the bytes "
+        "(loading makes them float32; resuming from one continues from the rounded weights)",
     )
     t.add_argument("--loss_scale", type=float, default=1.0, help="static loss scale with --fp16")
     t.add_argument(

@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument("--batch_size", type=int, default=128)
     feat.add_argument(
-        "--fp16", action="store_true", help="featurize under autocast (float16 on GPU, bfloat16 on CPU)"
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    feat.add_argument(
+        "--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)"
     )
     feat.add_argument(
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"

@@ -33,6 +33,8 @@ import torch
 from .model import ModelConfig, RNNModel
 
 FORMAT_NAME = "sentiment-discovery"
+# --save_dtype: how a checkpoint stores the model's floating weights (loading makes them float32 again)
+SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT_VERSION = 1
 
 
@@ -80,12 +82,13 @@ def checkpoint_dict(
     classifier: dict | None = None,
     train_state: dict | None = None,
     extra: dict | None = None,
-    half: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """The native dict; ``half`` stores the model's floating tensors as float16 (loading upcasts)."""
+    """The native dict; ``dtype`` (float16, bfloat16) stores the model's floating tensors in it, about
+    half the bytes (loading makes them float32). Classifier and training state stay as they are."""
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if half:
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -104,12 +107,13 @@ def save_checkpoint(
     train_state: dict | None = None,
     extra: dict | None = None,
     *,
-    half: bool = False,
+    dtype: torch.dtype | None = None,
     safetensors_file: bool | None = None,
 ) -> None:
-    """Write a native checkpoint; as safetensors when ``safetensors_file`` (default: for a
-    ``.safetensors`` path), which holds no ``train_state``."""
-    ckpt = checkpoint_dict(model, classifier, train_state, extra, half)
+    """Write a native checkpoint, its weights in ``dtype`` if given (float16/bfloat16: about half the
+    bytes); as safetensors when ``safetensors_file`` (default: for a ``.safetensors`` path), which holds
+    no ``train_state``."""
+    ckpt = checkpoint_dict(model, classifier, train_state, extra, dtype)
     if safetensors_file is None:
         safetensors_file = Path(path).suffix == ".safetensors"
     if not safetensors_file:

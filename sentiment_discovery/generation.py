@@ -37,7 +37,8 @@ from torch.nn.utils import parametrize
 
 from .checkpoint import load_checkpoint
 from .cli import pick_seed
-from .featurize import autocast, default_device
+from .featurize import default_device
+from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import decode, encode
 from .recurrent import State
@@ -171,13 +172,14 @@ def generate(
     overwrite: float | None = None,
     device: torch.device | str | None = None,
     fp16: bool = False,
+    bf16: bool = False,
     log_interval: int = 0,
     log: Callable[[str], None] = print,
 ) -> Generation:
     """Warm the model up on ``text`` and sample up to ``gen_length`` bytes in all (-1: analyse only).
 
     ``seed`` -1 picks one at random (returned in the result). ``overwrite`` needs ``neuron``.
-    ``fp16`` runs the model under autocast (float16 on GPU, bfloat16 on CPU), as featurization does.
+    ``bf16``/``fp16``: reduced-precision matrix products, as featurization (matmul.reduced_dtype).
     """
     if overwrite is not None and neuron is None:
         raise GenerationError(
@@ -185,6 +187,7 @@ def generate(
         )
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device).eval()
+    dtype = reduced_dtype(device, fp16, bf16)
     preprocess = model.config.preprocess
     analyse_only = gen_length < 0
     prefix = encode(text, preprocess) if analyse_only else warmup_tokens(text, preprocess)
@@ -200,7 +203,7 @@ def generate(
     hidden: State | None = None
     # Every byte is consumed, the last generated one included, so that each has a recorded value.
     # parametrize.cached(): the weight-normalised matrices are computed once, not once per byte.
-    with parametrize.cached(), autocast(device, fp16):
+    with parametrize.cached(), autocast(device, dtype):
         for step in range(total):
             x = torch.tensor([[tokens[step]]], dtype=torch.long, device=device)
             logits, hidden = model(x, hidden)
@@ -420,11 +423,14 @@ def default_load_model() -> str:
     return next((path for path in DEFAULT_MODELS if Path(path).exists()), DEFAULT_MODELS[-1])
 
 
-def classifier_probability(model: RNNModel, classifier: dict, texts: list[str], device=None) -> np.ndarray:
-    """P(positive) of each text under ``classifier``, featurized the way it was trained."""
+def classifier_probability(
+    model: RNNModel, classifier: dict, texts: list[str], device=None, **precision: bool
+) -> np.ndarray:
+    """P(positive) of each text under ``classifier``, featurized the way it was trained (``precision``:
+    ``fp16``/``bf16`` as ``Encoder`` takes them)."""
     from .encoder import Encoder  # pulls in scikit-learn
 
-    return Encoder(model, classifier, device=device).predict_proba(texts)
+    return Encoder(model, classifier, device=device, **precision).predict_proba(texts)
 
 
 def run_generate(args) -> Generation:
@@ -456,6 +462,7 @@ def run_generate(args) -> Generation:
         overwrite=overwrite,
         device=device,
         fp16=args.fp16,
+        bf16=args.bf16,
         log_interval=args.log_interval,
     )
     if args.gen_length >= 0:
@@ -469,7 +476,7 @@ def run_generate(args) -> Generation:
     print(f"text saved to {save}")
     if classifier is not None:
         texts = [result.text] + ([result.generated_text] if len(result.tokens) > result.n_warmup else [])
-        probs = classifier_probability(model, classifier, texts, device)
+        probs = classifier_probability(model, classifier, texts, device, fp16=args.fp16, bf16=args.bf16)
         parts = ["whole text", "generated part"]
         print("classifier P(positive): " + ", ".join(f"{name} {p:.4f}" for name, p in zip(parts, probs)))
     if args.heatmap:

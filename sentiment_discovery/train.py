@@ -29,10 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import SAVE_DTYPES, CheckpointError, save_checkpoint
 from .cli import pick_seed
 from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
-from .featurize import autocast
+from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .recurrent import State
 
@@ -50,8 +50,10 @@ class TrainOptions:
     save: str = "lang_model.pt"
     save_iters: int = 2000  # batches between checkpoints (with a validation); 0 = only at the end
     progress: bool = True
-    fp16: bool = False  # mixed precision: autocast to float16 on GPU, bfloat16 on CPU
+    fp16: bool = False  # float16 products with loss scaling on GPU; on CPU the same as bf16
+    bf16: bool = False  # bfloat16 operands for every matrix product (matmul.py); no loss scaling
     loss_scale: float = 1.0  # static loss scale (with fp16)
+    save_dtype: str = "fp32"  # dtype of the weights in the checkpoints written (checkpoint.SAVE_DTYPES)
     dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
 
 
@@ -212,6 +214,8 @@ class Trainer:
             else (options.train_iters or options.epochs * len(self.train))
         )
         self.scheduler = linear_decay(self.optimizer, self.total_steps)
+        self.dtype = reduced_dtype(device, options.fp16, options.bf16)
+        self.save_dtype = SAVE_DTYPES[options.save_dtype]
         dynamic = options.fp16 and options.dynamic_loss_scale
         self.scaler = torch.amp.GradScaler(device.type) if dynamic else None
         self.step, self.epoch, self.batch_index, self.bytes_seen = 0, 0, 0, 0
@@ -274,7 +278,7 @@ class Trainer:
         """Distributed: every process calls it (train_state gathers), rank 0 writes."""
         train_state = self.train_state()
         if self.is_main:
-            save_checkpoint(path or self.opt.save, self.model, train_state=train_state)
+            save_checkpoint(path or self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -295,7 +299,7 @@ class Trainer:
         if better:
             self.best_val = bpc
             if self.is_main:
-                save_checkpoint(self.best_path, self.model)
+                save_checkpoint(self.best_path, self.model, dtype=self.save_dtype)
         self.log(
             f"| step {self.step} | val BPC {bpc:.4f}" + (f" | best, saved {self.best_path}" if better else "")
         )
@@ -307,7 +311,7 @@ class Trainer:
         ``total_targets``: the bytes predicted in this step by all processes (default: this batch's).
         """
         batch = batch.to(self.device)
-        with autocast(self.device, self.opt.fp16):
+        with autocast(self.device, self.dtype):
             loss, hidden = batch_loss(self.ddp, batch, detach(self.hidden))
         self.hidden = detach(hidden)
         self.optimizer.zero_grad(set_to_none=True)
@@ -425,6 +429,8 @@ def pretrain(args) -> dict:
         raise ValueError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
     if (args.dynamic_loss_scale or args.loss_scale != 1) and not args.fp16:
         raise ValueError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
         raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
     device = distributed.setup(args.world_size, args.rank, args.distributed_backend, args.cpu)
@@ -504,7 +510,11 @@ def _pretrain(args, device: torch.device) -> dict:
                     f"  note: only {part.total_rows} training shards for a batch of "
                     f"{args.batch_size * world_size} rows; raise --num_shards to fill the batch"
                 )
-    main_print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
+    dtype = reduced_dtype(device, args.fp16, args.bf16)
+    main_print(
+        f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}"
+        + (f", {str(dtype).removeprefix('torch.')} matrix products" if dtype and not args.eval_only else "")
+    )
     if args.eval_only:
         if splits.val is None and splits.test is None:
             raise ValueError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
@@ -526,7 +536,9 @@ def _pretrain(args, device: torch.device) -> dict:
         save=args.save,
         save_iters=args.save_iters,
         fp16=args.fp16,
+        bf16=args.bf16,
         loss_scale=args.loss_scale,
+        save_dtype=args.save_dtype,
         dynamic_loss_scale=args.dynamic_loss_scale,
     )
     return Trainer(model, splits, options, device, train_state).run()

@@ -361,7 +361,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             "state": args.state,
             "all_layers": args.all_layers,
             "preprocess": model.config.preprocess,
-            "fp16": args.fp16,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             "text_key": args.text_key,
             "delim": args.delim,
             "loose_json": args.loose_json,
@@ -384,6 +384,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             all_layers=args.all_layers,
             progress=sys.stderr.isatty(),
             fp16=args.fp16,
+            bf16=args.bf16,
         )
         cache.save(split, recs.path, features[split])
 
@@ -492,7 +493,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
     from .encoder import Encoder
 
-    encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16)
+    encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
         raise CheckpointError(
             f"{args.load_model}: holds a language model but no sentiment classifier: run transfer.py on it "
