@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.fp16:
         if args.save_dtype not in ("fp32", "fp16"):
-            parser.error(f"--fp16 and --save_dtype {args.save_dtype}: choose one")
+            print(f"error: --fp16 and --save_dtype {args.save_dtype}: choose one", file=sys.stderr)
+            return 2
         args.save_dtype = "fp16"
     try:
         ckpt = load_checkpoint(args.src)
