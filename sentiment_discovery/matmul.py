@@ -32,7 +32,8 @@ from torch import Tensor
 BACKEND_ENV = "SENTIMENT_DISCOVERY_MATMUL"
 BACKENDS = ("mm", "onednn")
 
-# Below this many FLOPs a product is timed best-of-3 after a warm-up; above it, once (it is long enough).
+# Below this many FLOPs a product is timed best-of-3 after a warm-up call; above it, once after the
+# warm-up (always one: a library's first call of a shape includes its setup, e.g. oneDNN's JIT).
 _SMALL_PRODUCT_FLOPS = 2e9
 
 
@@ -143,8 +144,8 @@ def _candidates(t: Tensor) -> tuple[str, ...]:
 
 
 def _time(fn: Callable[[], Tensor], reps: int) -> tuple[float, Tensor]:
-    """Best time of ``reps`` calls after a warm-up call (none when ``reps`` is 1), and the last result."""
-    out = fn() if reps > 1 else None
+    """Best time of ``reps`` calls after a warm-up call, and the last result."""
+    out = fn()
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
