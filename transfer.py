@@ -37,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     feat = p.add_argument_group("features")
     feat.add_argument(
         "--pooling",
-        choices=POOLINGS,
-        default="last",
-        help="state after the last byte, or mean/max over bytes",
+        default=None,
+        help=f"{'|'.join(POOLINGS)}: state after the last byte, or mean/max over bytes; a comma list "
+        "(mean,max,last) concatenates them. Default: the loaded model's classifier's, else last",
     )
-    feat.add_argument("--state", choices=STATES, default="cell", help="cell state c or hidden state h")
+    feat.add_argument(
+        "--state", choices=STATES, default=None,
+        help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
+    )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument("--batch_size", type=int, default=128)
     feat.add_argument(

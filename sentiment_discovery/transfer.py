@@ -24,7 +24,7 @@ from sklearn.linear_model import LogisticRegression
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, Records, is_json_path, read_records
-from .featurize import featurize
+from .featurize import featurize, parse_pooling
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -342,6 +342,10 @@ def run_transfer(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.load_model)
     _check_architecture(ckpt, args)
     model = ckpt.model
+    # Unset features settings follow a transferred model's own classifier (the original's otherwise).
+    recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
+    args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
+    args.state = args.state or recorded_state
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
