@@ -12,7 +12,12 @@ from sentiment_discovery.featurize import POOLINGS, STATES
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--load_model", default="lang_model.pt", help="language-model checkpoint")
+    p.add_argument(
+        "--load_model",
+        default=None,
+        help="language-model checkpoint (default: lang_model.pt if present, else the shipped model; "
+        "'default' names the shipped one)",
+    )
     arch = p.add_argument_group(
         "architecture (recorded in the checkpoint; given, they are checked against it)"
     )

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .checkpoint import load_checkpoint
+from .checkpoint import first_existing_model, load_checkpoint, resolve_model_path
 from .cli import pick_seed
 from .featurize import autocast, default_device, parse_pooling
 from .model import RNNModel
@@ -416,14 +416,6 @@ def write_values(path: str | os.PathLike, generation: Generation, *, negate: boo
 # The script (generate.py)
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_MODELS = ("lang_model_transfer/classifier.pt", "lang_model.pt")
-
-
-def default_load_model() -> str:
-    """The transferred checkpoint when there is one, else the language model (main.py's output)."""
-    return next((path for path in DEFAULT_MODELS if Path(path).exists()), DEFAULT_MODELS[-1])
-
-
 def classifier_probability(model: RNNModel, classifier: dict, texts: list[str], device=None) -> np.ndarray:
     """P(positive) of each text under ``classifier``, featurized the way it was trained."""
     from .encoder import Encoder  # pulls in scikit-learn
@@ -433,7 +425,8 @@ def classifier_probability(model: RNNModel, classifier: dict, texts: list[str], 
 
 def run_generate(args) -> Generation:
     """generate.py: load, pick the neuron, generate or analyse, print and save text, heatmap, values."""
-    load_model = args.load_model or default_load_model()
+    load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt", "lang_model.pt")
+    print(f"model: {resolve_model_path(load_model)}")
     ckpt = load_checkpoint(load_model)
     model, classifier = ckpt.model, ckpt.classifier
     neuron = select_neuron(model, classifier, args.neuron, ckpt.extra.get("default_neuron"))
