@@ -54,7 +54,7 @@ section gpu_tests "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_gpu.py -m gpu -
     -o addopts="" --junitxml="$OUT/gpu_tests.xml" --durations=10
 
 section benchmark "$BENCH_TIMEOUT" "$PYTHON" bench/bench_gpu.py --json "$OUT/bench_gpu.json" \
-    --markdown "$OUT/bench_gpu.md" --time-budget $(( BENCH_TIMEOUT - 50 ))
+    --markdown "$OUT/bench_gpu.md" --reps 3 --time-budget $(( BENCH_TIMEOUT - 50 ))
 
 section summary 30 "$PYTHON" - "$OUT" <<'EOF'
 import json, sys

@@ -15,8 +15,8 @@ def layer_and_inputs(T: int = 20, B: int = 3, E: int = 5, H: int = 16):
     x = torch.randn(T, B, E, requires_grad=True)
     h0, c0 = torch.randn(B, H, requires_grad=True), torch.randn(B, H, requires_grad=True)
     reset = torch.zeros(T, B, dtype=torch.bool)
-    reset[2, 0] = reset[7, 1] = True
-    reset[11, :] = True
+    reset[1, 0] = reset[3, 1] = True
+    reset[T // 2 + 1, :] = True
     return layer, x, h0, c0, reset
 
 
