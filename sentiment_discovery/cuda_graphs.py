@@ -88,13 +88,13 @@ class _CopyOutputs(torch.autograd.Function):
 
 class _TrainingGraph:
     def __init__(self, inputs: tuple[Tensor, ...], reset: Tensor | None):
-        self.with_reset = reset is not None
+        self.with_reset = with_reset = reset is not None
         samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-        if reset is not None:
+        if with_reset:
             samples.append(reset.clone())
 
         def forward(*args):
-            return _MLSTMFunction.apply(*args[:8], args[8] if self.with_reset else None)
+            return _MLSTMFunction.apply(*args[:8], args[8] if with_reset else None)
 
         # make_graphed_callables refuses autocast's weight cache; the casts are captured in the graph anyway
         autocast = torch.is_autocast_enabled("cuda")
