@@ -16,7 +16,6 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 START=$(date +%s)
 declare -A STATUS
@@ -35,6 +34,7 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run it under a hard timeout, r
     echo "=== $name: ${STATUS[$name]} ==="
 }
 
+main() {
 section nvidia-smi 30 nvidia-smi
 
 section environment 45 "$PYTHON" - <<'EOF'
@@ -96,3 +96,6 @@ for name in nvidia-smi environment gpu_tests benchmark summary; do
     echo "$name: ${STATUS[$name]:-not run}"
 done
 echo "total $(( $(date +%s) - START ))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+main 2>&1 | tee -a "$OUT/gpu_check.log"
