@@ -23,7 +23,7 @@ class Encoder:
 
     def __init__(
         self,
-        model: RNNModel,
+        model: RNNModel | str | os.PathLike | None = None,
         classifier: dict | None = None,
         *,
         batch_size: int = 128,
@@ -31,13 +31,18 @@ class Encoder:
         fp16: bool = False,
         default_neuron: int | None = None,
     ):
+        if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped default model
+            ckpt = load_checkpoint(model)
+            model, classifier = ckpt.model, classifier if classifier is not None else ckpt.classifier
+            if default_neuron is None:
+                default_neuron = ckpt.extra.get("default_neuron")
         self.model, self.classifier = model, classifier
         self.default_neuron = default_neuron
         self.batch_size, self.device, self.fp16 = batch_size, device, fp16
         self.pooling, self.state, self.all_layers = classifier_settings(classifier)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs) -> Encoder:
+    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Encoder:
         """A checkpoint file: a language model, or a transferred one (``classifier.pt``)."""
         ckpt = load_checkpoint(path)
         kwargs.setdefault("default_neuron", ckpt.extra.get("default_neuron"))

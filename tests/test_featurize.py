@@ -103,3 +103,17 @@ def test_bad_pooling_and_state_are_refused():
         featurize(model, TEXTS, pooling="median")
     with pytest.raises(ValueError, match="state"):
         featurize(model, TEXTS, state="output")
+
+
+def test_concatenated_poolings_are_the_single_poolings_side_by_side():
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(emsize=8, nhid=12, nlayers=2))
+    texts = ["good film", "a terrible, boring mess of a movie", "ok"]
+    single = {p: featurize(model, texts, pooling=p, state="hidden", batch_size=2, chunk_length=5)
+              for p in ("mean", "max", "last")}  # fmt: skip
+    both = featurize(model, texts, pooling="mean,max,last", state="hidden", batch_size=2, chunk_length=5)
+    assert both.shape == (3, 36)
+    np.testing.assert_allclose(both, np.concatenate([single["mean"], single["max"], single["last"]], 1),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="comma-separated"):
+        featurize(model, texts, pooling="mean,mean")
