@@ -12,13 +12,14 @@ import re
 from collections.abc import Callable
 
 import numpy as np
-from unidecode import unidecode
 
 _HTML_TAG = re.compile(r"<.*?>", re.DOTALL)  # shortest match of <...>
 
 
 def nvidia_preprocess(text: str, max_words: int | None = None) -> str:
     """The NVIDIA suite's cleaning: strip tags, transliterate, unescape, collapse whitespace, pad."""
+    from unidecode import unidecode  # only this variant needs it
+
     text = _HTML_TAG.sub(" ", text)
     text = unidecode(text)
     text = html.unescape(text)
