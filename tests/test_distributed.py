@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script, shared_path
+from conftest import ROOT, fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.data import TBPTTBatches, lazy_corpus, load_corpus, shard_starts
@@ -27,10 +27,9 @@ def _lazy_cache_in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sst_slice(tmp_path):
-    """The first 300 sentences of Binary SST train.csv."""
-    lines = shared_path("data", "binary_sst", "train.csv").read_text().splitlines(keepends=True)
+    """A copy of the Binary SST train fixture (200 sentences) that a test may change."""
     path = tmp_path / "slice.csv"
-    path.write_text("".join(lines[:301]))
+    path.write_text(fixture_path("binary_sst", "train.csv").read_text())
     return path
 
 
