@@ -151,6 +151,17 @@ def test_multiproc_stops_the_others_when_a_worker_fails(tmp_path, monkeypatch):
     assert not (tmp_path / "rank0_finished").exists()  # rank 0 was stopped, not waited for
 
 
+def test_multiproc_takes_torchruns_flag_name_and_reports_bad_counts(capsys):
+    script = ["main.py", "--nproc", "9"]  # the script's own flags are left alone
+    for flags in (["--nproc", "3"], ["--nproc_per_node", "3"], ["--nproc=3"], ["--nproc_per_node=3"]):
+        assert multiproc.parse_nproc([*flags, *script]) == (3, script)
+    assert multiproc.parse_nproc(script) == (None, script)
+    assert multiproc.main(["--nproc_per_node", "zero", "main.py"]) == 2
+    assert "--nproc_per_node zero: expected a number of processes" in capsys.readouterr().err
+    assert multiproc.main(["--help"]) == 0
+    assert "--nproc_per_node" in capsys.readouterr().out
+
+
 def test_lazy_corpus_is_memory_mapped_and_gives_the_same_batches(sst_slice):
     in_memory = load_corpus(sst_slice)
     lazy = lazy_corpus(sst_slice)
