@@ -226,12 +226,34 @@ def model_from_state(
     return model
 
 
+# Names a user may give instead of a path: the file a download writes (relative to the working
+# directory, as the scripts' data defaults: the repository root), and the command that writes it.
+MODEL_ALIASES = {
+    "openai": (Path("data", "openai", "mlstm_openai.safetensors"), "python data/download.py openai"),
+}
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for an alias (``openai``) with no file of that name, the file it stands for."""
+    path = Path(path)
+    if path.exists() or str(path) not in MODEL_ALIASES:
+        return path
+    file, command = MODEL_ALIASES[str(path)]
+    if not file.exists():
+        raise CheckpointError(
+            f"{path}: no {file} in {Path.cwd()}: run `{command}` in the repository root, then run this "
+            "command from there (or give the checkpoint's path)"
+        )
+    return file
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load any supported checkpoint, its format detected: a native ``.pt`` or ``.safetensors`` file,
-    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py)."""
+    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py); or an alias of
+    ``MODEL_ALIASES`` (``openai``)."""
     from . import formats  # formats builds on this module
 
-    path = Path(path)
+    path = resolve_model_path(path)
     if path.is_dir():
         return formats.load_openai_shards(path)
     if path.is_file() and is_safetensors_file(path):

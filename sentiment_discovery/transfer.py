@@ -22,7 +22,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_model_path, save_checkpoint
 from .data import DataError, Records, is_json_path, read_records
 from .featurize import featurize
 
@@ -281,7 +281,8 @@ class FeatureCache:
 
 
 def default_results_dir(load_model: str) -> Path:
-    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/."""
+    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/ (openai ->
+    openai_transfer/ in the working directory)."""
     path = Path(load_model)
     return path.with_name(path.stem + "_transfer")
 
@@ -317,7 +318,7 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
-            hint = " (fetch Binary SST with: python data/download.py sst)"
+            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root)"
         elif split == "test" and need_labels:
             hint = " (an unlabelled test set? pass --no_test_eval)"
         raise DataError(f"{split} split: {e}{hint}") from None
@@ -356,7 +357,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     cache = FeatureCache(
         out_dir,
         {
-            "model_sha256": file_digest(args.load_model),
+            "model_sha256": file_digest(resolve_model_path(args.load_model)),
             "pooling": args.pooling,
             "state": args.state,
             "all_layers": args.all_layers,
