@@ -39,20 +39,6 @@ FORMAT_VERSION = 1
 
 # The model that ships with the package (pretrained/README.md: how it was made, what it scores).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
-MODEL_ALIASES = {"default": DEFAULT_MODEL}
-
-
-def first_existing_model(*candidates: str) -> str:
-    """The first of the scripts' conventional outputs that exists (a user's own model wins), else
-    ``default``, the shipped model."""
-    return next((path for path in candidates if Path(path).exists()), "default")
-
-
-def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """A checkpoint path, or an alias of a known model (``default``: the shipped one); None: the default."""
-    if path is None or str(path) in MODEL_ALIASES:
-        return MODEL_ALIASES[str(path) if path is not None else "default"]
-    return Path(path)
 
 
 class CheckpointError(Exception):
@@ -247,10 +233,39 @@ def model_from_state(
     return model
 
 
+# Names a user may give instead of a path: the file each stands for, and how to get it. Downloads go
+# relative to the working directory, as the scripts' data defaults (the repository root).
+MODEL_ALIASES = {
+    "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
+    "openai": (Path("data", "openai", "mlstm_openai.safetensors"), "python data/download.py openai"),
+}
+
+
+def first_existing_model(*candidates: str) -> str:
+    """The first of the scripts' conventional outputs that exists (a user's own model wins), else
+    ``default``, the shipped model."""
+    return next((path for path in candidates if Path(path).exists()), "default")
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """``path`` itself, or for an alias (``default``, ``openai``) with no file of that name, the file it
+    stands for. None is ``default``, the shipped model."""
+    path = Path("default" if path is None else path)
+    if path.exists() or str(path) not in MODEL_ALIASES:
+        return path
+    file, command = MODEL_ALIASES[str(path)]
+    if not file.exists():
+        raise CheckpointError(
+            f"{path}: no {file} in {Path.cwd()}: run `{command}` in the repository root, then run this "
+            "command from there (or give the checkpoint's path)"
+        )
+    return file
+
+
 def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:
     """Load any supported checkpoint, its format detected: a native ``.pt`` or ``.safetensors`` file,
-    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py). ``path`` may be
-    an alias (``default``) or None (the shipped default model)."""
+    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py); or an alias of
+    ``MODEL_ALIASES`` (``default``, ``openai``); None is the shipped default model."""
     from . import formats  # formats builds on this module
 
     path = resolve_model_path(path)

@@ -289,7 +289,8 @@ class FeatureCache:
 
 
 def default_results_dir(load_model: str) -> Path:
-    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/."""
+    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/ (an alias such
+    as default or openai -> default_transfer/, openai_transfer/ in the working directory)."""
     path = Path(load_model)
     return path.with_name(path.stem + "_transfer")
 
@@ -325,7 +326,7 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
-            hint = " (fetch Binary SST with: python data/download.py sst)"
+            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root)"
         elif split == "test" and need_labels:
             hint = " (an unlabelled test set? pass --no_test_eval)"
         raise DataError(f"{split} split: {e}{hint}") from None
@@ -347,24 +348,17 @@ def run_transfer(args: argparse.Namespace) -> dict:
         raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
     if args.write_results and not args.test:
         raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
-    shipped = args.load_model in (None, "default")
     args.load_model = args.load_model or first_existing_model("lang_model.pt")
     if args.load_model == "default":
         print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
     ckpt = load_checkpoint(args.load_model)
-    args.load_model = str(resolve_model_path(args.load_model))
     _check_architecture(ckpt, args)
     model = ckpt.model
     # Unset features settings follow a transferred model's own classifier (the original's otherwise).
     recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
     args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
     args.state = args.state or recorded_state
-    if args.save_results:
-        out_dir = Path(args.save_results)
-    elif shipped:  # never write into the installed package: results go to the working directory
-        out_dir = Path(resolve_model_path("default").stem + "_transfer")
-    else:
-        out_dir = default_results_dir(args.load_model)
+    out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     paths = {"train": args.data, "val": args.valid, "test": args.test}
@@ -378,7 +372,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     cache = FeatureCache(
         out_dir,
         {
-            "model_sha256": file_digest(args.load_model),
+            "model_sha256": file_digest(resolve_model_path(args.load_model)),
             "pooling": args.pooling,
             "state": args.state,
             "all_layers": args.all_layers,

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import load_script, shared_path
+from conftest import fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
@@ -25,7 +25,7 @@ from sentiment_discovery.transfer import (
 def sst_slices(folder, sizes=(("train", 200), ("val", 100), ("test", 100))) -> dict[str, str]:
     paths = {}
     for split, n in sizes:
-        frame = pd.read_csv(shared_path("data", "binary_sst", f"{split}.csv")).head(n)
+        frame = pd.read_csv(fixture_path("binary_sst", f"{split}.csv")).head(n)
         paths[split] = str(folder / f"{split}.csv")
         frame.to_csv(paths[split], index=False)
     return paths
