@@ -103,3 +103,37 @@ def test_bad_pooling_and_state_are_refused():
         featurize(model, TEXTS, pooling="median")
     with pytest.raises(ValueError, match="state"):
         featurize(model, TEXTS, state="output")
+
+
+@pytest.mark.parametrize("state", ["cell", "hidden"])
+def test_cell_transform_values_equal_the_featurizer_at_each_prefix(state):
+    from sentiment_discovery.encoder import Encoder
+
+    model = small_model(nlayers=2, nhid=12)
+    classifier = {"weight": torch.zeros(24), "bias": torch.tensor(0.0), "neurons": torch.tensor([3]),
+                  "pooling": "last", "state": state, "all_layers": True}  # fmt: skip
+    encoder = Encoder(model, classifier, device="cpu")
+    text = "The plot is thin, the acting dull but the music is lovely."
+    (full,) = encoder.cell_transform(text)
+    assert full.bytes == encode(text, "nvidia").tobytes() and full.values.shape == (len(full.bytes), 24)
+    assert full.bytes[full.text_slice] == text.encode()
+    # the value after byte t is the feature of the text cut after t: featurize(prefix ending before a
+    # space) ends on its pad space, i.e. on that space of the full text
+    cuts = [i for i, ch in enumerate(text) if ch == " "] + [len(text)]
+    features = encoder.transform([text[:k] for k in cuts])
+    np.testing.assert_allclose(full.values[[k + 2 for k in cuts]], features, atol=1e-5)
+    np.testing.assert_allclose(full.values[-1], encoder.transform(text)[0], atol=1e-5)
+
+    # chosen units, several texts (one empty), and the reference at every byte
+    units = [20, 3]
+    chosen = encoder.cell_transform(["", text, "Bad."], units=units)
+    assert [c.bytes for c in chosen] == [encode(t, "nvidia").tobytes() for t in ("", text, "Bad.")]
+    assert chosen[0].bytes[chosen[0].text_slice] == b""
+    np.testing.assert_allclose(chosen[1].values, full.values[:, units], atol=1e-6)
+    assert chosen[1].units.tolist() == units
+    tokens = torch.from_numpy(encode("Bad.", "nvidia").astype(np.int64))[:, None]
+    with torch.no_grad():
+        hs, cs, _ = model.forward_states(tokens)
+    seq = (cs if state == "cell" else hs)
+    expected = torch.stack([seq[1][:, 0, 8], seq[0][:, 0, 3]], dim=1).numpy()  # features 20 = layer 1 unit 8
+    np.testing.assert_allclose(chosen[2].values, expected, atol=1e-5)
