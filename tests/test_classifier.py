@@ -71,8 +71,9 @@ def test_classifier_reproduces_transfer_probabilities(transferred, tmp_path, cap
     results = json.loads((transferred["folder"] / "lm_transfer" / "results.json").read_text())
     assert f"accuracy {100 * results['all_features']['accuracy']['test']:.2f}%" in out
     written = json.loads((tmp_path / "pred.json").read_text())
-    assert len(written) == 80 and set(written[0]) == {"sentence", "label", "prob"}
-    assert [r["label"] for r in written] == (probs > 0.5).astype(int).tolist()
+    assert len(written) == 80 and {"sentence", "label", "predicted", "prob"} <= set(written[0])
+    assert [r["predicted"] for r in written] == (probs > 0.5).astype(int).tolist()
+    assert [r["label"] for r in written] == pd.read_csv(transferred["test"])["label"].tolist()
 
 
 def test_text_flags_agree_with_csv_and_encoder(transferred, tmp_path, capsys):

@@ -107,7 +107,7 @@ def test_transfer_end_to_end(tmp_path, capsys):
         "features_test.npy",
         "extreme_samples.json",
         "weights.png",
-        "neuron_histogram.png",
+        "labels_test.npy",
     ):
         assert (out_dir / name).stat().st_size > 0, name
 
@@ -129,8 +129,10 @@ def test_transfer_end_to_end(tmp_path, capsys):
     )
     assert results["all_features"]["accuracy"]["test"] == pytest.approx(np.mean((probs > 0.5) == test_labels))
     written = pd.read_csv(tmp_path / "pred.csv")
-    assert list(written.columns) == ["sentence", "label", "prob"] and len(written) == 100
+    assert list(written.columns)[:5] == ["sentence", "label", "predicted", "prob", "prob_top2"]
+    assert len(written) == 100 and written["label"].tolist() == test_labels.tolist()
     np.testing.assert_allclose(written["prob"], probs, atol=1e-6)
+    assert len(list((out_dir / "logit_vis").glob("*.png"))) == 2
 
     extremes = json.loads((out_dir / "extreme_samples.json").read_text())
     top_values = np.load(out_dir / "features_test.npy")[:, neurons[0]]
