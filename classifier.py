@@ -14,7 +14,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every long flag may be spelled with dashes or underscores (--save-probs, --save_probs) and "
         "with one leading dash (-save_probs).",
     )
-    p.add_argument("--load_model", default="lang_model_transfer/classifier.pt", help="transferred checkpoint")
+    p.add_argument(
+        "--load_model",
+        default=None,
+        help="transferred checkpoint (default: lang_model_transfer/classifier.pt if present, else the "
+        "shipped model; 'default' names the shipped one)",
+    )
     p.add_argument("--data", default="data/binary_sst/test.csv", help="csv/json of texts (labels optional)")
     p.add_argument(
         "--text", nargs="+", action="extend", default=None, help="classify these texts instead of --data"

@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--load_model",
         default=None,
-        help="language model or transferred checkpoint "
-        "(default: lang_model_transfer/classifier.pt if present, else lang_model.pt)",
+        help="language model or transferred checkpoint (default: lang_model_transfer/classifier.pt if "
+        "present, else lang_model.pt if present, else the shipped model; 'default' names the shipped one)",
     )
     p.add_argument("--save", default="generated.txt", help="where the text goes (it is also printed)")
     p.add_argument(

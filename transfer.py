@@ -16,7 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Every long flag may be spelled with dashes or underscores (--save-results, --save_results) "
         "and with one leading dash (-save_results).",
     )
-    p.add_argument("--load_model", default="lang_model.pt", help="language-model checkpoint")
+    p.add_argument(
+        "--load_model",
+        default=None,
+        help="language-model checkpoint (default: lang_model.pt if present, else the shipped model; "
+        "'default' names the shipped one)",
+    )
     arch = p.add_argument_group(
         "architecture (recorded in the checkpoint; given, they are checked against it)"
     )
@@ -43,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     feat = p.add_argument_group("features")
     feat.add_argument(
         "--pooling",
-        choices=POOLINGS,
-        default="last",
-        help="state after the last byte, or mean/max over bytes",
+        default=None,
+        help=f"{'|'.join(POOLINGS)}: state after the last byte, or mean/max over bytes; a comma list "
+        "(mean,max,last) concatenates them. Default: the loaded model's classifier's, else last",
     )
-    feat.add_argument("--state", choices=STATES, default="cell", help="cell state c or hidden state h")
+    feat.add_argument(
+        "--state", choices=STATES, default=None,
+        help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
+    )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument("--batch_size", type=int, default=128)
     feat.add_argument(

@@ -35,6 +35,23 @@ from .model import ModelConfig, RNNModel
 FORMAT_NAME = "sentiment-discovery"
 FORMAT_VERSION = 1
 
+# The model that ships with the package (pretrained/README.md: how it was made, what it scores).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
+MODEL_ALIASES = {"default": DEFAULT_MODEL}
+
+
+def first_existing_model(*candidates: str) -> str:
+    """The first of the scripts' conventional outputs that exists (a user's own model wins), else
+    ``default``, the shipped model."""
+    return next((path for path in candidates if Path(path).exists()), "default")
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """A checkpoint path, or an alias of a known model (``default``: the shipped one); None: the default."""
+    if path is None or str(path) in MODEL_ALIASES:
+        return MODEL_ALIASES[str(path) if path is not None else "default"]
+    return Path(path)
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit its architecture."""
@@ -226,12 +243,13 @@ def model_from_state(
     return model
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:
     """Load any supported checkpoint, its format detected: a native ``.pt`` or ``.safetensors`` file,
-    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py)."""
+    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py). ``path`` may be
+    an alias (``default``) or None (the shipped default model)."""
     from . import formats  # formats builds on this module
 
-    path = Path(path)
+    path = resolve_model_path(path)
     if path.is_dir():
         return formats.load_openai_shards(path)
     if path.is_file() and is_safetensors_file(path):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .featurize import byte_states, featurize
+from .featurize import byte_states, featurize, num_features
 from .model import RNNModel
 from .preprocess import encode, text_slice
 from .transfer import classifier_probs, classifier_settings
@@ -39,7 +39,7 @@ class Encoder:
 
     def __init__(
         self,
-        model: RNNModel,
+        model: RNNModel | str | os.PathLike | None = None,
         classifier: dict | None = None,
         *,
         batch_size: int = 128,
@@ -47,13 +47,18 @@ class Encoder:
         fp16: bool = False,
         default_neuron: int | None = None,
     ):
+        if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped default model
+            ckpt = load_checkpoint(model)
+            model, classifier = ckpt.model, classifier if classifier is not None else ckpt.classifier
+            if default_neuron is None:
+                default_neuron = ckpt.extra.get("default_neuron")
         self.model, self.classifier = model, classifier
         self.default_neuron = default_neuron
         self.batch_size, self.device, self.fp16 = batch_size, device, fp16
         self.pooling, self.state, self.all_layers = classifier_settings(classifier)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs) -> Encoder:
+    def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Encoder:
         """A checkpoint file: a language model, or a transferred one (``classifier.pt``)."""
         ckpt = load_checkpoint(path)
         kwargs.setdefault("default_neuron", ckpt.extra.get("default_neuron"))
@@ -87,22 +92,27 @@ class Encoder:
     ) -> list[ByteValues]:
         """Per text, the value of every unit (or of ``units``, feature indices as in ``transform``) after
         each byte of the preprocessed text, in the state the features use (the cell state unless the
-        classifier reads the hidden one). The last byte's values are the text's ``last``-pooled features;
-        byte ``t``'s are those of the text cut after byte ``t``."""
+        classifier reads the hidden one). With ``last`` pooling, the last byte's values are the text's
+        features and byte ``t``'s those of the text cut after byte ``t``; a feature of another pooling
+        (or of a block of concatenated poolings, ``mean,max,last``) gives the per-byte values of its unit.
+        """
         texts = [texts] if isinstance(texts, str) else list(texts)
         tokens = [encode(text, self.model.config.preprocess) for text in texts]
-        columns = np.arange(self.model.config.nhid * (self.model.config.nlayers if self.all_layers else 1))
-        columns = columns if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
+        block = num_features(self.model, self.all_layers)  # features of one pooling
+        n_features = num_features(self.model, self.all_layers, self.pooling)
+        chosen = np.arange(block) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
+        if len(chosen) and not (0 <= chosen.min() and chosen.max() < n_features):
+            raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {chosen.tolist()}")
         values = byte_states(
             self.model,
             tokens,
-            units=columns,
+            units=chosen % block,
             state=self.state,
             all_layers=self.all_layers,
             device=self.device,
             fp16=self.fp16,
         )
-        return [ByteValues(t.tobytes(), v, columns) for t, v in zip(tokens, values)]
+        return [ByteValues(t.tobytes(), v, chosen) for t, v in zip(tokens, values)]
 
     def predict_proba(
         self, texts: Sequence[str] | str, neurons: int = -1, progress: bool = False

@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .checkpoint import load_checkpoint
+from .checkpoint import first_existing_model, load_checkpoint, resolve_model_path
 from .cli import pick_seed
-from .featurize import autocast, byte_states, default_device
+from .featurize import autocast, byte_states, default_device, parse_pooling
 from .model import RNNModel
 from .preprocess import decode, encode, text_slice
 from .recurrent import State
@@ -113,13 +113,16 @@ def select_neuron(
     """The neuron to show/force: ``neuron`` (a feature index; ``None`` or -1: the classifier's top one,
     else ``default_neuron``, the unit a released model documents, such as OpenAI's 2388).
 
-    Feature indices follow the classifier: with ``all_layers`` feature ``f`` is unit ``f % H`` of
-    layer ``f // H``, otherwise a unit of the last layer. Without classifier, ``neuron`` and
-    ``default_neuron`` there is none (``None``).
+    Feature indices follow the classifier: one block of features per pooling (``mean,max,last``),
+    each of ``H`` units of the last layer or, with ``all_layers``, ``L * H`` (feature ``f`` of a block
+    is unit ``f % H`` of layer ``f // H``). Without classifier, ``neuron`` and ``default_neuron``
+    there is none (``None``).
     """
     H, L = model.config.nhid, model.config.nlayers
     all_layers = bool(classifier and classifier.get("all_layers"))
-    n_features = H * L if all_layers else H
+    block = H * L if all_layers else H
+    n_pooling = len(parse_pooling(classifier.get("pooling") or "last")) if classifier else 1
+    n_features = block * n_pooling
     if neuron is None or neuron == -1:
         if classifier is not None and len(classifier["neurons"]):
             neuron = int(classifier["neurons"][0])
@@ -132,7 +135,8 @@ def select_neuron(
             f"--neuron {neuron} is out of range: the {'all-layers ' if all_layers else ''}features of this "
             f"model are 0 .. {n_features - 1}"
         )
-    layer, unit = (neuron // H, neuron % H) if all_layers else (L - 1, neuron)
+    in_block = neuron % block
+    layer, unit = (in_block // H, in_block % H) if all_layers else (L - 1, in_block)
     state = classifier.get("state", "cell") if classifier else "cell"
     weight = float(classifier["weight"][neuron]) if classifier else None
     return Neuron(feature=neuron, layer=layer, unit=unit, state=state, weight=weight)
@@ -510,14 +514,6 @@ def write_values(path: str | os.PathLike, generation: Generation, *, polarity: i
 # The script (generate.py)
 # --------------------------------------------------------------------------------------------
 
-DEFAULT_MODELS = ("lang_model_transfer/classifier.pt", "lang_model.pt")
-
-
-def default_load_model() -> str:
-    """The transferred checkpoint when there is one, else the language model (main.py's output)."""
-    return next((path for path in DEFAULT_MODELS if Path(path).exists()), DEFAULT_MODELS[-1])
-
-
 def classifier_probability(model: RNNModel, classifier: dict, texts: list[str], device=None) -> np.ndarray:
     """P(positive) of each text under ``classifier``, featurized the way it was trained."""
     from .encoder import Encoder  # pulls in scikit-learn
@@ -527,7 +523,8 @@ def classifier_probability(model: RNNModel, classifier: dict, texts: list[str], 
 
 def run_generate(args) -> Generation:
     """generate.py: load, pick the neuron, generate or analyse, print and save text, heatmap, values."""
-    load_model = args.load_model or default_load_model()
+    load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt", "lang_model.pt")
+    print(f"model: {resolve_model_path(load_model)}")
     ckpt = load_checkpoint(load_model)
     model, classifier = ckpt.model, ckpt.classifier
     neuron = select_neuron(model, classifier, args.neuron, ckpt.extra.get("default_neuron"))

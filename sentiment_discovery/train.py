@@ -536,10 +536,10 @@ def _pretrain(args, device: torch.device) -> dict:
                 f"of {part.seq_length} steps" + (f", across {world_size} processes" if world_size > 1 else "")
             )
             if name == "train" and part.total_rows < args.batch_size * world_size:
-                # each row streams whole shards: fewer shards than rows means fewer rows than asked for
+                # every row needs at least two bytes: a tiny corpus fills fewer rows than asked for
                 main_print(
-                    f"  note: only {part.total_rows} training shards for a batch of "
-                    f"{args.batch_size * world_size} rows; raise --num_shards to fill the batch"
+                    f"  note: the training split fills only {part.total_rows} rows of a batch of "
+                    f"{args.batch_size * world_size}"
                 )
     main_print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
     if args.eval_only:

@@ -24,9 +24,17 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    DEFAULT_MODEL,
+    Checkpoint,
+    CheckpointError,
+    first_existing_model,
+    load_checkpoint,
+    resolve_model_path,
+    save_checkpoint,
+)
 from .data import DataError, Records, is_json_path, read_records
-from .featurize import featurize
+from .featurize import featurize, parse_pooling
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -383,10 +391,24 @@ def run_transfer(args: argparse.Namespace) -> dict:
         raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
     if args.write_results and not given_path(args.test):
         raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
+    shipped = args.load_model in (None, "default")
+    args.load_model = args.load_model or first_existing_model("lang_model.pt")
+    if args.load_model == "default":
+        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
     ckpt = load_checkpoint(args.load_model)
+    args.load_model = str(resolve_model_path(args.load_model))
     _check_architecture(ckpt, args)
     model = ckpt.model
-    out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
+    # Unset features settings follow a transferred model's own classifier (the original's otherwise).
+    recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
+    args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
+    args.state = args.state or recorded_state
+    if args.save_results:
+        out_dir = Path(args.save_results)
+    elif shipped:  # never write into the installed package: results go to the working directory
+        out_dir = Path(resolve_model_path("default").stem + "_transfer")
+    else:
+        out_dir = default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     paths = {"train": args.data, "val": given_path(args.valid), "test": given_path(args.test)}
@@ -547,6 +569,9 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
     from .encoder import Encoder
 
+    args.load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt")
+    if args.load_model == "default":
+        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
     encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16)
     if encoder.classifier is None:
         raise CheckpointError(

@@ -41,9 +41,9 @@ def batch_tensors(stream: TBPTTBatches) -> list[tuple[torch.Tensor, ...]]:
 def test_ranks_hold_disjoint_blocks_of_the_rows_of_one_big_batch(sst_slice):
     corpus = load_corpus(sst_slice)
     bounds = shard_starts(corpus.num_samples, 5)
-    whole = TBPTTBatches(corpus, bounds, batch_size=6, seq_length=32)  # 5 rows: fewer shards than 2 x 3
+    whole = TBPTTBatches(corpus, bounds, batch_size=6, seq_length=32)
     ranks = [TBPTTBatches(corpus, bounds, 3, 32, world_size=2, rank=r) for r in (0, 1)]
-    assert [r.rows for r in ranks] == [2, 3] and [r.row_range for r in ranks] == [(0, 2), (2, 5)]
+    assert [r.rows for r in ranks] == [3, 3] and [r.row_range for r in ranks] == [(0, 3), (3, 6)]
     assert len(ranks[0]) == len(ranks[1]) == len(whole)  # every process takes the same number of steps
     for index, expected in enumerate(batch_tensors(whole)):
         parts = [r.batch(index) for r in ranks]

@@ -137,3 +137,39 @@ def test_cell_transform_values_equal_the_featurizer_at_each_prefix(state):
     seq = (cs if state == "cell" else hs)
     expected = torch.stack([seq[1][:, 0, 8], seq[0][:, 0, 3]], dim=1).numpy()  # features 20 = layer 1 unit 8
     np.testing.assert_allclose(chosen[2].values, expected, atol=1e-5)
+
+
+def test_concatenated_poolings_are_the_single_poolings_side_by_side():
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(emsize=8, nhid=12, nlayers=2))
+    texts = ["good film", "a terrible, boring mess of a movie", "ok"]
+    single = {p: featurize(model, texts, pooling=p, state="hidden", batch_size=2, chunk_length=5)
+              for p in ("mean", "max", "last")}  # fmt: skip
+    both = featurize(model, texts, pooling="mean,max,last", state="hidden", batch_size=2, chunk_length=5)
+    assert both.shape == (3, 36)
+    np.testing.assert_allclose(both, np.concatenate([single["mean"], single["max"], single["last"]], 1),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="comma-separated"):
+        featurize(model, texts, pooling="mean,mean")
+
+
+def test_cell_transform_maps_a_feature_of_concatenated_poolings_to_its_unit_and_chunks_exactly():
+    from sentiment_discovery.encoder import Encoder
+    from sentiment_discovery.featurize import byte_states
+
+    model = small_model(nlayers=1, nhid=12)
+    classifier = {"weight": torch.zeros(24), "bias": torch.tensor(0.0), "neurons": torch.tensor([17]),
+                  "pooling": "mean,last", "state": "cell", "all_layers": False}  # fmt: skip
+    encoder = Encoder(model, classifier, device="cpu")
+    text = "A stirring, funny and moving film, and far too long for one chunk of a few bytes."
+    (block2,) = encoder.cell_transform(text, units=[17])  # the "last" block's unit 5
+    (unit5,) = encoder.cell_transform(text, units=[5])
+    assert block2.units.tolist() == [17]
+    np.testing.assert_array_equal(block2.values, unit5.values)
+    np.testing.assert_allclose(block2.values[-1, 0], encoder.transform(text)[0, 17], atol=1e-5)
+    with pytest.raises(ValueError, match="0 .. 23"):
+        encoder.cell_transform(text, units=[24])
+    tokens = [encode(text, "nvidia")]
+    (chunked,) = byte_states(model, tokens, chunk_length=7, device="cpu")
+    (whole,) = byte_states(model, tokens, device="cpu")
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)

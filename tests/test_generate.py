@@ -15,7 +15,12 @@ import torch
 from conftest import ROOT, load_script
 
 from sentiment_discovery import generation as gen
-from sentiment_discovery.checkpoint import save_checkpoint
+from sentiment_discovery.checkpoint import (
+    DEFAULT_MODEL,
+    first_existing_model,
+    resolve_model_path,
+    save_checkpoint,
+)
 from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
@@ -315,12 +320,16 @@ def test_script_without_classifier_or_neuron_gives_a_clear_error(tmp_path, capsy
     assert "missing.pt" in capsys.readouterr().err
 
 
-def test_default_model_prefers_the_transferred_checkpoint(tmp_path, monkeypatch):
+def test_default_model_prefers_the_users_own_then_the_shipped_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert gen.default_load_model() == "lang_model.pt"
+    candidates = ("lang_model_transfer/classifier.pt", "lang_model.pt")
+    assert first_existing_model(*candidates) == "default"
+    assert resolve_model_path("default") == resolve_model_path(None) == DEFAULT_MODEL
+    (tmp_path / "lang_model.pt").write_bytes(b"")
+    assert first_existing_model(*candidates) == "lang_model.pt"
     (tmp_path / "lang_model_transfer").mkdir()
     (tmp_path / "lang_model_transfer" / "classifier.pt").write_bytes(b"")
-    assert gen.default_load_model() == "lang_model_transfer/classifier.pt"
+    assert first_existing_model(*candidates) == "lang_model_transfer/classifier.pt"
 
 
 def test_script_one_dash_spellings_generate_with_overwrite(tmp_path):
@@ -466,3 +475,12 @@ def test_analysis_uses_the_per_byte_values_of_the_encoder():
     (values,) = Encoder(model, clf, device="cpu").cell_transform(TEXT, units=[H + 9])
     np.testing.assert_allclose(result.values, values.values[:, 0], atol=1e-6)
     assert result.text == TEXT and result.text_slice == values.text_slice
+
+
+def test_a_neuron_of_concatenated_poolings_is_its_unit_in_any_block():
+    model = tiny_model(nlayers=2)
+    clf = {**classifier([H + 5, 3], n_features=2 * H), "pooling": "mean,last"}  # block 2, unit 5
+    picked = gen.select_neuron(model, clf)
+    assert (picked.feature, picked.layer, picked.unit) == (H + 5, 1, 5)
+    with pytest.raises(gen.GenerationError, match="out of range"):
+        gen.select_neuron(model, clf, neuron=2 * H)

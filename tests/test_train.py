@@ -61,17 +61,20 @@ def test_state_is_reset_per_row_exactly_where_persist_state_says(persist_state):
     stream = batches(7, persist_state)
     logits = all_logits(model, stream)
     resets = torch.cat([b.reset for b in stream])
-    # row 0 holds samples 0..7 (shards 0 and 1); the logits of a sample's first byte from a zero state
-    lengths = [len(encode(t)) for t in TEXTS[:8]]
-    starts = torch.tensor([0, *lengths]).cumsum(0)[:-1]
-    expected_resets = {1: starts[[0, 4]], 0: starts, -1: torch.tensor([], dtype=torch.long)}[persist_state]
-    assert torch.nonzero(resets[:, 0]).flatten().tolist() == expected_resets.tolist()
+    # row 0 is the first cut of the stream; where a sample begins its first logits are those of a
+    # zero state exactly when the row was reset there
+    row_end = stream.row_begin[0] + stream.steps
+    sample_starts = [s for s in stream.corpus.starts[:-1].tolist() if s < row_end]
+    shard_begins = stream.corpus.starts[shard_starts(len(TEXTS), 4)[:-1]].tolist()  # batches()' shards
+    expected_resets = {1: [s for s in shard_begins if s < row_end], 0: sample_starts, -1: []}[persist_state]
+    assert torch.nonzero(resets[:, 0]).flatten().tolist() == expected_resets
+    assert len(sample_starts) > 3 and (persist_state != 1 or 1 < len(expected_resets) < len(sample_starts))
     first_byte = torch.tensor([[int(encode(TEXTS[0])[0])]])
     with torch.no_grad():
         fresh = model(first_byte)[0][0, 0]
-    for k, step in enumerate(starts.tolist()[1:], 1):
+    for step in sample_starts[1:]:
         was_reset = bool(resets[step, 0])
-        assert was_reset == (persist_state == 0 or (persist_state == 1 and k == 4))
+        assert was_reset == (step in expected_resets)
         assert torch.allclose(logits[step, 0], fresh, atol=1e-6) == was_reset
         if was_reset and not resets[step, 1]:  # the other row keeps its state at that step
             assert not torch.allclose(logits[step, 1], fresh, atol=1e-6)

@@ -1,0 +1,66 @@
+"""Which features read sentiment best: SST accuracy per pooling and state, a model beside its twin.
+
+    python bench/pooling_sweep.py runs/gpu1/mlstm1024.pt runs/gpu1/twin1024.pt --out runs/gpu1/sweep.json
+
+Featurizes Binary SST train/val/test once per (model, state) with all three poolings, then fits the
+project's L1 logistic regression (C chosen on val) on each pooling alone and on their concatenation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import numpy as np
+import torch
+
+from sentiment_discovery.checkpoint import load_checkpoint
+from sentiment_discovery.data import read_records
+from sentiment_discovery.featurize import featurize
+from sentiment_discovery.transfer import c_sweep, fit_l1_regression, standardizer, top_neurons
+
+POOLINGS = ("mean", "max", "last")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="+")
+    p.add_argument("--data", default="data/binary_sst")
+    p.add_argument("--states", default="cell,hidden")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    splits = {s: read_records(f"{args.data}/{s}.csv", need_labels=True) for s in ("train", "val", "test")}
+    results = []
+    for path, state in itertools.product(args.models, args.states.split(",")):
+        model = load_checkpoint(path).model
+        t0 = time.time()
+        feats = {s: featurize(model, r.texts, pooling=",".join(POOLINGS), state=state, device="cpu")
+                 for s, r in splits.items()}  # fmt: skip
+        H = model.config.nhid
+        elapsed = time.time() - t0
+        blocks = {p: slice(i * H, (i + 1) * H) for i, p in enumerate(POOLINGS)}
+        combos = [(p,) for p in POOLINGS] + [("mean", "max"), ("mean", "last"), POOLINGS]
+        for combo in combos:
+            cols = np.concatenate([np.arange(3 * H)[blocks[p]] for p in combo])
+            x = {s: f[:, cols] for s, f in feats.items()}
+            mean, scale = standardizer(x["train"])
+            x = {s: (f - mean) / scale for s, f in x.items()}
+            y = {s: r.labels for s, r in splits.items()}
+            reg = fit_l1_regression(x["train"], y["train"], x["val"], y["val"], c_sweep(-8, 0), 100, 1)
+            acc = {s: float(((reg.probs(x[s]) > 0.5) == (y[s] > 0.5)).mean()) for s in x}
+            top = top_neurons(reg.weight, 1)
+            x1 = {s: f[:, top] for s, f in x.items()}
+            one = fit_l1_regression(x1["train"], y["train"], x1["val"], y["val"], c_sweep(-8, 0), 100, 1)
+            acc1 = {s: float(((one.probs(x1[s]) > 0.5) == (y[s] > 0.5)).mean()) for s in x}
+            row = {"model": path, "state": state, "pooling": ",".join(combo), "acc": acc, "acc_1neuron": acc1,
+                   "C": reg.C, "nonzero": reg.nonzero, "featurize_s": round(elapsed, 1)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    json.dump(results, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
