@@ -13,9 +13,10 @@ from sentiment_discovery.preprocess import PREPROCESSORS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
-        epilog="--load of a checkpoint written during training (it holds train_state) resumes that run "
-        "exactly; a finished run's checkpoint starts a new run from its weights. --eval_only reports the "
-        "val/test BPC of --load.",
+        epilog="Every long flag may be spelled with dashes or underscores (--text-key, --text_key) and with "
+        "one leading dash (-text_key). --load of a checkpoint written during training (it holds "
+        "train_state) resumes that run exactly; a finished run's checkpoint starts a new run from its "
+        "weights. --eval_only reports the val/test BPC of --load.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default="mLSTM", choices=RNN_TYPES)
@@ -43,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=-1, help="-1 picks a seed and prints it")
     t.add_argument(
         "--log-interval",
-        "--log_interval",
-        dest="log_interval",
         type=int,
         default=100,
-        help="batches between log lines",
+        help="batches between log lines (a progress bar as well when stderr is a terminal)",
     )
     t.add_argument(
         "--save",
@@ -55,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint path; <stem>.best.pt, <stem>.metrics.jsonl and <stem>.bpc.png go beside it",
     )
     t.add_argument("--save_iters", type=int, default=2000, help="batches between checkpoints and validations")
+    t.add_argument(
+        "--keep_checkpoints",
+        type=int,
+        default=0,
+        help="also keep the last K checkpoints as a series <stem>.step<N>.pt beside --save (0: none)",
+    )
     t.add_argument(
         "--load", "--load_model", dest="load", default="", help="checkpoint to start from or resume"
     )
@@ -99,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="./data/imdb/unsup.json", help="training file (csv or json)")
+    d.add_argument(
+        "--data",
+        default="./data/imdb/unsup.json",
+        help="training file: csv, json, or .txt (plain UTF-8 text, one sample per line, blank lines skipped)",
+    )
     d.add_argument("--valid", default=None, help="validation file (else a part of --split)")
     d.add_argument("--test", default=None, help="test file (else a part of --split)")
     d.add_argument("--batch_size", type=int, default=128, help="rows of a batch (per process, distributed)")

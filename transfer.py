@@ -11,7 +11,11 @@ from sentiment_discovery.featurize import POOLINGS, STATES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Every long flag may be spelled with dashes or underscores (--save-results, --save_results) "
+        "and with one leading dash (-save_results).",
+    )
     p.add_argument(
         "--load_model",
         default=None,
@@ -28,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
     data.add_argument(
-        "--valid", default="data/binary_sst/val.csv", help="labelled validation texts (choose C)"
+        "--valid",
+        default="data/binary_sst/val.csv",
+        help="labelled validation texts (choose C); 'none' or '': C by 3-fold cross-validation on --data",
     )
     data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' for none)")
     data.add_argument("--text_key", default="sentence")
@@ -75,8 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--neurons", type=int, default=1, help="top features kept for the second regression")
     reg.add_argument("--drop_neurons", action="store_true", help="also fit without the top neurons")
     out = p.add_argument_group("output")
-    out.add_argument("--save_results", default="", help="results folder (default <model>_transfer/)")
-    out.add_argument("--write_results", default="", help="write test texts with predictions (csv or .json)")
+    out.add_argument(
+        "--save_results",
+        default="",
+        help="results folder (default <model>_transfer/): classifier.pt, results.json, features_<split>.npy "
+        "and labels_<split>.npy, probs_<split>.npy, weights.png, logit_vis/<rank>_<neuron>.png histograms",
+    )
+    out.add_argument(
+        "--write_results",
+        default="",
+        help="test texts with true label, predicted label, P(positive) with all features and with the top "
+        "--neurons, and each top neuron's value (csv, or json for .json/.jsonl)",
+    )
     return p
 
 

@@ -1,4 +1,4 @@
-"""Reading labelled/unlabelled text corpora (csv, tight json, loose json) with clear errors."""
+"""Reading labelled/unlabelled text corpora (csv, tight json, loose json, plain text) with clear errors."""
 
 from __future__ import annotations
 
@@ -74,6 +74,36 @@ def _read_csv_frame(path: Path, delim: str) -> pd.DataFrame:
 
 def is_json_path(path: str | Path, loose_json: bool = False) -> bool:
     return loose_json or Path(path).suffix.lower() in (".json", ".jsonl")
+
+
+def is_text_path(path: str | Path) -> bool:
+    """A plain-text corpus (``.txt``): one sample per line, as char-RNN corpora are."""
+    return Path(path).suffix.lower() == ".txt"
+
+
+def read_text_lines(path: str | Path) -> Iterator[str]:
+    """The samples of a plain UTF-8 text file: one per line (line ending removed), blank lines skipped.
+
+    Undecodable bytes become U+FFFD, as in the csv and json readers. Lines are read one at a time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
+    """The texts of a language-model corpus: a ``.txt`` file's lines, else the ``text_key`` of each record."""
+    if is_text_path(path):
+        texts = list(read_text_lines(path))
+        if not texts:
+            raise DataError(f"{path}: no text (every line is blank)")
+        return texts
+    return read_records(path, text_key=text_key, delim=delim, loose_json=loose_json).texts
 
 
 def read_records(
@@ -232,8 +262,7 @@ def load_corpus(
     preprocess: str = "nvidia",
     progress: bool = False,
 ) -> EncodedCorpus:
-    records = read_records(path, text_key=text_key, delim=delim, loose_json=loose_json)
-    return encode_corpus(records.texts, str(path), preprocess, progress)
+    return encode_corpus(corpus_texts(path, text_key, delim, loose_json), str(path), preprocess, progress)
 
 
 LAZY_CACHE_VERSION = 1
@@ -294,13 +323,13 @@ def lazy_corpus(
 
 def _build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool) -> None:
     """Encode ``path`` into a temporary folder beside ``cache`` (bytes streamed to disk), then swap it in."""
-    records = read_records(path, meta["text_key"], delim=meta["delim"], loose_json=meta["loose_json"])
+    texts = corpus_texts(path, meta["text_key"], meta["delim"], meta["loose_json"])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
-        lengths = np.zeros(len(records), dtype=np.int64)
+        lengths = np.zeros(len(texts), dtype=np.int64)
         with (tmp / "tokens.bin").open("wb") as out:
-            for i, piece in enumerate(_encoded_texts(records.texts, str(path), meta["preprocess"], progress)):
+            for i, piece in enumerate(_encoded_texts(texts, str(path), meta["preprocess"], progress)):
                 out.write(piece.tobytes())
                 lengths[i] = len(piece)
         np.save(tmp / "starts.npy", _sample_starts(lengths))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 _HTML_TAG = re.compile(r"<.*?>", re.DOTALL)  # shortest match of <...>
+PREFIX, SUFFIX = "\n ", " "  # what both preprocessings put around the cleaned text
 
 
 def nvidia_preprocess(text: str, max_words: int | None = None) -> str:
@@ -26,13 +27,13 @@ def nvidia_preprocess(text: str, max_words: int | None = None) -> str:
     words = text.split()
     if max_words is not None:
         words = words[:max_words]
-    return "\n " + " ".join(words) + " "
+    return PREFIX + " ".join(words) + SUFFIX
 
 
 def openai_preprocess(text: str) -> str:
     """OpenAI's release: unescape, newlines to spaces, strip, pad."""
     text = html.unescape(text).replace("\n", " ").strip()
-    return "\n " + text + " "
+    return PREFIX + text + SUFFIX
 
 
 PREPROCESSORS: dict[str, Callable[[str], str]] = {
@@ -53,6 +54,13 @@ def encode(text: str, preprocess: str = "nvidia") -> np.ndarray:
     cleaned = get_preprocessor(preprocess)(text)
     # surrogateescape keeps undecodable input bytes as the bytes they were (byte-level model).
     return np.frombuffer(cleaned.encode("utf-8", errors="surrogateescape"), dtype=np.uint8)
+
+
+def text_slice(data: bytes) -> slice:
+    """The part of preprocessed ``data`` that is the text itself: without ``PREFIX`` and ``SUFFIX``."""
+    start = len(PREFIX) if data.startswith(PREFIX.encode()) else 0
+    end = len(data) - len(SUFFIX) if data.endswith(SUFFIX.encode()) else len(data)
+    return slice(start, max(start, end))
 
 
 def decode(tokens) -> str:

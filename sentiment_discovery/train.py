@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -49,7 +51,8 @@ class TrainOptions:
     log_interval: int = 100
     save: str = "lang_model.pt"
     save_iters: int = 2000  # batches between checkpoints (with a validation); 0 = only at the end
-    progress: bool = True
+    keep_checkpoints: int = 0  # also keep the last K checkpoints as <stem>.step<N>.pt; 0 = none
+    progress: bool = True  # progress bars (pretrain: only when stderr is a terminal)
     fp16: bool = False  # float16 products with loss scaling on GPU; on CPU the same as bf16
     bf16: bool = False  # bfloat16 operands for every matrix product (matmul.py); no loss scaling
     loss_scale: float = 1.0  # static loss scale (with fp16)
@@ -61,6 +64,29 @@ def sibling(save: str | Path, suffix: str) -> Path:
     """``lang_model.pt`` + ``.best.pt`` -> ``lang_model.best.pt``: outputs that live beside ``--save``."""
     save = Path(save)
     return save.with_name(save.stem + suffix)
+
+
+def snapshot_path(save: str | Path, step: int) -> Path:
+    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series."""
+    return sibling(save, f".step{step}.pt")
+
+
+def prune_snapshots(save: str | Path, step: int, keep: int) -> list[Path]:
+    """Delete all but the last ``keep`` snapshots of ``save`` up to ``step``; returns those deleted.
+
+    Snapshots beyond ``step`` (left by another run with the same ``--save``) are not this run's to delete.
+    """
+    save = Path(save)
+    pattern = re.compile(re.escape(save.stem) + r"\.step(\d+)\.pt")
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in save.parent.glob(f"{save.stem}.step*.pt")
+        if (m := pattern.fullmatch(p.name)) and int(m.group(1)) <= step
+    )
+    doomed = [p for _, p in found[: max(0, len(found) - keep)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -275,10 +301,20 @@ class Trainer:
         set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world_size else state["rng"])
 
     def save(self, path: str | Path | None = None) -> None:
-        """Distributed: every process calls it (train_state gathers), rank 0 writes."""
+        """Distributed: every process calls it (train_state gathers), rank 0 writes.
+
+        With ``keep_checkpoints`` K the checkpoint also goes to ``<stem>.step<N>.pt``, and only the
+        last K of that series stay.
+        """
         train_state = self.train_state()
         if self.is_main:
             save_checkpoint(path or self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
+            if self.opt.keep_checkpoints > 0 and path is None:
+                save_checkpoint(
+                    snapshot_path(self.opt.save, self.step), self.model, train_state=train_state,
+                    dtype=self.save_dtype,
+                )
+                prune_snapshots(self.opt.save, self.step, self.opt.keep_checkpoints)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -433,6 +469,8 @@ def pretrain(args) -> dict:
         raise ValueError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
         raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
+    if args.keep_checkpoints < 0:
+        raise ValueError(f"--keep_checkpoints {args.keep_checkpoints}: give a count >= 0")
     device = distributed.setup(args.world_size, args.rank, args.distributed_backend, args.cpu)
     try:
         return _pretrain(args, device)
@@ -446,6 +484,8 @@ def _pretrain(args, device: torch.device) -> dict:
     from .model import ModelConfig
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
+    # Bars redraw with carriage returns: on a terminal only; a log file gets the plain log lines.
+    progress = rank == 0 and sys.stderr.isatty()
     seed = distributed.broadcast(pick_seed(args.seed))
     main_print(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
     torch.manual_seed(seed)
@@ -489,7 +529,7 @@ def _pretrain(args, device: torch.device) -> dict:
             delim=args.delim,
             loose_json=args.loose_json,
             preprocess=model.config.preprocess,
-            progress=rank == 0,
+            progress=progress,
             lazy=args.lazy,
             rebuild_cache=args.preprocess and rank == 0,
             world_size=world_size,
@@ -523,7 +563,7 @@ def _pretrain(args, device: torch.device) -> dict:
         for name in ("val", "test"):
             part = getattr(splits, name)
             if part is not None:
-                result[f"{name}_bpc"] = evaluate(model, part, device, progress=rank == 0)
+                result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
                 main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
     options = TrainOptions(
@@ -535,6 +575,8 @@ def _pretrain(args, device: torch.device) -> dict:
         log_interval=args.log_interval,
         save=args.save,
         save_iters=args.save_iters,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=progress,
         fp16=args.fp16,
         bf16=args.bf16,
         loss_scale=args.loss_scale,

@@ -19,6 +19,7 @@ from sentiment_discovery.data import (
     shard_starts,
     split_shards,
 )
+from sentiment_discovery.preprocess import encode
 
 TEXTS = [f"sample number {i} " + "xy" * (i % 5) for i in range(12)]
 
@@ -178,3 +179,20 @@ def test_invalid_utf8_in_the_corpus_is_encoded_not_a_crash(tmp_path):
     path.write_bytes(b"sentence\ngood \xff\xfe movie\nfine\n")
     corpus = load_corpus(path)
     assert corpus.num_samples == 2 and len(corpus.tokens) > len("good  movie")
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_plain_text_corpus_is_one_sample_per_line(tmp_path, monkeypatch, lazy):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    lines = "first line, with a comma\r\n\n   \nsecond \"quoted\" line\nthird caf\u00e9\n"
+    corpus.write_bytes(lines.encode())
+    expected = ["first line, with a comma", 'second "quoted" line', "third caf\u00e9"]
+    splits = lm_splits(str(corpus), split="1", num_shards=3, batch_size=3, seq_length=8, lazy=lazy)
+    got = splits.train.corpus
+    assert got.num_samples == 3
+    assert bytes(got.tokens).decode() == "".join(encode(t, "nvidia").tobytes().decode() for t in expected)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(DataError, match="blank.txt: no text"):
+        lm_splits(str(blank), split="1", lazy=lazy)

@@ -189,3 +189,37 @@ def test_main_trains_on_sst_with_falling_loss_then_eval_only(tmp_path, capsys):
     # --eval_only on the saved model reports the same test BPC as the end of training
     assert main_script.main([*cmd[2:], "--load_model", str(save), "--eval_only"]) == 0
     assert f"test BPC {rows[-1]['test_bpc']:.4f}" in capsys.readouterr().out
+
+
+def test_txt_corpus_trains_with_plain_log_lines_and_a_checkpoint_series(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: " + "a good film " * (i % 4) for i in range(60)) + "\n")
+    save = tmp_path / "lm.pt"
+    cmd = [sys.executable, str(ROOT / "main.py"), "--data", str(corpus), "--nhid", "8", "--emsize", "4",
+           "--batch_size", "4", "--seq_length", "16", "--train_iters", "7", "--log-interval", "2",
+           "--save-iters", "2", "--keep-checkpoints", "2", "--num_shards", "8", "--split", "6,1,1",
+           "--seed", "1", "--save", str(save), "--cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # output to a pipe: no progress bars (no carriage returns), one plain line per --log-interval
+    assert "\r" not in result.stdout + result.stderr and "it/s" not in result.stderr
+    assert [line.split("|")[2].strip() for line in result.stdout.splitlines() if "| epoch" in line] == [
+        "step 2/7", "step 4/7", "step 6/7", "step 7/7"
+    ]
+    # checkpoints at steps 2, 4, 6 and the final 7: the last two stay, each a resumable snapshot
+    assert sorted(p.name for p in tmp_path.glob("lm.step*.pt")) == ["lm.step6.pt", "lm.step7.pt"]
+    assert load_checkpoint(tmp_path / "lm.step6.pt").train_state["step"] == 6
+    assert load_checkpoint(save).train_state["step"] == 7
+
+
+def test_prune_snapshots_keeps_the_last_k_up_to_the_current_step(tmp_path):
+    from sentiment_discovery.train import prune_snapshots, snapshot_path
+
+    for step in (10, 2, 30, 20, 40):
+        snapshot_path(tmp_path / "m.pt", step).write_bytes(b"x")
+    (tmp_path / "m.stepx.pt").write_bytes(b"x")  # not a snapshot name: left alone
+    deleted = prune_snapshots(tmp_path / "m.pt", 30, keep=2)
+    assert sorted(p.name for p in deleted) == ["m.step10.pt", "m.step2.pt"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["m.step20.pt", "m.step30.pt", "m.step40.pt", "m.stepx.pt"]
