@@ -9,8 +9,17 @@ from sentiment_discovery.cli import int_at_least, run_script
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--load_model", default="lang_model_transfer/classifier.pt", help="transferred checkpoint")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Every long flag may be spelled with dashes or underscores (--save-probs, --save_probs) and "
+        "with one leading dash (-save_probs).",
+    )
+    p.add_argument(
+        "--load_model",
+        default=None,
+        help="transferred checkpoint (default: lang_model_transfer/classifier.pt if present, else the "
+        "shipped model; 'default' names the shipped one)",
+    )
     p.add_argument("--data", default="data/binary_sst/test.csv", help="csv/json of texts (labels optional)")
     p.add_argument(
         "--text", nargs="+", action="extend", default=None, help="classify these texts instead of --data"
@@ -28,9 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the N largest-|weight| weights (-1: all)",
     )
     p.add_argument("--batch_size", type=int_at_least(1), default=128)
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--save_probs", default="clf_results.npy")
-    p.add_argument("--write_results", default="", help="csv (or .json) with label and probability per text")
+    p.add_argument(
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    p.add_argument("--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)")
+    p.add_argument(
+        "--save_probs",
+        default="clf_results.npy",
+        help="predicted P(positive) (.npy); a bare file name goes beside --load_model",
+    )
+    p.add_argument(
+        "--write_results",
+        default="",
+        help="per text: true label (when the file has one), predicted label, P(positive) with all weights "
+        "and with the top N neurons (--neurons, else those transfer.py kept), each top neuron's value "
+        "(csv, or json for .json/.jsonl)",
+    )
     return p
 
 

@@ -13,9 +13,10 @@ from sentiment_discovery.preprocess import PREPROCESSORS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
-        epilog="--load of a checkpoint written during training (it holds train_state) resumes that run "
-        "exactly; a finished run's checkpoint starts a new run from its weights. --eval_only reports the "
-        "val/test BPC of --load.",
+        epilog="Every long flag may be spelled with dashes or underscores (--text-key, --text_key) and with "
+        "one leading dash (-text_key). --load of a checkpoint written during training (it holds "
+        "train_state) resumes that run exactly; a finished run's checkpoint starts a new run from its "
+        "weights. --eval_only reports the val/test BPC of --load.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default="mLSTM", choices=RNN_TYPES)
@@ -48,11 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=-1, help="-1 picks a seed and prints it")
     t.add_argument(
         "--log-interval",
-        "--log_interval",
-        dest="log_interval",
         type=int_at_least(1),
         default=100,
-        help="batches between log lines",
+        help="batches between log lines (a progress bar as well when stderr is a terminal)",
     )
     t.add_argument(
         "--save",
@@ -63,13 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_iters", type=int_at_least(0), default=2000, help="batches between checkpoints and validations"
     )
     t.add_argument(
+        "--keep_checkpoints",
+        type=int_at_least(0),
+        default=0,
+        help="also keep the last K checkpoints as a series <stem>.step<N>.pt beside --save (0: none)",
+    )
+    t.add_argument(
         "--load", "--load_model", dest="load", default="", help="checkpoint to start from or resume"
     )
     t.add_argument("--eval_only", action="store_true", help="report val/test BPC of --load, no training")
     t.add_argument(
         "--fp16",
         action="store_true",
-        help="mixed precision (torch.amp autocast: float16 on GPU, bfloat16 on CPU)",
+        help="mixed precision: float16 matrix products with loss scaling on a GPU; on a CPU, --bf16",
+    )
+    t.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 operands for every matrix product (parameters, optimizer, gates, cell state and loss "
+        "stay float32; no loss scaling). Fast on GPUs since Ampere and CPUs with AVX-512-BF16/AMX; "
+        "emulated, slower than float32, on other CPUs",
+    )
+    t.add_argument(
+        "--save_dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="dtype of the weights in the checkpoints written: fp16/bf16 take about half the bytes "
+        "(loading makes them float32; resuming from one continues from the rounded weights)",
     )
     t.add_argument(
         "--loss_scale", type=finite_float(above=0), default=1.0, help="static loss scale with --fp16"
@@ -94,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="./data/imdb/unsup.json", help="training file (csv or json)")
+    d.add_argument(
+        "--data",
+        default="./data/imdb/unsup.json",
+        help="training file: csv, json, or .txt (plain UTF-8 text, one sample per line, blank lines skipped)",
+    )
     d.add_argument("--valid", default=None, help="validation file (else a part of --split)")
     d.add_argument("--test", default=None, help="test file (else a part of --split)")
     d.add_argument(

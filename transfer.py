@@ -11,8 +11,17 @@ from sentiment_discovery.featurize import POOLINGS, STATES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--load_model", default="lang_model.pt", help="language-model checkpoint")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Every long flag may be spelled with dashes or underscores (--save-results, --save_results) "
+        "and with one leading dash (-save_results).",
+    )
+    p.add_argument(
+        "--load_model",
+        default=None,
+        help="language-model checkpoint (default: lang_model.pt if present, else the shipped model; "
+        "'default' names the shipped one)",
+    )
     arch = p.add_argument_group(
         "architecture (recorded in the checkpoint; given, they are checked against it)"
     )
@@ -23,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
     data.add_argument(
-        "--valid", default="data/binary_sst/val.csv", help="labelled validation texts (choose C)"
+        "--valid",
+        default="data/binary_sst/val.csv",
+        help="labelled validation texts (choose C); 'none' or '': C by 3-fold cross-validation on --data",
     )
     data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' for none)")
     data.add_argument("--text_key", default="sentence")
@@ -37,15 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     feat = p.add_argument_group("features")
     feat.add_argument(
         "--pooling",
-        choices=POOLINGS,
-        default="last",
-        help="state after the last byte, or mean/max over bytes",
+        default=None,
+        help=f"{'|'.join(POOLINGS)}: state after the last byte, or mean/max over bytes; a comma list "
+        "(mean,max,last) concatenates them. Default: the loaded model's classifier's, else last",
     )
-    feat.add_argument("--state", choices=STATES, default="cell", help="cell state c or hidden state h")
+    feat.add_argument(
+        "--state", choices=STATES, default=None,
+        help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
+    )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument("--batch_size", type=int_at_least(1), default=128)
     feat.add_argument(
-        "--fp16", action="store_true", help="featurize under autocast (float16 on GPU, bfloat16 on CPU)"
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    feat.add_argument(
+        "--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)"
     )
     feat.add_argument(
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
@@ -68,8 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("--drop_neurons", action="store_true", help="also fit without the top neurons")
     out = p.add_argument_group("output")
-    out.add_argument("--save_results", default="", help="results folder (default <model>_transfer/)")
-    out.add_argument("--write_results", default="", help="write test texts with predictions (csv or .json)")
+    out.add_argument(
+        "--save_results",
+        default="",
+        help="results folder (default <model>_transfer/): classifier.pt, results.json, features_<split>.npy "
+        "and labels_<split>.npy, probs_<split>.npy, weights.png, logit_vis/<rank>_<neuron>.png histograms",
+    )
+    out.add_argument(
+        "--write_results",
+        default="",
+        help="test texts with true label, predicted label, P(positive) with all features and with the top "
+        "--neurons, and each top neuron's value (csv, or json for .json/.jsonl)",
+    )
     return p
 
 

@@ -46,7 +46,12 @@ from .recurrent import RNN_TYPES
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT_NAME = "sentiment-discovery"
+# --save_dtype: how a checkpoint stores the model's floating weights (loading makes them float32 again)
+SAVE_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT_VERSION = 1
+
+# The model that ships with the package (pretrained/README.md: how it was made, what it scores).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
 # Bounds on a config read from a file, checked before anything is built from it. The released models
 # have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
 MAX_UNITS = 1 << 16
@@ -94,12 +99,13 @@ def checkpoint_dict(
     classifier: dict | None = None,
     train_state: dict | None = None,
     extra: dict | None = None,
-    half: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict:
-    """The native dict; ``half`` stores the model's floating tensors as float16 (loading upcasts)."""
+    """The native dict; ``dtype`` (float16, bfloat16) stores the model's floating tensors in it, about
+    half the bytes (loading makes them float32). Classifier and training state stay as they are."""
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if half:
-        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -118,12 +124,13 @@ def save_checkpoint(
     train_state: dict | None = None,
     extra: dict | None = None,
     *,
-    half: bool = False,
+    dtype: torch.dtype | None = None,
     safetensors_file: bool | None = None,
 ) -> None:
-    """Write a native checkpoint; as safetensors when ``safetensors_file`` (default: for a
-    ``.safetensors`` path), which holds no ``train_state``."""
-    ckpt = checkpoint_dict(model, classifier, train_state, extra, half)
+    """Write a native checkpoint, its weights in ``dtype`` if given (float16/bfloat16: about half the
+    bytes); as safetensors when ``safetensors_file`` (default: for a ``.safetensors`` path), which holds
+    no ``train_state``."""
+    ckpt = checkpoint_dict(model, classifier, train_state, extra, dtype)
     if safetensors_file is None:
         safetensors_file = Path(path).suffix == ".safetensors"
     if not safetensors_file:
@@ -242,11 +249,12 @@ def read_native(obj, source: str) -> RawCheckpoint | None:
     )
 
 
-def read_checkpoint_file(path: str | os.PathLike) -> RawCheckpoint:
-    """Detect the format of ``path`` and read it (nothing is checked or built yet)."""
-    if not str(path):
+def read_checkpoint_file(path: str | os.PathLike | None) -> RawCheckpoint:
+    """Detect the format of ``path`` (or of the file an alias stands for) and read it (nothing is
+    checked or built yet)."""
+    if path is not None and not str(path):
         raise CheckpointError("an empty checkpoint path was given")
-    path = Path(path)
+    path = resolve_model_path(path)
     if path.is_dir():
         return formats.read_openai(path)
     obj = read_safetensors(path) if path.is_file() and is_safetensors_file(path) else safe_torch_load(path)
@@ -460,7 +468,37 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     return Checkpoint(model, classifier, train_state, raw.source_format, extra)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+# Names a user may give instead of a path: the file each stands for, and how to get it. Downloads go
+# relative to the working directory, as the scripts' data defaults (the repository root).
+MODEL_ALIASES = {
+    "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
+    "openai": (Path("data", "openai", "mlstm_openai.safetensors"), "python data/download.py openai"),
+}
+
+
+def first_existing_model(*candidates: str) -> str:
+    """The first of the scripts' conventional outputs that exists (a user's own model wins), else
+    ``default``, the shipped model."""
+    return next((path for path in candidates if Path(path).exists()), "default")
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """``path`` itself, or for an alias (``default``, ``openai``) with no file of that name, the file it
+    stands for. None is ``default``, the shipped model."""
+    path = Path("default" if path is None else path)
+    if path.exists() or str(path) not in MODEL_ALIASES:
+        return path
+    file, command = MODEL_ALIASES[str(path)]
+    if not file.exists():
+        raise CheckpointError(
+            f"{path}: no {file} in {Path.cwd()}: run `{command}` in the repository root, then run this "
+            "command from there (or give the checkpoint's path)"
+        )
+    return file
+
+
+def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:
     """Load any supported checkpoint, its format detected: a native ``.pt`` or ``.safetensors`` file,
-    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py)."""
+    an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py); or an alias of
+    ``MODEL_ALIASES`` (``default``, ``openai``); None is the shipped default model."""
     return build_checkpoint(read_checkpoint_file(path))

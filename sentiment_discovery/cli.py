@@ -9,19 +9,27 @@ import sys
 from collections.abc import Callable, Sequence
 
 
-def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Accept the original README's one-dash spellings of long flags (``-loose_json``, ``-text``).
+def flag_key(flag: str) -> str:
+    """What two spellings of one long flag share: no leading dashes, ``-`` read as ``_``."""
+    return flag.lstrip("-").replace("-", "_")
 
-    ``-flag`` (or ``-flag=value``) becomes ``--flag`` when ``--flag`` is a long option of
-    ``parser``; everything else (short flags, negative numbers, values) is left as it is.
+
+def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Accept every spelling of a long flag that differs only in dashes: the original README's one-dash
+    ``-loose_json``, the NVIDIA repository's later ``--loose-json``, and ``--log_interval`` for
+    ``--log-interval``.
+
+    An argument (or the part before ``=`` of ``-flag=value``) that is not itself an option of
+    ``parser`` becomes the long option with the same ``flag_key``; anything else (short flags,
+    negative numbers, values, abbreviations) is left as it is.
     """
-    long_flags = {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    long_flags = {flag_key(opt): opt for opt in options if opt.startswith("--")}
     out = []
     for arg in argv:
-        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
-            name, sep, value = arg.partition("=")
-            if "-" + name in long_flags:
-                arg = "-" + name + sep + value
+        name, sep, value = arg.partition("=")
+        if arg.startswith("-") and len(name) > 2 and name not in options and flag_key(name) in long_flags:
+            arg = long_flags[flag_key(name)] + sep + value
         out.append(arg)
     return out
 
@@ -31,7 +39,7 @@ def run_script(
     run: Callable[[argparse.Namespace], object],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv`` (one-dash long flags accepted), call ``run(args)``; bad input -> ``error: ...``, 2.
+    """Parse ``argv`` (``normalize_argv`` spellings), call ``run(args)``; bad input -> ``error: ...``, 2.
 
     Bad input (a data file, a checkpoint, a value, a path that cannot be read or written) is reported
     in one line, never as a traceback.

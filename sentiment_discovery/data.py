@@ -1,4 +1,4 @@
-"""Reading labelled/unlabelled text corpora (csv, tight json, loose json) with clear errors."""
+"""Reading labelled/unlabelled text corpora (csv, tight json, loose json, plain text) with clear errors."""
 
 from __future__ import annotations
 
@@ -179,6 +179,37 @@ def is_loose_json(path: str | Path, loose_json: bool = False) -> bool:
     return loose_json or Path(path).suffix.lower() == ".jsonl"
 
 
+def is_text_path(path: str | Path) -> bool:
+    """A plain-text corpus (``.txt``): one sample per line, as char-RNN corpora are."""
+    return Path(path).suffix.lower() == ".txt"
+
+
+def read_text_lines(path: str | Path) -> Iterator[str]:
+    """The samples of a plain UTF-8 text file: one per line (line ending removed), blank lines skipped.
+
+    Undecodable bytes become U+FFFD (counted in a warning), as in the csv and json readers. Lines are
+    read one at a time.
+    """
+    path = check_path(path)
+    before = _INVALID_UTF8["bytes"]
+    with open_text(path) as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+    warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
+
+
+def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
+    """The texts of a language-model corpus: a ``.txt`` file's lines, else the ``text_key`` of each record."""
+    if is_text_path(path):
+        texts = list(read_text_lines(path))
+        if not texts:
+            raise DataError(f"{path}: no text (every line is blank)")
+        return texts
+    return read_records(path, text_key=text_key, delim=delim, loose_json=loose_json).texts
+
+
 def read_records(
     path: str | Path,
     text_key: str = "sentence",
@@ -322,8 +353,7 @@ def load_corpus(
     preprocess: str = "nvidia",
     progress: bool = False,
 ) -> EncodedCorpus:
-    records = read_records(path, text_key=text_key, delim=delim, loose_json=loose_json)
-    return encode_corpus(records.texts, str(path), preprocess, progress)
+    return encode_corpus(corpus_texts(path, text_key, delim, loose_json), str(path), preprocess, progress)
 
 
 LAZY_CACHE_VERSION = 1
@@ -419,9 +449,19 @@ LAZY_POOL_MIN_BYTES = 8 << 20  # smaller files are encoded in this process: a po
 def _work_units(path: Path, meta: dict) -> Iterator[tuple[tuple, int]]:
     """``path`` cut into units of work as it is read, each with its size in source bytes:
     ``("lines", first line, [raw line, ...])`` for loose json, ``("texts", None, [text, ...])`` for
-    csv (read by pandas in chunks) and tight json (read whole: it is a single json value)."""
+    .txt (line by line), csv (read by pandas in chunks) and tight json (read whole: one json value)."""
     json_file = is_json_path(path, meta["loose_json"])
-    if json_file and is_loose_json(path, meta["loose_json"]):
+    if is_text_path(path):
+        lines, size = [], 0
+        for line in read_text_lines(path):
+            lines.append(line)
+            size += len(line)
+            if size >= LAZY_UNIT_BYTES:
+                yield ("texts", None, lines), size
+                lines, size = [], 0
+        if lines:
+            yield ("texts", None, lines), size
+    elif json_file and is_loose_json(path, meta["loose_json"]):
         with open(path, "rb") as f:
             lines, size, first = [], 0, 1
             for n, line in enumerate(f, 1):
@@ -596,8 +636,8 @@ def split_shards(num_shards: int, proportions: tuple[float, float, float]) -> tu
 class Batch:
     """One truncated-BPTT batch: ``input``/``target`` ``[T, B]`` long, ``reset`` ``[T, B]`` bool.
 
-    ``target`` is PAD_TARGET where a row has run out of text; ``reset`` marks the steps where the
-    row's state is zeroed before that input byte is consumed.
+    ``target`` may be PAD_TARGET (a step that predicts nothing: the loss skips it); ``reset`` marks
+    the steps where the row's state is zeroed before that input byte is consumed.
     """
 
     input: torch.Tensor
@@ -615,20 +655,22 @@ class Batch:
 class TBPTTBatches:
     """The batches of one split, in order.
 
-    The split's shards are dealt in contiguous groups to ``min(batch_size, shards)`` rows; each row
-    is one stream of whole shards (consecutive in the corpus, so a row is one slice of
-    ``corpus.tokens``). Step ``t`` of a row reads byte ``t`` and predicts byte ``t + 1``; batch
-    ``b`` holds steps ``b*T .. b*T + T - 1`` of every row. Rows that are shorter than the longest
-    are padded (target PAD_TARGET), and the last batch may be shorter than ``T``.
+    The split's bytes (its shards, consecutive in the corpus) are one stream, cut into
+    ``batch_size`` equal contiguous rows, as word_language_model's ``batchify`` does (the last
+    ``< rows`` bytes are dropped). Step ``t`` of a row reads byte ``t`` and predicts byte ``t + 1``;
+    batch ``b`` holds steps ``b*T .. b*T + T - 1`` of every row, so every batch has all rows active
+    and only the last may be shorter than ``T``. (Dealing whole shards to rows instead left rows of
+    unequal length: the tail of each epoch then trained on a few rows at full step size.)
 
-    ``persist_state``: 1 resets a row where its next shard begins, 0 at every sample start,
-    -1 never. ``seq_length`` < 0 picks ``T`` so that the split has ``-seq_length`` batches.
+    A row starts from a zero state; inside it, ``persist_state`` 1 resets the state where a shard
+    begins, 0 where any sample begins, -1 never. ``seq_length`` < 0 picks ``T`` so that the split
+    has ``-seq_length`` batches.
 
-    Distributed (as the original): ``batch_size`` is per process, so the shards are dealt to
-    ``min(batch_size * world_size, shards)`` rows in all (``total_rows``) and process ``rank`` keeps
-    the contiguous block ``row_range`` of them (``rows`` of its own). Every process has the same
-    number of batches; together they hold exactly the rows of one process with
-    ``batch_size * world_size`` rows.
+    Distributed (as the original): ``batch_size`` is per process, so the stream is cut into
+    ``batch_size * world_size`` rows in all (``total_rows``) and process ``rank`` keeps the
+    contiguous block ``row_range`` of them (``rows`` of its own). Every process has the same number
+    of batches; together they hold exactly the rows of one process with ``batch_size * world_size``
+    rows.
     """
 
     def __init__(
@@ -649,26 +691,25 @@ class TBPTTBatches:
         if persist_state not in (-1, 0, 1):
             raise DataError(f"--persist_state must be -1, 0 or 1 (got {persist_state})")
         self.corpus, self.name, self.persist_state = corpus, name, persist_state
-        num_shards = len(shard_bounds) - 1
-        self.total_rows = min(batch_size * world_size, num_shards)
-        row_shards = (np.arange(self.total_rows + 1, dtype=np.int64) * num_shards) // self.total_rows
-        row_samples = shard_bounds[row_shards]
-        begin, end = corpus.starts[row_samples[:-1]], corpus.starts[row_samples[1:]]
-        self.row_predictions = (end - begin - 1).clip(min=0)  # of every process's rows
+        begin, end = int(corpus.starts[shard_bounds[0]]), int(corpus.starts[shard_bounds[-1]])
+        # Every row needs two bytes (one prediction); a tiny split gets fewer rows.
+        self.total_rows = min(batch_size * world_size, (end - begin) // 2)
+        if self.total_rows < 1:
+            raise DataError(f"{corpus.path}: the {name} split holds fewer than two bytes of text")
+        row_bytes = (end - begin) // self.total_rows
         self.row_range = (rank * self.total_rows // world_size, (rank + 1) * self.total_rows // world_size)
         self.rows = self.row_range[1] - self.row_range[0]
-        self.row_begin, self.row_end = begin[slice(*self.row_range)], end[slice(*self.row_range)]
-        self.steps = int((end - begin).max()) - 1  # predictions of the longest row
-        if self.steps < 1:
-            raise DataError(f"{corpus.path}: the {name} split holds fewer than two bytes of text")
+        self.row_begin = begin + row_bytes * np.arange(*self.row_range, dtype=np.int64)
+        self.steps = row_bytes - 1  # predictions of every row
         self.seq_length = seq_length if seq_length > 0 else -(-self.steps // -seq_length)
         self.num_batches = -(-self.steps // self.seq_length)
         if persist_state == 0:
-            self.boundaries = corpus.starts[:-1]
+            boundaries = corpus.starts[:-1]
         elif persist_state == 1:
-            self.boundaries = corpus.starts[shard_bounds[:-1]]
+            boundaries = corpus.starts[shard_bounds[:-1]]
         else:
-            self.boundaries = np.zeros(0, dtype=np.int64)
+            boundaries = np.zeros(0, dtype=np.int64)
+        self.boundaries = np.asarray(boundaries, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -676,23 +717,23 @@ class TBPTTBatches:
     @property
     def num_targets(self) -> int:
         """Predicted bytes in one pass over the split (all processes' rows)."""
-        return int(self.row_predictions.sum())
+        return self.steps * self.total_rows
 
     def targets_in_batch(self, index: int) -> int:
         """Predicted bytes in batch ``index`` of all processes' rows (``Batch.num_targets`` summed)."""
-        first = index * self.seq_length
-        return int((self.row_predictions - first).clip(0, self.seq_length).sum())
+        return min(self.seq_length, self.steps - index * self.seq_length) * self.total_rows
 
     def batch(self, index: int) -> Batch:
         first = index * self.seq_length
         steps = min(self.seq_length, self.steps - first)
         pos = self.row_begin[:, None] + first + np.arange(steps, dtype=np.int64)[None, :]  # [B, T]
-        valid = pos + 1 < self.row_end[:, None]
-        safe = np.where(valid, pos, 0)
-        inputs = np.where(valid, self.corpus.tokens[safe].astype(np.int64), 0)
-        targets = np.where(valid, self.corpus.tokens[safe + 1].astype(np.int64), PAD_TARGET)
-        at = np.searchsorted(self.boundaries, pos).clip(max=max(len(self.boundaries) - 1, 0))
-        reset = valid & (self.boundaries[at] == pos) if len(self.boundaries) else np.zeros_like(valid)
+        inputs = self.corpus.tokens[pos].astype(np.int64)
+        targets = self.corpus.tokens[pos + 1].astype(np.int64)
+        if len(self.boundaries):
+            at = np.searchsorted(self.boundaries, pos).clip(max=len(self.boundaries) - 1)
+            reset = self.boundaries[at] == pos
+        else:
+            reset = np.zeros(pos.shape, dtype=bool)
         as_steps = lambda a: torch.from_numpy(np.ascontiguousarray(a.T))  # [B, T] -> [T, B]
         return Batch(as_steps(inputs), as_steps(targets), as_steps(reset))
 

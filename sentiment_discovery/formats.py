@@ -29,6 +29,7 @@ OPENAI_FORMAT = "openai-shards"
 NVIDIA_FORMAT = "nvidia-2018"
 OPENAI_SHARD_COUNT = 15
 OPENAI_HIDDEN = 4096
+OPENAI_EMBED = 64
 OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
@@ -63,6 +64,25 @@ def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # OpenAI
 # --------------------------------------------------------------------------------------------
+
+
+def openai_shard_shapes(H: int = OPENAI_HIDDEN, E: int = OPENAI_EMBED) -> list[tuple[int, ...]]:
+    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (formats.md). Files 2-5 are
+    column blocks of Wh ``[H, 4H]``, listed here as ``(H, 4H)``: the most columns one block may hold."""
+    return [
+        (256, E),  # embedding
+        (E, 4 * H),  # Wx
+        *[(H, 4 * H)] * 4,  # Wh, column blocks
+        (E, H),  # Wmx
+        (H, H),  # Wmh
+        (4 * H,),  # b
+        (4 * H,),  # gx
+        (4 * H,),  # gh
+        (H,),  # gmx
+        (H,),  # gmh
+        (H, 256),  # output W
+        (256,),  # output b
+    ]
 
 
 def openai_shard_dir(path: str | Path) -> Path | None:

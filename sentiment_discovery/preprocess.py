@@ -12,8 +12,8 @@ import re
 from collections.abc import Callable
 
 import numpy as np
-from unidecode import unidecode
 
+PREFIX, SUFFIX = "\n ", " "  # what both preprocessings put around the cleaned text
 _TAG = re.compile(r"<[^>]*>")
 
 
@@ -35,6 +35,8 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 def transliterate(text: str) -> str:
     """``unidecode(text)``, applied to the runs of non-ASCII characters only: the same result (it maps
     each character on its own) without its per-character Python loop over the ASCII around them."""
+    from unidecode import unidecode  # only the nvidia preprocessing needs it
+
     return _NON_ASCII.sub(lambda run: unidecode(run.group()), text)
 
 
@@ -46,13 +48,13 @@ def nvidia_preprocess(text: str, max_words: int | None = None) -> str:
     words = text.split()
     if max_words is not None:
         words = words[:max_words]
-    return "\n " + " ".join(words) + " "
+    return PREFIX + " ".join(words) + SUFFIX
 
 
 def openai_preprocess(text: str) -> str:
     """OpenAI's release: unescape, newlines to spaces, strip, pad."""
     text = html.unescape(text).replace("\n", " ").strip()
-    return "\n " + text + " "
+    return PREFIX + text + SUFFIX
 
 
 PREPROCESSORS: dict[str, Callable[[str], str]] = {
@@ -77,6 +79,13 @@ def encode_bytes(text: str, preprocess: str = "nvidia") -> bytes:
 def encode(text: str, preprocess: str = "nvidia") -> np.ndarray:
     """``encode_bytes`` as a uint8 array."""
     return np.frombuffer(encode_bytes(text, preprocess), dtype=np.uint8)
+
+
+def text_slice(data: bytes) -> slice:
+    """The part of preprocessed ``data`` that is the text itself: without ``PREFIX`` and ``SUFFIX``."""
+    start = len(PREFIX) if data.startswith(PREFIX.encode()) else 0
+    end = len(data) - len(SUFFIX) if data.endswith(SUFFIX.encode()) else len(data)
+    return slice(start, max(start, end))
 
 
 def decode(tokens) -> str:

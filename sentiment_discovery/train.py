@@ -20,6 +20,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,10 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import SAVE_DTYPES, CheckpointError, save_checkpoint
 from .cli import pick_seed
 from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
-from .featurize import autocast
+from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .recurrent import State
 
@@ -56,9 +57,12 @@ class TrainOptions:
     log_interval: int = 100
     save: str = "lang_model.pt"
     save_iters: int = 2000  # batches between checkpoints (with a validation); 0 = only at the end
-    progress: bool = True
-    fp16: bool = False  # mixed precision: autocast to float16 on GPU, bfloat16 on CPU
+    keep_checkpoints: int = 0  # also keep the last K checkpoints as <stem>.step<N>.pt; 0 = none
+    progress: bool = True  # progress bars (pretrain: only when stderr is a terminal)
+    fp16: bool = False  # float16 products with loss scaling on GPU; on CPU the same as bf16
+    bf16: bool = False  # bfloat16 operands for every matrix product (matmul.py); no loss scaling
     loss_scale: float = 1.0  # static loss scale (with fp16)
+    save_dtype: str = "fp32"  # dtype of the weights in the checkpoints written (checkpoint.SAVE_DTYPES)
     dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
     load: str = ""  # the checkpoint a resumed run came from (its best model and metrics continue)
 
@@ -67,6 +71,31 @@ def sibling(save: str | Path, suffix: str) -> Path:
     """``lang_model.pt`` + ``.best.pt`` -> ``lang_model.best.pt``: outputs that live beside ``--save``."""
     save = Path(save)
     return save.with_name(save.stem + suffix)
+
+
+def snapshot_path(save: str | Path, step: int) -> Path:
+    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series."""
+    return sibling(save, f".step{step}.pt")
+
+
+def snapshots(save: str | Path) -> list[tuple[int, Path]]:
+    """The snapshot series of ``save`` that exists, as (step, path) by step."""
+    save = Path(save)
+    pattern = re.compile(re.escape(save.stem) + r"\.step(\d+)\.pt")
+    found = ((pattern.fullmatch(p.name), p) for p in save.parent.glob(f"{save.stem}.step*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def prune_snapshots(save: str | Path, step: int, keep: int) -> list[Path]:
+    """Delete all but the last ``keep`` snapshots of ``save`` up to ``step``; returns those deleted.
+
+    Snapshots beyond ``step`` (left by another run with the same ``--save``) are not this run's to delete.
+    """
+    found = [(n, p) for n, p in snapshots(save) if n <= step]
+    doomed = [p for _, p in found[: max(0, len(found) - keep)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,11 +162,12 @@ class SaveLock:
 
 
 def remove_stale_temp_files(save: str | Path) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save`` and its
-    best model (call it while holding the SaveLock: then no write of this --save is in progress)."""
+    """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save``, its best
+    model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
+    save = Path(save)
     removed = []
-    for target in (Path(save), sibling(save, ".best.pt")):
-        for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+    for name in (save.name, sibling(save, ".best.pt").name, f"{save.stem}.step*.pt"):
+        for tmp in save.parent.glob(f".{name}.*.tmp"):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -377,6 +407,8 @@ class Trainer:
             else (options.train_iters or options.epochs * len(self.train))
         )
         self.scheduler = linear_decay(self.optimizer, self.total_steps)
+        self.dtype = reduced_dtype(device, options.fp16, options.bf16)
+        self.save_dtype = SAVE_DTYPES[options.save_dtype]
         dynamic = options.fp16 and options.dynamic_loss_scale
         self.scaler = torch.amp.GradScaler(device.type) if dynamic else None
         self.step, self.epoch, self.batch_index, self.bytes_seen = 0, 0, 0, 0
@@ -404,7 +436,8 @@ class Trainer:
         continues_here = self.resumed and (not load or Path(load).resolve() == Path(self.opt.save).resolve())
         if continues_here:
             return
-        for path in (self.best_path, metrics_path):
+        series = [path for _, path in snapshots(self.opt.save)]
+        for path in (self.best_path, metrics_path, *series):
             moved = move_aside(path)
             if moved is not None:
                 self.log(f"{path} is another run's: moved it aside to {moved}")
@@ -471,10 +504,20 @@ class Trainer:
         )
 
     def save(self, path: str | Path | None = None) -> None:
-        """Distributed: every process calls it (train_state gathers), rank 0 writes."""
+        """Distributed: every process calls it (train_state gathers), rank 0 writes.
+
+        With ``keep_checkpoints`` K the checkpoint also goes to ``<stem>.step<N>.pt``, and only the
+        last K of that series stay.
+        """
         train_state = self.train_state()
         if self.is_main:
-            save_checkpoint(path or self.opt.save, self.model, train_state=train_state)
+            save_checkpoint(path or self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
+            if self.opt.keep_checkpoints > 0 and path is None:
+                save_checkpoint(
+                    snapshot_path(self.opt.save, self.step), self.model, train_state=train_state,
+                    dtype=self.save_dtype,
+                )
+                prune_snapshots(self.opt.save, self.step, self.opt.keep_checkpoints)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -506,7 +549,7 @@ class Trainer:
         if better:
             self.best_val = bpc
             if self.is_main:
-                save_checkpoint(self.best_path, self.model)
+                save_checkpoint(self.best_path, self.model, dtype=self.save_dtype)
         self.log(
             f"| step {self.step} | val BPC {bpc:.4f}" + (f" | best, saved {self.best_path}" if better else "")
         )
@@ -518,7 +561,7 @@ class Trainer:
         ``total_targets``: the bytes predicted in this step by all processes (default: this batch's).
         """
         batch = batch.to(self.device)
-        with autocast(self.device, self.opt.fp16):
+        with autocast(self.device, self.dtype):
             loss, hidden = batch_loss(self.ddp, batch, detach(self.hidden))
         self.hidden = detach(hidden)
         self.optimizer.zero_grad(set_to_none=True)
@@ -676,8 +719,12 @@ def pretrain(args) -> dict:
         raise ValueError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
     if (args.dynamic_loss_scale or args.loss_scale != 1) and not args.fp16:
         raise ValueError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
         raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
+    if args.keep_checkpoints < 0:
+        raise ValueError(f"--keep_checkpoints {args.keep_checkpoints}: give a count >= 0")
     if not args.eval_only:
         check_optimizer(args.optim)
         check_save_path(args.save)
@@ -715,6 +762,8 @@ def _pretrain(args, device: torch.device) -> dict:
     from .model import ModelConfig
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
+    # Bars redraw with carriage returns: on a terminal only; a log file gets the plain log lines.
+    progress = rank == 0 and sys.stderr.isatty()
     seed = distributed.broadcast(pick_seed(args.seed))
     main_print(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
     torch.manual_seed(seed)
@@ -758,7 +807,7 @@ def _pretrain(args, device: torch.device) -> dict:
             delim=args.delim,
             loose_json=args.loose_json,
             preprocess=model.config.preprocess,
-            progress=rank == 0,
+            progress=progress,
             lazy=args.lazy,
             rebuild_cache=args.preprocess and rank == 0,
             world_size=world_size,
@@ -774,12 +823,16 @@ def _pretrain(args, device: torch.device) -> dict:
                 f"of {part.seq_length} steps" + (f", across {world_size} processes" if world_size > 1 else "")
             )
             if name == "train" and part.total_rows < args.batch_size * world_size:
-                # each row streams whole shards: fewer shards than rows means fewer rows than asked for
+                # every row needs at least two bytes: a tiny corpus fills fewer rows than asked for
                 main_print(
-                    f"  note: only {part.total_rows} training shards for a batch of "
-                    f"{args.batch_size * world_size} rows; raise --num_shards to fill the batch"
+                    f"  note: the training split fills only {part.total_rows} rows of a batch of "
+                    f"{args.batch_size * world_size}"
                 )
-    main_print(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}")
+    dtype = reduced_dtype(device, args.fp16, args.bf16)
+    main_print(
+        f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}"
+        + (f", {str(dtype).removeprefix('torch.')} matrix products" if dtype and not args.eval_only else "")
+    )
     if args.eval_only:
         if splits.val is None and splits.test is None:
             raise ValueError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
@@ -788,7 +841,7 @@ def _pretrain(args, device: torch.device) -> dict:
         for name in ("val", "test"):
             part = getattr(splits, name)
             if part is not None:
-                result[f"{name}_bpc"] = evaluate(model, part, device, progress=rank == 0)
+                result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
                 main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
     options = TrainOptions(
@@ -800,8 +853,12 @@ def _pretrain(args, device: torch.device) -> dict:
         log_interval=args.log_interval,
         save=args.save,
         save_iters=args.save_iters,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=progress,
         fp16=args.fp16,
+        bf16=args.bf16,
         loss_scale=args.loss_scale,
+        save_dtype=args.save_dtype,
         dynamic_loss_scale=args.dynamic_loss_scale,
         load=args.load,
     )

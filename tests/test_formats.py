@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, load_script, shared_path
+from conftest import ROOT, fixture_path, load_script
 
 from sentiment_discovery.checkpoint import CheckpointError, build_checkpoint, load_checkpoint, save_checkpoint
 from sentiment_discovery.convert import main as convert_main
@@ -128,7 +128,7 @@ def test_openai_random_shards_match_numpy_reference(tmp_path):
 
     # the scripts take the directory too (transfer.py identifies the model by its files' digest)
     sst = tmp_path / "sst.csv"
-    pd.read_csv(shared_path("data", "binary_sst", "val.csv")).head(40).to_csv(sst, index=False)
+    pd.read_csv(fixture_path("binary_sst", "val.csv")).head(40).to_csv(sst, index=False)
     transfer = ["--load_model", str(tmp_path), "--data", str(sst), "--valid", str(sst), "--test", str(sst)]
     out = tmp_path / "out"
     assert load_script("transfer").main([*transfer, "--log2_C", "0", "0", "--save_results", str(out)]) == 0
@@ -147,7 +147,7 @@ def test_openai_released_shards_at_4096():
     """The real small shards (embedding, Wmx, biases, gains, output bias) with random stand-ins of the right
     shapes for the ones too large to keep (Wx, Wh, Wmh, output W)."""
     partial = {
-        i: np.load(shared_path("reference", "openai_shards_partial", f"{i}.npy"))
+        i: np.load(fixture_path("openai_shards_partial", f"{i}.npy"))
         for i in (0, 6, 8, 9, 10, 11, 12, 14)
     }
     rng = np.random.default_rng(2)

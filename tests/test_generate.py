@@ -15,7 +15,12 @@ import torch
 from conftest import ROOT, load_script
 
 from sentiment_discovery import generation as gen
-from sentiment_discovery.checkpoint import save_checkpoint
+from sentiment_discovery.checkpoint import (
+    DEFAULT_MODEL,
+    first_existing_model,
+    resolve_model_path,
+    save_checkpoint,
+)
 from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
@@ -287,18 +292,19 @@ def test_script_analysis_writes_heatmap_and_values(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0
-    assert "unit 7" in out and "negative (use --negate)" in out and "P(positive)" in out
+    assert "unit 7" in out and "polarity -1" in out and "P(positive)" in out
     record = json.loads((tmp_path / "out" / "analysed.json").read_text(encoding="utf-8"))
     tokens = encode(TEXT, "nvidia")
     assert [row["byte"] for row in record["values"]] == tokens.tolist()
     np.testing.assert_allclose(
         [row["value"] for row in record["values"]], states(model, tokens, 0, 7), atol=1e-5
     )
+    # padding is listed but not the text: the heatmap holds the text's characters alone
+    assert [row["text"] for row in record["values"]] == [False, False] + [True] * len(TEXT) + [False]
     image = matplotlib.image.imread(tmp_path / "out" / "analysed.png")
-    cells = gen.char_cells(tokens)
-    expected = gen.HeatmapLayout(gen.layout_lines([ch for _, ch in cells], 64), cells, 64).size_px
+    expected = gen.HeatmapLayout(gen.layout_lines(list(TEXT), 64), gen.char_cells(TEXT.encode()), 64).size_px
     assert (image.shape[1], image.shape[0]) == expected
-    assert (tmp_path / "out" / "analysed.txt").read_text(encoding="utf-8") == tokens.tobytes().decode()
+    assert (tmp_path / "out" / "analysed.txt").read_bytes() == TEXT.encode()
 
 
 def test_script_without_classifier_or_neuron_gives_a_clear_error(tmp_path, capsys):
@@ -314,12 +320,16 @@ def test_script_without_classifier_or_neuron_gives_a_clear_error(tmp_path, capsy
     assert "missing.pt" in capsys.readouterr().err
 
 
-def test_default_model_prefers_the_transferred_checkpoint(tmp_path, monkeypatch):
+def test_default_model_prefers_the_users_own_then_the_shipped_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert gen.default_load_model() == "lang_model.pt"
+    candidates = ("lang_model_transfer/classifier.pt", "lang_model.pt")
+    assert first_existing_model(*candidates) == "default"
+    assert resolve_model_path("default") == resolve_model_path(None) == DEFAULT_MODEL
+    (tmp_path / "lang_model.pt").write_bytes(b"")
+    assert first_existing_model(*candidates) == "lang_model.pt"
     (tmp_path / "lang_model_transfer").mkdir()
     (tmp_path / "lang_model_transfer" / "classifier.pt").write_bytes(b"")
-    assert gen.default_load_model() == "lang_model_transfer/classifier.pt"
+    assert first_existing_model(*candidates) == "lang_model_transfer/classifier.pt"
 
 
 def test_script_one_dash_spellings_generate_with_overwrite(tmp_path):
@@ -350,6 +360,127 @@ def test_script_one_dash_spellings_generate_with_overwrite(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "seed 5" in run.stdout and "generated 60/" in run.stdout
     record = json.loads((tmp_path / "g.json").read_text(encoding="utf-8"))
-    assert record["overwrite"] == 1.0 and record["negate"] is True  # -negate flips -overwrite -1
+    # -negate declares polarity -1 (as the weight's sign would): negative sentiment is a raw +1
+    assert record["overwrite_written"] == 1.0 and record["polarity"] == -1
     assert len(record["values"]) == 80 and (tmp_path / "g.png").exists()
-    assert (tmp_path / "g.txt").read_text(encoding="utf-8").startswith("\n Sean Connery is")
+    text = (tmp_path / "g.txt").read_bytes()
+    assert text.startswith(b"Sean Connery is") and len(text) == 78  # 80 bytes less the "\n " prefix
+
+
+# ---------------------------------------------------------------------------------------------
+# polarity, overwrite modes, the saved text
+# ---------------------------------------------------------------------------------------------
+
+
+def run_generate_script(tmp_path, capsys, *args) -> tuple[str, dict]:
+    code = load_script("generate").main(
+        ["--load_model", str(tmp_path / "clf.pt"), "--save", str(tmp_path / "g.txt"), "--cpu", "--heatmap",
+         "--seed", "2", *args]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out, json.loads((tmp_path / "g.json").read_text(encoding="utf-8"))
+
+
+def test_overwrite_plus_one_forces_positive_sentiment_whatever_the_weight_sign(tmp_path, capsys):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "clf.pt", model, classifier=classifier([7, 3]))  # weights: 7 -1.5, 3 +0.5
+    text = ["--text", "It was", "--gen_length", "40"]
+    out, record = run_generate_script(tmp_path, capsys, *text, "--overwrite", "1")
+    # neuron 7 reads negative: +1 (positive sentiment) is written as -1
+    assert "classifier weight -1.5000" in out and "polarity -1" in out
+    assert "--overwrite +1 (positive sentiment): writing -1" in out
+    assert record["overwrite_written"] == -1.0 and record["polarity"] == -1
+    generated = [row["value"] for row in record["values"] if row["generated"]]
+    assert generated == pytest.approx([-1.0] * len(generated)) and len(generated) == 40 - len("\n It was")
+
+    out, record = run_generate_script(tmp_path, capsys, *text, "--overwrite", "1", "--neuron", "3")
+    assert "polarity +1" in out and record["overwrite_written"] == 1.0
+    # --negate overrides the weight's sign
+    out, record = run_generate_script(tmp_path, capsys, *text, "--overwrite", "1", "--neuron", "3", "-negate")
+    assert "polarity -1 (--negate, against" in out and record["overwrite_written"] == -1.0
+
+
+def test_heatmap_is_green_where_sentiment_is_positive(tmp_path, capsys):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "clf.pt", model, classifier=classifier([7, 3]))
+    run_generate_script(tmp_path, capsys, "--text", "It was", "--gen_length", "30", "--overwrite", "1")
+    image = matplotlib.image.imread(tmp_path / "g.png")
+    cells = gen.char_cells(np.frombuffer((tmp_path / "g.txt").read_bytes(), dtype=np.uint8))
+    layout = gen.HeatmapLayout(gen.layout_lines([ch for _, ch in cells], 64), cells, 64)
+    # the last cell is the last generated byte, forced to +1 sentiment (a raw -1 for this neuron)
+    x, y = layout.cell_origin_px(len(layout.lines) - 1, len(layout.lines[-1]) - 1)
+    green = matplotlib.colormaps["RdYlGn"](1.0)[:3]
+    np.testing.assert_allclose(image[y + 1, x + 1, :3], green, atol=2 / 255)
+
+
+@pytest.mark.parametrize("kind", ["mLSTM", "GRU"])
+def test_hidden_mode_writes_h_at_every_step_including_warm_up(kind):
+    model = tiny_model(kind)
+    neuron = gen.select_neuron(model, None, 5)
+    seen = []  # (h, c) of the unit as each step reads them
+    forward = model.forward
+
+    def spy(tokens, hidden=None, reset=None):
+        seen.append(None if hidden is None else (hidden[0][0, 0, 5].item(), hidden[1][0, 0, 5].item()))
+        return forward(tokens, hidden, reset)
+
+    model.forward = spy
+    forced = gen.generate(
+        model, "Good film", gen_length=40, seed=4, neuron=neuron, overwrite=0.75, overwrite_mode="hidden"
+    )
+    assert seen[0] is None and len(seen) == 40
+    assert [h for h, _ in seen[1:]] == pytest.approx([0.75] * 39)  # warm-up steps included
+    if kind == "mLSTM":  # the cell goes on unforced
+        assert all(c != pytest.approx(0.75) for _, c in seen[1:])
+    free = gen.generate(model, "Good film", gen_length=40, seed=4, neuron=neuron)
+    assert not np.allclose(forced.values[: forced.n_warmup], free.values[: free.n_warmup])
+    with pytest.raises(gen.GenerationError, match="--overwrite_mode hidden"):
+        gen.generate(model, "x", gen_length=-1, neuron=neuron, overwrite=1.0)
+    analysed = gen.generate(
+        model, "Good", gen_length=-1, neuron=neuron, overwrite=1.0, overwrite_mode="hidden"
+    )
+    assert analysed.text == "Good" and len(analysed.tokens) == len("\n Good ")
+
+
+def test_saved_text_is_the_text_as_generated_byte_for_byte(tmp_path, capsys):
+    model = tiny_model()
+    with torch.no_grad():  # nearly uniform over all 256 bytes: most high bytes form invalid UTF-8
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+    save_checkpoint(tmp_path / "clf.pt", model, classifier=classifier([7, 3]))
+    out, record = run_generate_script(tmp_path, capsys, "--text", "Hello there", "--gen_length", "300")
+    data = (tmp_path / "g.txt").read_bytes()
+    tokens = bytes(row["byte"] for row in record["values"])
+    assert tokens.startswith(b"\n Hello there") and len(tokens) == 300
+    assert data == tokens[2:]  # no preprocessing prefix, every generated byte as it was sampled
+    invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode())
+    assert invalid > 20 and f"(298 bytes; {invalid} of them not valid UTF-8" in out
+
+
+def test_layout_moves_a_word_that_fits_a_row_instead_of_splitting_it():
+    chars = list("a " + "y" * 31 + " bb")
+    rows = ["".join(chars[i] for i in row) for row in gen.layout_lines(chars, 32)]
+    assert rows == ["a ", "y" * 31 + " ", "bb"]
+    assert [len(row) for row in gen.layout_lines(list("a " + "y" * 30), 32)] == [32]  # fits exactly
+
+
+def test_analysis_uses_the_per_byte_values_of_the_encoder():
+    from sentiment_discovery.encoder import Encoder
+
+    model = tiny_model(nlayers=2)
+    clf = classifier([H + 9, 1], n_features=2 * H, all_layers=True)
+    neuron = gen.select_neuron(model, clf, None)
+    result = gen.generate(model, TEXT, gen_length=-1, neuron=neuron)
+    (values,) = Encoder(model, clf, device="cpu").cell_transform(TEXT, units=[H + 9])
+    np.testing.assert_allclose(result.values, values.values[:, 0], atol=1e-6)
+    assert result.text == TEXT and result.text_slice == values.text_slice
+
+
+def test_a_neuron_of_concatenated_poolings_is_its_unit_in_any_block():
+    model = tiny_model(nlayers=2)
+    clf = {**classifier([H + 5, 3], n_features=2 * H), "pooling": "mean,last"}  # block 2, unit 5
+    picked = gen.select_neuron(model, clf)
+    assert (picked.feature, picked.layer, picked.unit) == (H + 5, 1, 5)
+    with pytest.raises(gen.GenerationError, match="out of range"):
+        gen.select_neuron(model, clf, neuron=2 * H)

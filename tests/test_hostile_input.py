@@ -222,7 +222,7 @@ BAD_MAIN_FLAGS = [
     (["--nlayers", "0"], "argument --nlayers"),
     (["--emsize", "0"], "argument --emsize"),
     (["--epochs", "0"], "argument --epochs"),
-    (["--log_interval", "0"], "argument --log-interval/--log_interval"),
+    (["--log_interval", "0"], "argument --log-interval: 0 must be at least 1"),
     (["--clip", "nan"], "argument --clip: nan must be a finite number"),
     (["--train_iters", "-3"], "argument --train_iters: -3 must be at least 0"),
     (["--lr", "0"], "argument --lr: 0 must be greater than 0"),
