@@ -38,6 +38,7 @@ import safetensors.torch
 import torch
 
 from . import formats
+from .featurize import STATES, parse_pooling
 from .formats import CheckpointError, RawCheckpoint
 from .model import ModelConfig, RNNModel
 from .preprocess import PREPROCESSORS
@@ -56,7 +57,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb
 # have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
 MAX_UNITS = 1 << 16
 MAX_LAYERS = 64
-POOLINGS, STATES = ("last", "mean", "max"), ("cell", "hidden")  # featurize.py's, without importing it
 
 
 @dataclass
@@ -388,13 +388,17 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
         absent = [k for k in ("weight", "bias") if k not in classifier]
         raise CheckpointError(f"{source}: classifier lacks {' and '.join(absent)}")
     classifier = dict(classifier)
-    for key, choices in (("pooling", POOLINGS), ("state", STATES)):
-        if classifier.get(key) is not None and classifier[key] not in choices:
-            raise CheckpointError(f"{source}: classifier {key} = {classifier[key]!r} is not one of {choices}")
+    pooling, state = classifier.get("pooling"), classifier.get("state")
+    try:
+        poolings = parse_pooling(pooling if pooling is not None else "last")
+    except ValueError as e:
+        raise CheckpointError(f"{source}: classifier {e}") from None
+    if state is not None and state not in STATES:
+        raise CheckpointError(f"{source}: classifier state = {state!r} is not one of {', '.join(STATES)}")
     all_layers = classifier.get("all_layers")
     if all_layers is not None and not isinstance(all_layers, bool):
         raise CheckpointError(f"{source}: classifier all_layers = {all_layers!r} is not a bool")
-    features = config.nhid * (config.nlayers if all_layers else 1)
+    features = config.nhid * (config.nlayers if all_layers else 1) * len(poolings)
     weight = _numbers(classifier["weight"], "weight", source, features).float().reshape(-1)
     classifier["weight"] = weight
     classifier["bias"] = _numbers(classifier["bias"], "bias", source, 1).float().reshape(())

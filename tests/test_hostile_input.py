@@ -75,6 +75,14 @@ CRAFTED = {
         lambda obj: obj["classifier"].__setitem__("neurons", torch.tensor([0, 8])),
         "classifier neurons has indices outside 0 .. 7",
     ),
+    "classifier pooling unknown": (
+        lambda obj: obj["classifier"].__setitem__("pooling", "avg"),
+        "classifier pooling must be one of last, mean, max",
+    ),
+    "classifier pooling list, weights of one": (
+        lambda obj: obj["classifier"].__setitem__("pooling", "mean,max"),
+        "classifier weight has 8 values, expected 16",
+    ),
     "partial train_state": (
         lambda obj: obj.__setitem__("train_state", {"step": 3}),
         "train_state lacks total_steps",
@@ -107,6 +115,9 @@ def test_a_valid_train_state_and_classifier_load(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt.train_state["step"] == 3
     assert ckpt.classifier["neurons"].tolist()[:1] == [0]  # absent neurons: filled in by |weight|
+    two_poolings = {"weight": torch.ones(16), "bias": torch.tensor(0.5), "pooling": "mean,max"}
+    torch.save(crafted(lambda obj: obj.__setitem__("classifier", two_poolings)), path)
+    assert load_checkpoint(path).classifier["weight"].shape == (16,)
 
 
 def test_config_is_checked_before_the_model_is_allocated(tmp_path):
