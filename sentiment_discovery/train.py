@@ -130,7 +130,8 @@ def check_save_path(save: str | Path) -> None:
 
 class SaveLock:
     """An exclusive lock on ``--save`` (``fcntl.flock`` of ``.<name>.lock`` beside it) held for the
-    whole run, so that two runs never write the same checkpoint, best model and metrics."""
+    whole run, so that two runs never write the same checkpoint, best model and metrics. The lock
+    file goes when the run ends."""
 
     def __init__(self, save: str | Path):
         save = Path(save)
@@ -138,17 +139,25 @@ class SaveLock:
         self.file = None
 
     def acquire(self) -> None:
-        file = self.path.open("a+")
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
+        while True:
+            file = self.path.open("a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "unknown"
+                file.close()
+                raise ValueError(
+                    f"--save {self.save}: another run (pid {holder}) is writing to it (lock {self.path}); "
+                    "wait for it to end or choose another --save"
+                ) from None
+            # the holder before us may have removed the file after we opened it: lock the file that is there
+            try:
+                if os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             file.close()
-            raise ValueError(
-                f"--save {self.save}: another run (pid {holder}) is writing to it (lock {self.path}); "
-                "wait for it to end or choose another --save"
-            ) from None
         file.seek(0)
         file.truncate()
         file.write(f"{os.getpid()}\n")
@@ -157,7 +166,8 @@ class SaveLock:
 
     def release(self) -> None:
         if self.file is not None:
-            self.file.close()  # closing releases the lock; the empty lock file may stay
+            self.path.unlink(missing_ok=True)  # while still locked: no other run holds this file
+            self.file.close()
             self.file = None
 
 
@@ -514,7 +524,9 @@ class Trainer:
             save_checkpoint(path or self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
             if self.opt.keep_checkpoints > 0 and path is None:
                 save_checkpoint(
-                    snapshot_path(self.opt.save, self.step), self.model, train_state=train_state,
+                    snapshot_path(self.opt.save, self.step),
+                    self.model,
+                    train_state=train_state,
                     dtype=self.save_dtype,
                 )
                 prune_snapshots(self.opt.save, self.step, self.opt.keep_checkpoints)

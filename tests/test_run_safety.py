@@ -109,8 +109,9 @@ def test_a_second_run_on_the_same_save_is_refused(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
-    # the lock went with its process: now the run goes ahead
+    # the lock went with its process: now the run goes ahead, and removes the lock file at its end
     assert main_script.main(main_args(tmp_path, save, "--train_iters", "2")) == 0
+    assert not (tmp_path / ".lm.pt.lock").exists()
 
 
 def test_stale_temp_files_of_a_killed_save_are_removed(tmp_path, capsys):
