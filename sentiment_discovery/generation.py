@@ -426,6 +426,8 @@ def plot_heatmap(
     cells = char_cells(tokens)
     layout = HeatmapLayout(layout_lines([ch for _, ch in cells], width), cells, width)
     w_px, h_px = layout.size_px
+    if title:  # a short text must not clip its title (about 0.6 em per character)
+        w_px = max(w_px, int(2 * MARGIN_PX + 0.6 * len(title) * FONT_PT * DPI / 72))
     colormap, norm = matplotlib.colormaps[COLORMAP], Normalize(-1.0, 1.0, clip=True)
     shown = -values if negate else values
     ends = [token_index for token_index, _ in cells]
