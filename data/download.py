@@ -177,8 +177,8 @@ def download_openai(root: Path, url: str = OPENAI_URL, hidden: int | None = None
     """Fetch and check the 15 shards into ``root/openai/shards/``, convert them into ``root/OPENAI_MODEL``
     and delete them. ``hidden`` sets H of the expected shapes (default: the release's 4096)."""
     try:
-        from sentiment_discovery.checkpoint import CheckpointError, save_checkpoint
-        from sentiment_discovery.formats import OPENAI_HIDDEN, load_openai_shards, openai_shard_shapes
+        from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+        from sentiment_discovery.formats import OPENAI_HIDDEN, openai_shard_shapes
     except ImportError as e:
         raise DownloadError(f"{e}: install the package first (pip install -e . in the repository)") from None
     dest = root / OPENAI_MODEL
@@ -196,7 +196,7 @@ def download_openai(root: Path, url: str = OPENAI_URL, hidden: int | None = None
         check = lambda path, index=index, shape=shape: check_openai_shard(path, index, shape)
         fetch(url.rstrip("/") + f"/{index}.npy", shard, max_bytes, check)
     try:
-        ckpt = load_openai_shards(shard_dir)
+        ckpt = load_checkpoint(shard_dir)
         save_checkpoint(dest, ckpt.model, extra=ckpt.extra)
     except CheckpointError as e:
         raise DownloadError(str(e)) from None

@@ -80,10 +80,17 @@ def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
+LOG2_C_LIMIT = 50  # C = 2^50 is no penalty at all already; 2^1024 is not even a float
+
+
 def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
     """C = 2^log2_min ... 2^log2_max (OpenAI's sweep is 2^-8 ... 2^0)."""
     if log2_min > log2_max:
         raise ValueError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
+    if max(abs(log2_min), abs(log2_max)) > LOG2_C_LIMIT:
+        raise ValueError(
+            f"--log2_C {log2_min} {log2_max}: exponents must lie in -{LOG2_C_LIMIT} .. {LOG2_C_LIMIT}"
+        )
     return [2.0**e for e in range(log2_min, log2_max + 1)]
 
 
@@ -371,6 +378,15 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
         raise DataError(f"{split} split: {e}{hint}") from None
 
 
+def _check_both_classes(split: str, records: Records) -> None:
+    classes = np.unique(records.labels)
+    if len(classes) < 2:
+        raise DataError(
+            f"{split} split: {records.path}: every label is {int(classes[0])}; fitting (train) and "
+            "choosing C (val) need texts of both classes, 0 and 1"
+        )
+
+
 def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) -> str:
     accs = ", ".join(f"{split} {100 * a:.2f}%" for split, a in acc.items())
     note = "" if reg.converged else " (did not converge: raise --epochs)"
@@ -392,6 +408,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
         raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
     if args.write_results and not given_path(args.test):
         raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
+    Cs = c_sweep(*args.log2_C)
     args.load_model = args.load_model or first_existing_model("lang_model.pt")
     if args.load_model == "default":
         print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
@@ -413,6 +430,9 @@ def run_transfer(args: argparse.Namespace) -> dict:
         split: _read_split(args, split, path, need_labels=not (split == "test" and args.no_test_eval))
         for split, path in paths.items()
     }
+    for split in ("train", "val"):  # before featurizing: fitting, and choosing C, need both classes
+        if split in records:
+            _check_both_classes(split, records[split])
 
     cache = FeatureCache(
         out_dir,
@@ -452,7 +472,6 @@ def run_transfer(args: argparse.Namespace) -> dict:
     mean, scale = standardizer(features["train"])
     std = {split: (f - mean) / scale for split, f in features.items()}
     labels = {split: r.labels for split, r in records.items() if r.labels is not None}
-    Cs = c_sweep(*args.log2_C)
     n_features = features["train"].shape[1]
 
     def fit_on(columns: np.ndarray | None) -> Regression:
@@ -588,6 +607,8 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
         save_probs = Path(args.load_model).parent / save_probs
     save_probs.parent.mkdir(parents=True, exist_ok=True)
+    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
+        save_probs = save_probs.with_name(save_probs.name + ".npy")
     np.save(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
     print(

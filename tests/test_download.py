@@ -14,8 +14,8 @@ from conftest import load_script
 from test_formats import random_openai_shards
 from test_transfer import sst_slices
 
-from sentiment_discovery.checkpoint import load_checkpoint
-from sentiment_discovery.formats import openai_checkpoint
+from sentiment_discovery.checkpoint import build_checkpoint, load_checkpoint
+from sentiment_discovery.formats import openai_weights
 
 download = load_script("data/download")
 H = 64  # the release's layout (E = 64) with a small hidden size
@@ -100,7 +100,7 @@ def test_download_converts_once_and_every_script_loads_openai(tmp_path, server, 
     assert server.fetched() == [f"{i}.npy" for i in range(15)]
     assert [p.name for p in (root / "openai").iterdir()] == [dest.name]  # the shards are gone
     assert "--load_model openai" in capsys.readouterr().out
-    want = openai_checkpoint(shards, "served").model.state_dict()
+    want = build_checkpoint(openai_weights(shards, "served")).model.state_dict()
     got = load_checkpoint(dest)
     assert got.config.preprocess == "openai" and got.config.nhid == H
     for key, value in got.model.state_dict().items():

@@ -16,11 +16,11 @@ import pytest
 import torch
 from conftest import ROOT, fixture_path, load_script
 
-from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sentiment_discovery.checkpoint import CheckpointError, build_checkpoint, load_checkpoint, save_checkpoint
 from sentiment_discovery.convert import main as convert_main
 from sentiment_discovery.encoder import Encoder
 from sentiment_discovery.featurize import featurize
-from sentiment_discovery.formats import NVIDIA_FORMAT, OPENAI_FORMAT, openai_checkpoint
+from sentiment_discovery.formats import NVIDIA_FORMAT, OPENAI_FORMAT, openai_weights
 from sentiment_discovery.generation import select_neuron
 from sentiment_discovery.model import ModelConfig, RNNModel
 
@@ -158,7 +158,7 @@ def test_openai_released_shards_at_4096():
 
     large = {1: normal(E, 4 * H), **{i: normal(H, H) for i in (2, 3, 4, 5, 7)}, 13: normal(H, 256)}
     shards = [partial[i] if i in partial else large[i] for i in range(15)]
-    ckpt = openai_checkpoint(shards, "openai release")
+    ckpt = build_checkpoint(openai_weights(shards, "openai release"))
     assert (ckpt.config.nhid, ckpt.config.emsize, ckpt.config.preprocess) == (H, E, "openai")
     assert ckpt.extra["default_neuron"] == 2388
     # generate.py's default neuron for this release (no classifier) is that unit of the last layer
