@@ -1,24 +1,41 @@
-"""Python API: ``Encoder.load(path).transform(texts)`` / ``.predict_proba(texts)``."""
+"""Python API: ``Encoder.load(path)`` and its ``.transform``, ``.predict_proba``, ``.cell_transform``."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .featurize import featurize
+from .featurize import byte_states, featurize, num_features
 from .model import RNNModel
+from .preprocess import encode, text_slice
 from .transfer import classifier_probs, classifier_settings
+
+
+@dataclass
+class ByteValues:
+    """One text's per-byte neuron values (``Encoder.cell_transform``)."""
+
+    bytes: bytes  # the preprocessed text as the model read it, padding included
+    values: np.ndarray  # float32 [len(bytes), len(units)]: the state after each byte
+    units: np.ndarray  # the feature index of each column
+
+    @property
+    def text_slice(self) -> slice:
+        """The bytes of the text itself: without the preprocessing's leading ``"\\n "`` and trailing pad."""
+        return text_slice(self.bytes)
 
 
 class Encoder:
     """A language model (and, after transfer, its sentiment classifier) as a text featurizer.
 
     Features use the pooling/state/layers stored with the classifier, or the original's
-    (last cell state of the last layer) for a bare language model.
+    (last cell state of the last layer) for a bare language model. ``bf16=True`` featurizes with
+    bfloat16 matrix products (``fp16``: float16 on a GPU, bfloat16 on a CPU).
     """
 
     def __init__(
@@ -29,6 +46,7 @@ class Encoder:
         batch_size: int = 128,
         device: str | torch.device | None = None,
         fp16: bool = False,
+        bf16: bool = False,
         default_neuron: int | None = None,
     ):
         if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped default model
@@ -38,7 +56,7 @@ class Encoder:
                 default_neuron = ckpt.extra.get("default_neuron")
         self.model, self.classifier = model, classifier
         self.default_neuron = default_neuron
-        self.batch_size, self.device, self.fp16 = batch_size, device, fp16
+        self.batch_size, self.device, self.fp16, self.bf16 = batch_size, device, fp16, bf16
         self.pooling, self.state, self.all_layers = classifier_settings(classifier)
 
     @classmethod
@@ -69,7 +87,36 @@ class Encoder:
             device=self.device,
             progress=progress,
             fp16=self.fp16,
+            bf16=self.bf16,
         )
+
+    def cell_transform(
+        self, texts: Sequence[str] | str, units: Sequence[int] | None = None
+    ) -> list[ByteValues]:
+        """Per text, the value of every unit (or of ``units``, feature indices as in ``transform``) after
+        each byte of the preprocessed text, in the state the features use (the cell state unless the
+        classifier reads the hidden one). With ``last`` pooling, the last byte's values are the text's
+        features and byte ``t``'s those of the text cut after byte ``t``; a feature of another pooling
+        (or of a block of concatenated poolings, ``mean,max,last``) gives the per-byte values of its unit.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tokens = [encode(text, self.model.config.preprocess) for text in texts]
+        block = num_features(self.model, self.all_layers)  # features of one pooling
+        n_features = num_features(self.model, self.all_layers, self.pooling)
+        chosen = np.arange(block) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
+        if len(chosen) and not (0 <= chosen.min() and chosen.max() < n_features):
+            raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {chosen.tolist()}")
+        values = byte_states(
+            self.model,
+            tokens,
+            units=chosen % block,
+            state=self.state,
+            all_layers=self.all_layers,
+            device=self.device,
+            fp16=self.fp16,
+            bf16=self.bf16,
+        )
+        return [ByteValues(t.tobytes(), v, chosen) for t, v in zip(tokens, values)]
 
     def predict_proba(
         self, texts: Sequence[str] | str, neurons: int = -1, progress: bool = False

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
-from . import cuda_graphs
+from . import cuda_graphs, matmul
 from .mlstm_kernels import State, mlstm_sequence
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +206,12 @@ class TorchRNN(_LayerStack):
         if self.weight_norm:
             # nn.RNNBase caches its weight tensors; refresh them from the parametrization.
             layer._init_flat_weights()
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and matmul.operand_dtype("cpu") is not None and not matmul.native_bf16(x.device):
+            # oneDNN's LSTM refuses bfloat16 without hardware support: these layers stay float32 there.
+            matmul.say_once(f"nn.{type(layer).__name__} layers run in float32: no native bfloat16 here")
+            with torch.autocast("cpu", enabled=False):
+                return self._call(layer, x, h, c)
         if self.is_lstm:
             out, (h, c) = layer(x, (h.unsqueeze(0), c.unsqueeze(0)))
             return out, h[0], c[0]
