@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import run_script
+from sentiment_discovery.cli import int_at_least, run_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,10 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binarize_labels", action="store_true")
     p.add_argument("--all_layers", action="store_true", help="check that the classifier uses every layer")
     p.add_argument(
-        "--neurons", type=int, default=-1, help="keep only the N largest-|weight| weights (-1: all)"
+        "--neurons",
+        type=int_at_least(1, -1),
+        default=-1,
+        help="keep only the N largest-|weight| weights (-1: all)",
     )
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--batch_size", type=int_at_least(1), default=128)
+    p.add_argument(
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    p.add_argument("--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)")
     p.add_argument(
         "--save_probs",
         default="clf_results.npy",

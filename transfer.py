@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import run_script
+from sentiment_discovery.cli import int_at_least, run_script
 from sentiment_discovery.featurize import POOLINGS, STATES
 
 
@@ -26,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture (recorded in the checkpoint; given, they are checked against it)"
     )
     arch.add_argument("--model", default=None)
-    arch.add_argument("--emsize", type=int, default=None)
-    arch.add_argument("--nhid", type=int, default=None)
-    arch.add_argument("--nlayers", type=int, default=None)
+    arch.add_argument("--emsize", type=int_at_least(1), default=None)
+    arch.add_argument("--nhid", type=int_at_least(1), default=None)
+    arch.add_argument("--nlayers", type=int_at_least(1), default=None)
     data = p.add_argument_group("data")
     data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
     data.add_argument(
@@ -57,15 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
     )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
-    feat.add_argument("--batch_size", type=int, default=128)
+    feat.add_argument("--batch_size", type=int_at_least(1), default=128)
     feat.add_argument(
-        "--fp16", action="store_true", help="featurize under autocast (float16 on GPU, bfloat16 on CPU)"
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    feat.add_argument(
+        "--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)"
     )
     feat.add_argument(
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
     )
     reg = p.add_argument_group("regression")
-    reg.add_argument("--epochs", type=int, default=100, help="max iterations of the logistic regression")
+    reg.add_argument(
+        "--epochs", type=int_at_least(1), default=100, help="max iterations of the logistic regression"
+    )
     reg.add_argument("--seed", type=int, default=42)
     reg.add_argument(
         "--log2_C",
@@ -75,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="sweep C = 2^MIN ... 2^MAX, best on validation",
     )
-    reg.add_argument("--neurons", type=int, default=1, help="top features kept for the second regression")
+    reg.add_argument(
+        "--neurons", type=int_at_least(1), default=1, help="top features kept for the second regression"
+    )
     reg.add_argument("--drop_neurons", action="store_true", help="also fit without the top neurons")
     out = p.add_argument_group("output")
     out.add_argument(

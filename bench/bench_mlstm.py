@@ -1,12 +1,16 @@
 """Benchmark of the fused mLSTM against the per-step reference mLSTM and torch.nn.LSTM (one process).
 
-Measures the float32 matrix-multiply peak, then characters/second of
+Measures the float32 and bfloat16 matrix-multiply peaks, then characters/second of
 - training: embedding -> recurrent layer -> decoder -> cross-entropy, backward, Adam step;
 - featurization: embedding -> recurrent layer, final state only, under ``torch.inference_mode``;
 - featurization of real text (first 256 sentences of binary_sst/test.csv, real bytes only).
 Each rate is also given per FLOP (GFLOP/s), against nn.LSTM per FLOP, and as a fraction of the bound
 "GEMM peak / FLOPs per character". FLOPs per character: mLSTM 2 * (5H^2 + 5EH), LSTM 2 * (4H^2 + 4EH),
 plus 2 * 256H with the decoder; training counts 3x (forward, and backward's two products).
+``fused-bf16`` is the fused mLSTM with bfloat16 operands (``--bf16``: the model under bfloat16
+autocast). After the training runs at each H, every matrix product of the step is listed with the
+GFLOP/s that ``sentiment_discovery.matmul`` measured through MKL (``torch.mm``) and oneDNN when it
+first met that shape, and the library it chose.
 
     .venv/bin/python bench/bench_mlstm.py            # the full run recorded in bench/RESULTS.md
     .venv/bin/python bench/bench_mlstm.py --quick    # H=512 only, one repetition
@@ -24,13 +28,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from sentiment_discovery import matmul
 from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
 
 SST_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binary_sst" / "test.csv"
 EMSIZE = 64
-VARIANTS = ("fused", "reference", "nn.LSTM")
+VARIANTS = ("fused", "fused-bf16", "reference", "nn.LSTM")
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -45,9 +50,14 @@ def best_seconds(fn: Callable[[], object], reps: int) -> float:
     return min(times)
 
 
-def gemm_peak_gflops(reps: int, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_peak_gflops(reps: int, n: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), reps) / 1e9
+
+
+def precision(variant: str):
+    """The autocast of a variant: bfloat16 for ``fused-bf16`` (what ``--bf16`` does), else none."""
+    return matmul.autocast(torch.device("cpu"), torch.bfloat16 if variant.endswith("bf16") else None)
 
 
 def step_kernels(batch: int, hidden: int, reps: int) -> None:
@@ -62,7 +72,15 @@ def step_kernels(batch: int, hidden: int, reps: int) -> None:
         onednn = flops / best_seconds(
             lambda a=a, p=packed: torch.ops.mkldnn._linear_pointwise(a, p, None, "none", [], ""), 10 * reps
         )
-        print(f"  [{batch}x{n_in}] x [{n_in}x{n_out}]: torch.mm {mm:.0f} GFLOP/s, oneDNN packed {onednn:.0f}")
+        a16, w16 = a.bfloat16(), w.bfloat16()
+        mm16 = flops / best_seconds(lambda a=a16, w=w16: torch.mm(a, w.t()), 3 * reps)
+        onednn16 = "n/a (no native bf16)"
+        if matmul.native_bf16(torch.device("cpu")):
+            p16 = torch.ops.mkldnn._reorder_linear_weight(w16, batch)
+            run = lambda a=a16, p=p16: torch.ops.mkldnn._linear_pointwise(a, p, None, "none", [], "")  # noqa: E731
+            onednn16 = f"{flops / best_seconds(run, 10 * reps):.0f}"
+        print(f"  [{batch}x{n_in}] x [{n_in}x{n_out}]: float32 torch.mm {mm:.0f} GFLOP/s, oneDNN packed "
+              f"{onednn:.0f}; bfloat16 torch.mm {mm16:.0f}, oneDNN packed {onednn16}")
     x, out = torch.randn(batch, hidden), torch.empty(batch, hidden)
     tanh = best_seconds(lambda: torch.tanh(x, out=out), 10 * reps)
     via_sigmoid = best_seconds(lambda: torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1), 10 * reps)
@@ -71,7 +89,7 @@ def step_kernels(batch: int, hidden: int, reps: int) -> None:
 
 
 def build_model(variant: str, hidden: int) -> RNNModel:
-    kind = "LSTM" if variant == "nn.LSTM" else "mLSTM"
+    kind = "LSTM" if variant == "nn.LSTM" else "mLSTM"  # fused-bf16: the fused model, run under autocast
     # nn.LSTM without weight norm: the plain fused PyTorch kernel is the yardstick. The mLSTMs keep
     # weight norm (the model as trained), which only adds work on their side.
     model = RNNModel(ModelConfig(model=kind, emsize=EMSIZE, nhid=hidden, weight_norm=kind == "mLSTM"))
@@ -87,15 +105,16 @@ def flops_per_char(variant: str, hidden: int, decoder: bool, training: bool) -> 
     return 2 * macs * (3 if training else 1)
 
 
-def train_rate(model: RNNModel, steps: int, batch: int, reps: int) -> float:
+def train_rate(model: RNNModel, steps: int, batch: int, reps: int, variant: str) -> float:
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 256, (steps + 1, batch))
     loss_fn = nn.CrossEntropyLoss()
 
     def step():
-        logits, _ = model(tokens[:-1])
-        loss = loss_fn(logits.view(-1, logits.shape[-1]), tokens[1:].reshape(-1))
+        with precision(variant):
+            logits, _ = model(tokens[:-1])
+            loss = loss_fn(logits.view(-1, logits.shape[-1]).float(), tokens[1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,12 +122,12 @@ def train_rate(model: RNNModel, steps: int, batch: int, reps: int) -> float:
     return steps * batch / best_seconds(step, reps)
 
 
-def featurize_rate(model: RNNModel, steps: int, batch: int, reps: int) -> float:
+def featurize_rate(model: RNNModel, steps: int, batch: int, reps: int, variant: str) -> float:
     model.eval()
     tokens = torch.randint(0, 256, (steps, batch))
 
     def run():
-        with torch.inference_mode():
+        with torch.inference_mode(), precision(variant):
             model.rnn(model.encoder(tokens))
 
     return steps * batch / best_seconds(run, reps)
@@ -134,6 +153,19 @@ def report(kind: str, hidden: int, batch: int, rates: dict[str, float], peak: fl
         x_ref = r / rates["reference"] if "reference" in rates else float("nan")
         per_flop = gflops[v] / gflops["nn.LSTM"] if "nn.LSTM" in gflops else float("nan")
         print(f"  {v:10s} {r:10.0f} {x_ref:7.2f} {gflops[v]:8.1f} {per_flop:7.2f} {gflops[v] / peak:9.2f}")
+    if "fused" in rates and "fused-bf16" in rates:
+        print(f"  fused-bf16 / fused chars/s: {rates['fused-bf16'] / rates['fused']:.2f}")
+
+
+def report_choices(seen: int) -> int:
+    """The products calibrated since the first ``seen`` (matmul.choices()); returns the new count."""
+    made = matmul.choices()
+    if len(made) > seen:
+        print("  products (GFLOP/s as matmul measured them on first use; '>' marks the library chosen):")
+    for c in made[seen:]:
+        ways = ", ".join(f"{'>' if b == c.chosen else ' '}{b} {g:6.1f}" for b, g in c.gflops.items())
+        print(f"    {str(c.dtype).removeprefix('torch.'):8s} {c.name:30s} {c.shape:28s} {ways}")
+    return len(made)
 
 
 def main() -> None:
@@ -163,23 +195,29 @@ def main() -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, CPU {cpu}, "
           f"threads {torch.get_num_threads()}")
     peak = gemm_peak_gflops(max(args.reps, 3))
-    print(f"fp32 GEMM peak (2048^3 torch.mm): {peak:.1f} GFLOP/s")
+    peak16 = gemm_peak_gflops(1, n=1024, dtype=torch.bfloat16)  # smaller: emulated bf16 is slow
+    native = "native" if matmul.native_bf16(torch.device("cpu")) else "NOT native (emulated)"
+    print(f"fp32 GEMM peak (2048^3 torch.mm): {peak:.1f} GFLOP/s; bf16 (1024^3) {peak16:.1f} GFLOP/s, "
+          f"bf16 {native}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}", flush=True)
     step_kernels(args.train_batch, max(args.sizes + args.featurize_sizes), args.reps)
 
+    seen = 0
     for hidden in args.sizes:
         rates = {
-            v: train_rate(build_model(v, hidden), args.steps, args.train_batch, args.reps)
+            v: train_rate(build_model(v, hidden), args.steps, args.train_batch, args.reps, v)
             for v in args.variants
         }
         report("train", hidden, args.train_batch, rates, peak, decoder=True)
+        seen = report_choices(seen)
     fixed_rates = {}
     for hidden in args.sizes + args.featurize_sizes:
         rates = {
-            v: featurize_rate(build_model(v, hidden), args.steps, args.featurize_batch, args.reps)
+            v: featurize_rate(build_model(v, hidden), args.steps, args.featurize_batch, args.reps, v)
             for v in args.variants
         }
         fixed_rates[hidden] = rates
         report("featurize", hidden, args.featurize_batch, rates, peak, decoder=False)
+        seen = report_choices(seen)
     if not args.no_real_text:
         hidden = args.real_hidden
         rate, real_bytes, how = real_text_rate(build_model("fused", hidden), args.real_texts,

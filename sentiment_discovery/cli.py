@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import sys
 from collections.abc import Callable, Sequence
@@ -45,16 +46,64 @@ def run_script(
     """
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .train import Interrupted
 
+    # a bad flag is one line too, not the usage block (--help shows that)
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     try:
         run(args)
     except (DataError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # training stopped on a signal, after saving a checkpoint
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def pick_seed(seed: int) -> int:
     """``-1`` (any negative) picks a random seed; the caller prints it so the run can be repeated."""
     return secrets.randbelow(2**31 - 1) if seed < 0 else seed
+
+
+def int_at_least(low: int, *also: int) -> Callable[[str], int]:
+    """argparse ``type``: an integer >= ``low`` (or one of the special values ``also``, e.g. -1)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low and value not in also:
+            special = "".join(f" or {v}" for v in also)
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}{special}")
+        return value
+
+    return parse
+
+
+def finite_float(
+    low: float | None = None, *, above: float | None = None, below: float | None = None
+) -> Callable[[str], float]:
+    """argparse ``type``: a finite float, >= ``low``, > ``above``, < ``below`` where given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than {above:g}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"{text} must be less than {below:g}")
+        return value
+
+    return parse

@@ -34,7 +34,8 @@ class Encoder:
     """A language model (and, after transfer, its sentiment classifier) as a text featurizer.
 
     Features use the pooling/state/layers stored with the classifier, or the original's
-    (last cell state of the last layer) for a bare language model.
+    (last cell state of the last layer) for a bare language model. ``bf16=True`` featurizes with
+    bfloat16 matrix products (``fp16``: float16 on a GPU, bfloat16 on a CPU).
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class Encoder:
         batch_size: int = 128,
         device: str | torch.device | None = None,
         fp16: bool = False,
+        bf16: bool = False,
         default_neuron: int | None = None,
     ):
         if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped default model
@@ -54,7 +56,7 @@ class Encoder:
                 default_neuron = ckpt.extra.get("default_neuron")
         self.model, self.classifier = model, classifier
         self.default_neuron = default_neuron
-        self.batch_size, self.device, self.fp16 = batch_size, device, fp16
+        self.batch_size, self.device, self.fp16, self.bf16 = batch_size, device, fp16, bf16
         self.pooling, self.state, self.all_layers = classifier_settings(classifier)
 
     @classmethod
@@ -85,6 +87,7 @@ class Encoder:
             device=self.device,
             progress=progress,
             fp16=self.fp16,
+            bf16=self.bf16,
         )
 
     def cell_transform(
@@ -111,6 +114,7 @@ class Encoder:
             all_layers=self.all_layers,
             device=self.device,
             fp16=self.fp16,
+            bf16=self.bf16,
         )
         return [ByteValues(t.tobytes(), v, chosen) for t, v in zip(tokens, values)]
 

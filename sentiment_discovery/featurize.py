@@ -11,7 +11,6 @@ depends on the chunk length, not on the length of the longest text.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
 
@@ -45,14 +45,6 @@ def default_device() -> torch.device:
 def num_features(model: RNNModel, all_layers: bool = False, pooling: str = "last") -> int:
     """Features per text: ``nhid`` per layer used, per pooling (a list: see ``parse_pooling``)."""
     return model.config.nhid * (model.config.nlayers if all_layers else 1) * len(parse_pooling(pooling))
-
-
-def autocast(device: torch.device, fp16: bool):
-    """The reduced-precision context of ``--fp16``: float16 on GPU, bfloat16 on CPU; off without fp16."""
-    if not fp16:
-        return contextlib.nullcontext()
-    # CPUs have no fast float16 matmul; bfloat16 is their reduced precision.
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 def _layers_to_features(per_layer: torch.Tensor, all_layers: bool) -> torch.Tensor:
@@ -142,6 +134,7 @@ def featurize(
     device: str | torch.device | None = None,
     progress: bool = False,
     fp16: bool = False,
+    bf16: bool = False,
     chunk_length: int = 32,
 ) -> np.ndarray:
     """Features ``[len(texts), F]`` (float32) of ``texts``; F = nhid, or nhid * nlayers with ``all_layers``.
@@ -151,7 +144,8 @@ def featurize(
     comma-separated list of them (``mean,max,last``: their features concatenated in that order);
     ``state``: ``cell`` (c, the original's choice) or ``hidden`` (h). ``preprocess`` defaults to the
     model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
-    available) and put in eval mode. ``fp16`` runs under autocast (float16 on GPU, bfloat16 on CPU).
+    available) and put in eval mode. ``bf16``: the matrix products take bfloat16 operands (state and
+gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py).
     """
     poolings = parse_pooling(pooling)
     if state not in STATES:
@@ -159,6 +153,7 @@ def featurize(
     if batch_size < 1 or chunk_length < 1:
         raise ValueError("batch_size and chunk_length must be positive")
     device = default_device() if device is None else torch.device(device)
+    dtype = reduced_dtype(device, fp16, bf16)
     preprocess = preprocess or model.config.preprocess
     model.to(device).eval()
 
@@ -168,7 +163,7 @@ def featurize(
     with (
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
-        autocast(device, fp16),
+        autocast(device, dtype),
         tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
     ):
         for first in range(0, len(order), batch_size):
@@ -188,6 +183,7 @@ def byte_states(
     all_layers: bool = False,
     device: str | torch.device | None = None,
     fp16: bool = False,
+    bf16: bool = False,
     chunk_length: int = 256,
 ) -> list[np.ndarray]:
     """Per token array, the state after every byte: ``[n_bytes, n_units]`` float32.
@@ -207,7 +203,7 @@ def byte_states(
     model.to(device).eval()
     pick = torch.from_numpy(columns).to(device)
     out = []
-    with torch.inference_mode(), parametrize.cached(), autocast(device, fp16):
+    with torch.inference_mode(), parametrize.cached(), autocast(device, reduced_dtype(device, fp16, bf16)):
         for tokens in token_arrays:
             x = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device).unsqueeze(1)  # [T, 1]
             hidden, pieces = None, []

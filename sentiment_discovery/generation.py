@@ -46,7 +46,8 @@ from torch.nn.utils import parametrize
 
 from .checkpoint import first_existing_model, load_checkpoint, resolve_model_path
 from .cli import pick_seed
-from .featurize import autocast, byte_states, default_device, parse_pooling
+from .featurize import byte_states, default_device, parse_pooling
+from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import decode, encode, text_slice
 from .recurrent import State
@@ -214,14 +215,15 @@ def generate(
     overwrite_mode: str = DEFAULT_OVERWRITE_MODE,
     device: torch.device | str | None = None,
     fp16: bool = False,
+    bf16: bool = False,
     log_interval: int = 0,
     log: Callable[[str], None] = print,
 ) -> Generation:
     """Warm the model up on ``text`` and sample up to ``gen_length`` bytes in all (-1: analyse only).
 
     ``seed`` -1 picks one at random (returned in the result). ``overwrite`` (the raw value written,
-    in the way ``overwrite_mode`` says: see the module docstring) needs ``neuron``. ``fp16`` runs the
-    model under autocast (float16 on GPU, bfloat16 on CPU), as featurization does.
+    in the way ``overwrite_mode`` says: see the module docstring) needs ``neuron``.
+    ``bf16``/``fp16``: reduced-precision matrix products, as featurization (matmul.reduced_dtype).
     Analysis (``gen_length`` -1) takes the values from ``featurize.byte_states``, as
     ``Encoder.cell_transform`` does.
     """
@@ -233,6 +235,7 @@ def generate(
         raise GenerationError(f"overwrite mode must be one of {OVERWRITE_MODES}, got {overwrite_mode!r}")
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device).eval()
+    dtype = reduced_dtype(device, fp16, bf16)
     preprocess = model.config.preprocess
     seed = pick_seed(seed)
     analyse_only = gen_length < 0
@@ -242,7 +245,7 @@ def generate(
             "(--overwrite_mode hidden forces the analysed text too)"
         )
     if analyse_only and overwrite is None:
-        return _analyse(model, text, neuron, device, fp16, seed)
+        return _analyse(model, text, neuron, device, fp16, bf16, seed)
     prefix = encode(text, preprocess) if analyse_only else warmup_tokens(text, preprocess)
     n_generate = 0 if analyse_only else max(0, gen_length - len(prefix))
     generator = torch.Generator().manual_seed(seed)
@@ -259,7 +262,7 @@ def generate(
     hidden: State | None = None
     # Every byte is consumed, the last generated one included, so that each has a recorded value.
     # parametrize.cached(): the weight-normalised matrices are computed once, not once per byte.
-    with parametrize.cached(), autocast(device, fp16):
+    with parametrize.cached(), autocast(device, dtype):
         for step in range(total):
             x = torch.tensor([[tokens[step]]], dtype=torch.long, device=device)
             logits, hidden = model(x, hidden)
@@ -288,7 +291,7 @@ def generate(
 
 
 def _analyse(
-    model: RNNModel, text: str, neuron: Neuron | None, device: torch.device, fp16: bool, seed: int
+    model: RNNModel, text: str, neuron: Neuron | None, device: torch.device, fp16: bool, bf16: bool, seed: int
 ) -> Generation:
     """``gen_length`` -1 without overwrite: the whole preprocessed text (pads included, as featurization
     reads it), in one pass."""
@@ -304,6 +307,7 @@ def _analyse(
             all_layers=True,
             device=device,
             fp16=fp16,
+            bf16=bf16,
         )
         values = states[:, 0]
     shown = text_slice(tokens.tobytes())
@@ -424,6 +428,8 @@ def plot_heatmap(
     cells = char_cells(tokens)
     layout = HeatmapLayout(layout_lines([ch for _, ch in cells], width), cells, width)
     w_px, h_px = layout.size_px
+    if title:  # a short text must not clip its title (about 0.6 em per character)
+        w_px = max(w_px, int(2 * MARGIN_PX + 0.6 * len(title) * FONT_PT * DPI / 72))
     colormap, norm = matplotlib.colormaps[COLORMAP], Normalize(-1.0, 1.0, clip=True)
     shown = -values if negate else values
     ends = [token_index for token_index, _ in cells]
@@ -516,11 +522,14 @@ def write_values(path: str | os.PathLike, generation: Generation, *, polarity: i
 # The script (generate.py)
 # --------------------------------------------------------------------------------------------
 
-def classifier_probability(model: RNNModel, classifier: dict, texts: list[str], device=None) -> np.ndarray:
-    """P(positive) of each text under ``classifier``, featurized the way it was trained."""
+def classifier_probability(
+    model: RNNModel, classifier: dict, texts: list[str], device=None, **precision: bool
+) -> np.ndarray:
+    """P(positive) of each text under ``classifier``, featurized the way it was trained (``precision``:
+    ``fp16``/``bf16`` as ``Encoder`` takes them)."""
     from .encoder import Encoder  # pulls in scikit-learn
 
-    return Encoder(model, classifier, device=device).predict_proba(texts)
+    return Encoder(model, classifier, device=device, **precision).predict_proba(texts)
 
 
 def run_generate(args) -> Generation:
@@ -566,6 +575,7 @@ def run_generate(args) -> Generation:
         overwrite_mode=args.overwrite_mode,
         device=device,
         fp16=args.fp16,
+        bf16=args.bf16,
         log_interval=args.log_interval,
     )
     if args.gen_length >= 0:
@@ -580,7 +590,7 @@ def run_generate(args) -> Generation:
     print(f"text saved to {save} ({len(data)} bytes{note})")
     if classifier is not None:
         texts = [result.text] + ([result.generated_text] if len(result.tokens) > result.n_warmup else [])
-        probs = classifier_probability(model, classifier, texts, device)
+        probs = classifier_probability(model, classifier, texts, device, fp16=args.fp16, bf16=args.bf16)
         parts = ["whole text", "generated part"]
         print("classifier P(positive): " + ", ".join(f"{name} {p:.4f}" for name, p in zip(parts, probs)))
     if args.heatmap:

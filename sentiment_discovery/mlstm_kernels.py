@@ -4,15 +4,17 @@ The math is that of ``recurrent.mlstm_step`` (formats.md), gate order i, f, g, o
 per sequence instead of once per step:
 
 - the input projections of all T steps, ``x @ [w_ih; w_mih].T + [bias; 0]``, in one matrix product;
-- the recurrent weights are laid out for the per-step products once (on CPU float32: oneDNN's
-  blocked layout for a fixed batch, ``torch.ops.mkldnn._reorder_linear_weight``, which runs the
-  small-batch products about 1.45x faster than ``torch.mm`` on the machine of bench/RESULTS.md);
+- the recurrent weights are cast and laid out for the per-step products once (``matmul.StepWeight``:
+  on CPU, oneDNN's blocked layout for a fixed batch where that measures faster than ``torch.mm``);
 - in training, the weight gradients are four large products over all T*B rows after the backward
   recurrence, which itself only does the two per-step products it must (``dz @ w_hh`` and
   ``dhm @ w_mhh``) and in-place elementwise work on preallocated [T, B, *] buffers.
 
+Every product goes through ``matmul`` (the faster of MKL and oneDNN on CPU, per shape). Under a
+reduced-precision autocast (``--bf16``; ``--fp16`` on a GPU) the products take bfloat16/float16
+operands and give float32; the gates, cell state and all sums stay float32.
+
 Inference (no gradient needed) runs the same loop without saving anything for backward.
-Everything falls back to ``torch.mm`` for other devices and dtypes (CUDA, float64 for gradcheck).
 """
 
 from __future__ import annotations
@@ -20,47 +22,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import matmul
+from .matmul import StepWeight
+
 State = tuple[Tensor, Tensor]
-
-
-def _use_onednn(like: Tensor) -> bool:
-    return (
-        like.device.type == "cpu"
-        and like.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
 
 
 # Laying a weight out for oneDNN costs about one small-batch product; below this many steps, skip it.
 _MIN_STEPS_TO_PACK = 8
 
 
-class _RowsTimesWeightT:
-    """``a [B, K] -> a @ weight.T`` for a weight ``[N, K]`` reused at every step of a sequence.
-
-    On CPU float32 (with ``pack``) the weight is laid out once in oneDNN's blocked format for this
-    batch size (``torch.ops.mkldnn._reorder_linear_weight``, as inductor does for frozen linears):
-    small-batch products then run ~1.45x faster than ``torch.mm`` (bench/RESULTS.md).
-    """
-
-    def __init__(self, weight: Tensor, batch: int, pack: bool = True):
-        self.onednn = pack and _use_onednn(weight)
-        if self.onednn:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
-        else:
-            self.weight_t = weight.t()
-
-    def __call__(self, a: Tensor) -> Tensor:
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
-        return torch.mm(a, self.weight_t)
+def _capturing(like: Tensor) -> bool:
+    """True while a CUDA graph is being captured (cuda_graphs.py): nothing may be read back then."""
+    return like.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, frozenset[int]]:
     """``[T, B, 1]`` float mask (0 where a row resets) and the steps where any row resets."""
     if reset is None:
         return None, frozenset()
+    if _capturing(like):  # the reset steps of later replays are unknown: apply the mask at every step
+        return (~reset).to(like.dtype).unsqueeze(2), frozenset(range(reset.shape[0]))
     steps = frozenset(torch.nonzero(reset.any(dim=1)).flatten().tolist())
     if not steps:
         return None, steps
@@ -68,17 +50,20 @@ def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, froze
 
 
 def _prepare(
-    x: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor
-) -> tuple[Tensor, Tensor, _RowsTimesWeightT, _RowsTimesWeightT]:
+    x: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor,
+    dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, StepWeight, StepWeight]:
     """Once per sequence: the input projections of all T steps in one product, ``z_x`` [T, B, 4H] and
-    ``m_x`` [T, B, H], and the two recurrent products laid out for the batch."""
+    ``m_x`` [T, B, H] (float32), and the two recurrent products laid out for the batch."""
     T, B, E = x.shape
     H = w_mhh.shape[0]
-    proj = torch.addmm(
-        torch.cat([bias, bias.new_zeros(H)]), x.reshape(T * B, E), torch.cat([w_ih, w_mih]).t()
+    proj = matmul.linear(
+        x.reshape(T * B, E), torch.cat([w_ih, w_mih]), torch.cat([bias, bias.new_zeros(H)]), dtype,
+        "input projections",
     ).view(T, B, 5 * H)
     pack = T >= _MIN_STEPS_TO_PACK
-    times_w_mhh, times_w_hh = _RowsTimesWeightT(w_mhh, B, pack), _RowsTimesWeightT(w_hh, B, pack)
+    times_w_mhh = StepWeight(w_mhh, B, dtype, pack, "step: h @ w_mhh.T")
+    times_w_hh = StepWeight(w_hh, B, dtype, pack, "step: m @ w_hh.T")
     return proj[..., : 4 * H], proj[..., 4 * H :], times_w_mhh, times_w_hh
 
 
@@ -102,14 +87,16 @@ def _tanh_into(x: Tensor, out: Tensor) -> Tensor:
 
 def mlstm_inference(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor,
-    reset: Tensor | None = None, return_cells: bool = False,
+    reset: Tensor | None = None, return_cells: bool = False, dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, State, Tensor | None]:
-    """No-autograd forward; call under ``torch.no_grad()``. Returns (out, (h, c), cells or None)."""
+    """No-autograd forward; call under ``torch.no_grad()``. Returns (out, (h, c), cells or None).
+
+    ``dtype``: operand dtype of the matrix products (None: that of ``x``)."""
     T, B, _ = x.shape
     H = w_mhh.shape[0]
     keep, reset_steps = _keep_mask(reset, x)
     # zx becomes the gates, step by step
-    zx, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias)
+    zx, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype)
     out = x.new_empty(T, B, H)
     cells = x.new_empty(T, B, H) if return_cells else None
     h = h0
@@ -129,16 +116,17 @@ def mlstm_inference(
 
 
 class _MLSTMFunction(torch.autograd.Function):
-    """(x, h0, c0, weights..., reset) -> (out [T, B, H], cells [T, B, H]) with a hand-written backward."""
+    """(x, h0, c0, weights..., reset, dtype) -> (out [T, B, H], cells [T, B, H]) with a hand-written
+    backward; ``dtype`` is the operand dtype of the products (None: float32)."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, w_mih, w_mhh, bias, reset):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, w_mih, w_mhh, bias, reset, dtype):
         ctx.set_materialize_grads(False)
         T, B, _ = x.shape
         H = w_mhh.shape[0]
         keep, reset_steps = _keep_mask(reset, x)
         # gates: activated in place, per step
-        gates, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias)
+        gates, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype)
         out = x.new_empty(T, B, H)
         cells = x.new_empty(T, B, H)
         tanh_cells = x.new_empty(T, B, H)
@@ -158,6 +146,7 @@ class _MLSTMFunction(torch.autograd.Function):
             h = torch.mul(_tanh_into(c, tanh_cells[t]), o, out=out[t])
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_mih, w_mhh, out, cells)
         ctx.intermediates = (gates, mx, ms, hms, tanh_cells, keep, reset_steps)
+        ctx.dtype = dtype
         return out, cells
 
     @staticmethod
@@ -172,9 +161,10 @@ class _MLSTMFunction(torch.autograd.Function):
         dz = x.new_empty(T, B, 4 * H)
         dmx = x.new_empty(T, B, H)
         dhm = x.new_empty(T, B, H)
+        dtype = ctx.dtype
         pack = T >= _MIN_STEPS_TO_PACK
-        w_hh_t = _RowsTimesWeightT(w_hh.t(), B, pack)
-        w_mhh_t = _RowsTimesWeightT(w_mhh.t(), B, pack)
+        w_hh_t = StepWeight(w_hh.t(), B, dtype, pack, "backward step: dz @ w_hh")
+        w_mhh_t = StepWeight(w_mhh.t(), B, dtype, pack, "backward step: dhm @ w_mhh")
         dh = x.new_zeros(B, H)
         dc = x.new_zeros(B, H)
         ones = x.new_ones(B, H)
@@ -207,28 +197,33 @@ class _MLSTMFunction(torch.autograd.Function):
             if t in reset_steps:
                 dh.mul_(keep[t])
                 dc.mul_(keep[t])
-        # Weight gradients: one product over all T*B rows each.
-        x2 = x.reshape(T * B, E)
-        dz2 = dz.view(T * B, 4 * H)
-        dmx2 = dmx.view(T * B, H)
+        # Weight gradients: one product over all T*B rows each, written as linear(a.t(), b.t()) = a.T @ b;
+        # reduced-precision operands are cast once here (matmul.linear leaves them as they are).
+        low = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        x2 = low(x.reshape(T * B, E))
+        dz2 = low(dz.view(T * B, 4 * H))
+        dmx2 = low(dmx.view(T * B, H))
         need = ctx.needs_input_grad
         dx = dw_ih = dw_hh = dw_mih = dw_mhh = dbias = None
         if need[0]:
-            dx = torch.addmm(torch.mm(dz2, w_ih), dmx2, w_mih).view(T, B, E)
+            dx = matmul.linear(dz2, w_ih.t(), None, dtype, "input gradient: dz @ w_ih")
+            dx.add_(matmul.linear(dmx2, w_mih.t(), None, dtype, "input gradient: dmx @ w_mih"))
+            dx = dx.view(T, B, E)
         if need[3]:
-            dw_ih = torch.mm(dz2.t(), x2)
+            dw_ih = matmul.linear(dz2.t(), x2.t(), None, dtype, "weight gradient: w_ih")
         if need[4]:
-            dw_hh = torch.mm(dz2.t(), ms.view(T * B, H))
+            dw_hh = matmul.linear(dz2.t(), low(ms.view(T * B, H)).t(), None, dtype, "weight gradient: w_hh")
         if need[5]:
-            dw_mih = torch.mm(dmx2.t(), x2)
+            dw_mih = matmul.linear(dmx2.t(), x2.t(), None, dtype, "weight gradient: w_mih")
         if need[6]:
             h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])
             if keep is not None:
                 h_prev.mul_(keep)
-            dw_mhh = torch.mm(dhm.view(T * B, H).t(), h_prev.view(T * B, H))
+            dhm2, h_prev2 = low(dhm.view(T * B, H)), low(h_prev.view(T * B, H))
+            dw_mhh = matmul.linear(dhm2.t(), h_prev2.t(), None, dtype, "weight gradient: w_mhh")
         if need[7]:
-            dbias = dz2.sum(0)
-        return dx, dh, dc, dw_ih, dw_hh, dw_mih, dw_mhh, dbias, None
+            dbias = dz.view(T * B, 4 * H).sum(0)
+        return dx, dh, dc, dw_ih, dw_hh, dw_mih, dw_mhh, dbias, None, None
 
 
 def mlstm_sequence(
@@ -238,11 +233,12 @@ def mlstm_sequence(
     """One mLSTM layer over ``x [T, B, E]``: (out [T, B, H], (h, c), cells [T, B, H] or None).
 
     Differentiable (custom backward) when grad mode is on and anything requires grad; otherwise the
-    lean inference loop.
+    lean inference loop. Under ``torch.autocast`` the products take the autocast's dtype as operands.
     """
     tensors = (x, h0, c0, w_ih, w_hh, w_mih, w_mhh, bias)
+    dtype = matmul.operand_dtype(x.device.type)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        out, cells = _MLSTMFunction.apply(*tensors, reset)
+        out, cells = _MLSTMFunction.apply(*tensors, reset, dtype)
         return out, (out[-1], cells[-1]), (cells if return_cells else None)
     with torch.no_grad():
-        return mlstm_inference(*tensors, reset, return_cells)
+        return mlstm_inference(*tensors, reset, return_cells, dtype)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
 
+from .matmul import linear_layer
 from .recurrent import RNN_TYPES, State, TorchRNN, make_rnn, mLSTM, mLSTMLayer
 
 __all__ = ["ModelConfig", "RNNModel", "mLSTM", "mLSTMLayer", "TorchRNN", "RNN_TYPES"]
@@ -34,6 +35,14 @@ class ModelConfig:
         return cls(**known)
 
 
+class Decoder(nn.Linear):
+    """``nn.Linear`` whose products (forward and backward) go through ``matmul``: the faster library on
+    CPU, and the operand dtype of an active autocast (``--bf16``) with float32 logits."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return linear_layer(input, self.weight, self.bias)
+
+
 class RNNModel(nn.Module):
     """Container of encoder (byte embedding), recurrent stack and decoder, as in word_language_model."""
 
@@ -50,7 +59,7 @@ class RNNModel(nn.Module):
         self.rnn = make_rnn(
             config.model, config.emsize, config.nhid, config.nlayers, config.dropout, config.weight_norm
         )
-        self.decoder = nn.Linear(config.nhid, config.ntoken)
+        self.decoder = Decoder(config.nhid, config.ntoken)
         self.drop = nn.Dropout(config.dropout)
         if config.tied:
             self.decoder.weight = self.encoder.weight

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
+from . import cuda_graphs, matmul
 from .mlstm_kernels import State, mlstm_sequence
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +63,12 @@ class mLSTMLayer(nn.Module):
     ) -> tuple[Tensor, State, Tensor | None]:
         """Fused sequence forward (mlstm_kernels): (out [T, B, H], (h, c), per-step cells or None)."""
         h, c = state if state is not None else self.zero_state(x.shape[1], x)
-        return mlstm_sequence(x, h, c, *self.weights(), reset=reset, return_cells=return_cells)
+        weights = self.weights()
+        if x.is_cuda and cuda_graphs.enabled():  # opt-in; None where it does not apply
+            graphed = cuda_graphs.sequence(self, x, h, c, weights, reset, return_cells)
+            if graphed is not None:
+                return graphed
+        return mlstm_sequence(x, h, c, *weights, reset=reset, return_cells=return_cells)
 
     def reference_forward(
         self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False
@@ -200,6 +206,12 @@ class TorchRNN(_LayerStack):
         if self.weight_norm:
             # nn.RNNBase caches its weight tensors; refresh them from the parametrization.
             layer._init_flat_weights()
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and matmul.operand_dtype("cpu") is not None and not matmul.native_bf16(x.device):
+            # oneDNN's LSTM refuses bfloat16 without hardware support: these layers stay float32 there.
+            matmul.say_once(f"nn.{type(layer).__name__} layers run in float32: no native bfloat16 here")
+            with torch.autocast("cpu", enabled=False):
+                return self._call(layer, x, h, c)
         if self.is_lstm:
             out, (h, c) = layer(x, (h.unsqueeze(0), c.unsqueeze(0)))
             return out, h[0], c[0]

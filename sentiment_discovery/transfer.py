@@ -80,10 +80,17 @@ def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
+LOG2_C_LIMIT = 50  # C = 2^50 is no penalty at all already; 2^1024 is not even a float
+
+
 def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
     """C = 2^log2_min ... 2^log2_max (OpenAI's sweep is 2^-8 ... 2^0)."""
     if log2_min > log2_max:
         raise ValueError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
+    if max(abs(log2_min), abs(log2_max)) > LOG2_C_LIMIT:
+        raise ValueError(
+            f"--log2_C {log2_min} {log2_max}: exponents must lie in -{LOG2_C_LIMIT} .. {LOG2_C_LIMIT}"
+        )
     return [2.0**e for e in range(log2_min, log2_max + 1)]
 
 
@@ -328,7 +335,8 @@ class FeatureCache:
 
 
 def default_results_dir(load_model: str) -> Path:
-    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/."""
+    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/ (an alias such
+    as default or openai -> default_transfer/, openai_transfer/ in the working directory)."""
     path = Path(load_model)
     return path.with_name(path.stem + "_transfer")
 
@@ -364,10 +372,19 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
-            hint = " (fetch Binary SST with: python data/download.py sst)"
+            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root)"
         elif split == "test" and need_labels:
             hint = " (an unlabelled test set? pass --no_test_eval)"
         raise DataError(f"{split} split: {e}{hint}") from None
+
+
+def _check_both_classes(split: str, records: Records) -> None:
+    classes = np.unique(records.labels)
+    if len(classes) < 2:
+        raise DataError(
+            f"{split} split: {records.path}: every label is {int(classes[0])}; fitting (train) and "
+            "choosing C (val) need texts of both classes, 0 and 1"
+        )
 
 
 def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) -> str:
@@ -391,24 +408,18 @@ def run_transfer(args: argparse.Namespace) -> dict:
         raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
     if args.write_results and not given_path(args.test):
         raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
-    shipped = args.load_model in (None, "default")
+    Cs = c_sweep(*args.log2_C)
     args.load_model = args.load_model or first_existing_model("lang_model.pt")
     if args.load_model == "default":
         print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
     ckpt = load_checkpoint(args.load_model)
-    args.load_model = str(resolve_model_path(args.load_model))
     _check_architecture(ckpt, args)
     model = ckpt.model
     # Unset features settings follow a transferred model's own classifier (the original's otherwise).
     recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
     args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
     args.state = args.state or recorded_state
-    if args.save_results:
-        out_dir = Path(args.save_results)
-    elif shipped:  # never write into the installed package: results go to the working directory
-        out_dir = Path(resolve_model_path("default").stem + "_transfer")
-    else:
-        out_dir = default_results_dir(args.load_model)
+    out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     paths = {"train": args.data, "val": given_path(args.valid), "test": given_path(args.test)}
@@ -419,16 +430,19 @@ def run_transfer(args: argparse.Namespace) -> dict:
         split: _read_split(args, split, path, need_labels=not (split == "test" and args.no_test_eval))
         for split, path in paths.items()
     }
+    for split in ("train", "val"):  # before featurizing: fitting, and choosing C, need both classes
+        if split in records:
+            _check_both_classes(split, records[split])
 
     cache = FeatureCache(
         out_dir,
         {
-            "model_sha256": file_digest(args.load_model),
+            "model_sha256": file_digest(resolve_model_path(args.load_model)),
             "pooling": args.pooling,
             "state": args.state,
             "all_layers": args.all_layers,
             "preprocess": model.config.preprocess,
-            "fp16": args.fp16,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             "text_key": args.text_key,
             "delim": args.delim,
             "loose_json": args.loose_json,
@@ -451,13 +465,13 @@ def run_transfer(args: argparse.Namespace) -> dict:
             all_layers=args.all_layers,
             progress=sys.stderr.isatty(),
             fp16=args.fp16,
+            bf16=args.bf16,
         )
         cache.save(split, recs.path, features[split])
 
     mean, scale = standardizer(features["train"])
     std = {split: (f - mean) / scale for split, f in features.items()}
     labels = {split: r.labels for split, r in records.items() if r.labels is not None}
-    Cs = c_sweep(*args.log2_C)
     n_features = features["train"].shape[1]
 
     def fit_on(columns: np.ndarray | None) -> Regression:
@@ -572,7 +586,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     args.load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt")
     if args.load_model == "default":
         print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
-    encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16)
+    encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
         raise CheckpointError(
             f"{args.load_model}: holds a language model but no sentiment classifier: run transfer.py on it "
@@ -593,6 +607,8 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
         save_probs = Path(args.load_model).parent / save_probs
     save_probs.parent.mkdir(parents=True, exist_ok=True)
+    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
+        save_probs = save_probs.with_name(save_probs.name + ".npy")
     np.save(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
     print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import fixture_path
 
 from sentiment_discovery.data import (
     PAD_TARGET,
@@ -15,6 +15,7 @@ from sentiment_discovery.data import (
     lm_splits,
     load_corpus,
     parse_split,
+    read_records,
     shard_starts,
     split_shards,
 )
@@ -122,7 +123,7 @@ def test_a_corpus_smaller_than_one_batch_still_gives_a_batch(tmp_path):
 
 
 def test_valid_and_test_files_replace_their_split_parts():
-    sst = shared_path("data", "binary_sst")
+    sst = fixture_path("binary_sst")
     splits = lm_splits(
         str(sst / "train.csv"), str(sst / "val.csv"), split="100,1,1", num_shards=50, val_shards=7,
         batch_size=4, eval_batch_size=5, seq_length=16, eval_seq_length=-2,
@@ -134,6 +135,21 @@ def test_valid_and_test_files_replace_their_split_parts():
     total = len(splits.train.corpus.tokens)
     assert splits.train.rows == 4 and splits.test.rows == 5
     assert total - 9 - 4 - 5 < splits.train.num_targets + splits.test.num_targets <= total - 9
+
+
+def test_imdb_reviews_lose_their_html_and_keep_labels_and_ratings():
+    """IMDB's layout (label,sentence,rating; <br /> line breaks): labels read, ratings agree, tags cleaned."""
+    path = fixture_path("imdb", "train.csv")
+    records = read_records(path, need_labels=True)
+    assert len(records) == 200 and set(records.labels.tolist()) == {0, 1}
+    ratings = read_records(path, label_key="rating", need_labels=True, binarize_labels=True).labels
+    np.testing.assert_array_equal(ratings, records.labels)  # 7-10 positive, 1-4 negative
+    assert sum("<br />" in t for t in records.texts) > 50
+    corpus = load_corpus(path)
+    assert corpus.num_samples == 200 and b"<br" not in corpus.tokens.tobytes()
+    # each sample starts "\n " and ends " ", as the original's preprocessing
+    assert all(corpus.tokens[s : s + 2].tobytes() == b"\n " for s in corpus.starts[:-1])
+    assert all(corpus.tokens[e - 1] == ord(" ") for e in corpus.starts[1:])
 
 
 def test_bad_inputs_name_the_file_line_and_key(tmp_path):

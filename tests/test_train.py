@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_script, shared_path
+from conftest import ROOT, fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
@@ -135,7 +135,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("scaling", [["--loss_scale", "128"], ["--dynamic_loss_scale"]])
 def test_fp16_trains_in_reduced_precision(tmp_path, scaling):
     """--fp16 on CPU autocasts to bfloat16: close to, but not the same as, a float32 run; loss falls."""
-    common = ["-data", str(shared_path("data", "binary_sst", "val.csv")), "--nhid", "16", "--batch_size", "4",
+    common = ["-data", str(fixture_path("binary_sst", "val.csv")), "--nhid", "16", "--batch_size", "4",
               "--seq_length", "16", "--train_iters", "12", "--lr", "1e-2", "--log-interval", "4",
               "--split", "1", "--seed", "3", "--cpu"]  # fmt: skip
     runs = {}
@@ -158,7 +158,7 @@ def test_main_reports_bad_input_as_an_error(tmp_path, capsys):
     assert main_script.main(["-data", str(bad), "-loose_json", "--nhid", "8"]) == 2
     assert "bad.json: line 2: malformed json" in capsys.readouterr().err
     # flags that would otherwise do nothing are refused
-    sst = str(shared_path("data", "binary_sst", "val.csv"))
+    sst = str(fixture_path("binary_sst", "val.csv"))
     assert main_script.main(["--data", sst, "--nhid", "8", "--dynamic_loss_scale"]) == 2
     assert "add --fp16" in capsys.readouterr().err
     assert main_script.main(["--data", sst, "--nhid", "8", "--eval_only"]) == 2
@@ -168,7 +168,7 @@ def test_main_reports_bad_input_as_an_error(tmp_path, capsys):
 def test_main_trains_on_sst_with_falling_loss_then_eval_only(tmp_path, capsys):
     save = tmp_path / "lm.pt"
     cmd = [
-        sys.executable, str(ROOT / "main.py"), "-data", str(shared_path("data", "binary_sst", "train.csv")),
+        sys.executable, str(ROOT / "main.py"), "-data", str(fixture_path("binary_sst", "train.csv")),
         "--nhid", "32", "--batch_size", "8", "--seq_length", "32", "--train_iters", "50", "--lr", "5e-3",
         "--log-interval", "10", "--save_iters", "25", "--num_shards", "3000", "--eval_batch_size", "64",
         "--eval_seq_length", "128", "--seed", "-1", "--save", str(save), "--cpu",

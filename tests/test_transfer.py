@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import load_script, shared_path
+from conftest import fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
@@ -25,7 +25,7 @@ from sentiment_discovery.transfer import (
 def sst_slices(folder, sizes=(("train", 200), ("val", 100), ("test", 100))) -> dict[str, str]:
     paths = {}
     for split, n in sizes:
-        frame = pd.read_csv(shared_path("data", "binary_sst", f"{split}.csv")).head(n)
+        frame = pd.read_csv(fixture_path("binary_sst", f"{split}.csv")).head(n)
         paths[split] = str(folder / f"{split}.csv")
         frame.to_csv(paths[split], index=False)
     return paths
@@ -174,7 +174,9 @@ def test_transfer_bad_inputs(tmp_path, capsys):
     fails([*base, "--data", str(empty)], "empty.csv", "empty")
     fails([*base, "--data", paths["train"], "--nhid", "4096"], "nhid")
     fails(["--load_model", str(tmp_path / "missing.pt"), "--data", paths["train"]], "missing.pt")
-    fails([*base, "--data", paths["train"], "--neurons", "0"], "--neurons 0")
+    with pytest.raises(SystemExit) as exit_info:  # argparse checks the value: usage and one error line
+        transfer.main([*base, "--data", paths["train"], "--neurons", "0"])
+    assert exit_info.value.code == 2 and "--neurons: 0 must be at least 1" in capsys.readouterr().err
     fails([*common, "--data", paths["train"], "--test", "", "--write_results", "p.csv"], "no --test")
 
     # Empty texts and an unlabelled test set are handled.

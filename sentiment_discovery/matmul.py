@@ -1,0 +1,305 @@
+"""Matrix products of the model: which library multiplies, and in which operand precision.
+
+Library. On CPU a float32 product can run through MKL (``torch.mm``) or oneDNN
+(``torch.ops.mkldnn._linear_pointwise``, with a weight laid out once for the per-step products);
+which is faster depends on the processor and the shape (bench/RESULTS.md: on an AVX2-only EPYC, MKL
+was as fast or faster for the large all-rows products while oneDNN's packed weights won the small
+per-step ones; on an AVX-512 EPYC, oneDNN won both, by up to 3x). So the first time a product shape
+occurs in a process it is timed both ways, and the faster library runs every product of that shape
+from then on: within a process, equal inputs give bit-identical results. Between processes the
+choice (and so the float32 rounding) may differ; ``SENTIMENT_DISCOVERY_MATMUL=mm`` (or ``onednn``)
+pins it. ``choices()`` lists what was measured and chosen. Other devices and dtypes use ``torch.mm``.
+
+Precision. With ``dtype`` (bfloat16 for ``--bf16``, float16 for ``--fp16`` on a GPU) the operands
+are cast to it and the product comes back as float32: the libraries accumulate in float32 and round
+their output to ``dtype``, then it is widened; everything around the products (bias, sums, gates,
+cell state) stays float32. ``operand_dtype`` reads that dtype from an active ``torch.autocast``, so
+``--bf16`` is just the autocast context for the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BACKEND_ENV = "SENTIMENT_DISCOVERY_MATMUL"
+BACKENDS = ("mm", "onednn")
+
+# Below this many FLOPs a product is timed best-of-3 after a warm-up call; above it, once after the
+# warm-up (always one: a library's first call of a shape includes its setup, e.g. oneDNN's JIT).
+_SMALL_PRODUCT_FLOPS = 2e9
+
+
+@dataclass
+class Choice:
+    """One calibrated product shape: GFLOP/s measured per library and the library chosen."""
+
+    kind: str  # "linear" (a @ w.T, all rows at once) or "step" (a weight reused at every step)
+    name: str  # what the product computes, as its first caller named it
+    shape: str  # "M x K @ K x N", and how the operands lie in memory (N: as written, T: transposed)
+    dtype: torch.dtype
+    gflops: dict[str, float]
+    chosen: str
+
+
+_choices: dict[tuple, Choice] = {}
+_said: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Print ``message`` to stderr the first time it comes up in this process."""
+    if message not in _said:
+        _said.add(message)
+        print(f"note: {message}", file=sys.stderr)
+
+
+def choices() -> list[Choice]:
+    """The product shapes calibrated so far in this process, in order."""
+    return list(_choices.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products run in hardware here (CPU: oneDNN's bf16 kernels, AVX-512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def reduced_dtype(device: torch.device, fp16: bool = False, bf16: bool = False) -> torch.dtype | None:
+    """The operand dtype of ``--fp16``/``--bf16`` on ``device`` (None: float32).
+
+    ``--fp16`` means float16 on a GPU; a CPU has no fast float16 products, so there it runs as
+    ``--bf16`` (and says so once). A CPU without native bfloat16 runs bfloat16 products emulated,
+    slower than float32 (said once too).
+    """
+    if fp16 and bf16:
+        raise ValueError("--fp16 and --bf16 both given: choose one")
+    if not (fp16 or bf16):
+        return None
+    if fp16 and device.type == "cuda":
+        return torch.float16
+    if fp16:
+        say_once("--fp16 on a CPU runs as --bf16 (bfloat16 products; float16 needs a GPU)")
+    if device.type == "cpu" and not native_bf16(device):
+        say_once(
+            "this CPU has no native bfloat16 (AVX-512-BF16 or AMX): bfloat16 products run emulated, "
+            "slower than float32"
+        )
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """The context of a reduced-precision run: autocast to ``dtype`` on ``device``; none for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def operand_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of an active ``torch.autocast`` on ``device_type``, else None (float32 operands)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _low(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the library
+# --------------------------------------------------------------------------------------------
+
+
+def _onednn_runs(t: Tensor) -> bool:
+    """oneDNN is a candidate: CPU float32, or CPU bfloat16 with native support (it refuses otherwise)."""
+    if t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    return t.dtype == torch.float32 or (t.dtype == torch.bfloat16 and native_bf16(t.device))
+
+
+def _candidates(t: Tensor) -> tuple[str, ...]:
+    if not _onednn_runs(t):
+        return ("mm",)
+    forced = os.environ.get(BACKEND_ENV, "auto")
+    if forced in BACKENDS:
+        return (forced,)
+    if forced != "auto":
+        raise ValueError(f"{BACKEND_ENV}={forced!r}: choose auto, mm or onednn")
+    return BACKENDS
+
+
+def _time(fn: Callable[[], Tensor], reps: int) -> tuple[float, Tensor]:
+    """Best time of ``reps`` calls after a warm-up call, and the last result."""
+    out = fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _calibrate(
+    key: tuple, kind: str, name: str, shape: str, flops: float, runs: dict[str, Callable[[], Tensor]],
+    dtype: torch.dtype,
+) -> tuple[str, Tensor]:
+    """Time every candidate, remember the fastest for ``key``; returns it and its result."""
+    reps = 3 if flops < _SMALL_PRODUCT_FLOPS else 1
+    results, gflops = {}, {}
+    for backend, run in runs.items():
+        seconds, results[backend] = _time(run, reps)
+        gflops[backend] = flops / max(seconds, 1e-9) / 1e9
+    chosen = max(gflops, key=gflops.get)
+    _choices[key] = Choice(kind, name, shape, dtype, gflops, chosen)
+    return chosen, results[chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# Products
+# --------------------------------------------------------------------------------------------
+
+
+def _widen(out: Tensor) -> Tensor:
+    return out if out.dtype == torch.float32 or out.dtype == torch.float64 else out.float()
+
+
+def _linear_by(backend: str, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``a @ weight.T (+ bias)`` through one library; a reduced-precision result is widened and the
+    bias added in float32."""
+    reduced = a.dtype in (torch.bfloat16, torch.float16)
+    if backend == "onednn":
+        out = torch.ops.mkldnn._linear_pointwise(a, weight, None if reduced else bias, "none", [], "")
+    elif bias is not None and not reduced:
+        out = torch.addmm(bias, a, weight.t())
+    else:
+        out = torch.mm(a, weight.t())
+    if reduced:
+        out = out.float()
+        if bias is not None:
+            out.add_(bias)
+    return out
+
+
+def linear(
+    a: Tensor, weight: Tensor, bias: Tensor | None = None, dtype: torch.dtype | None = None, name: str = ""
+) -> Tensor:
+    """``a [M, K] @ weight[N, K].T (+ bias)``, float32 (float64 stays float64), operands cast to ``dtype``.
+
+    Strided operands (``dz.t()``) are fine: the weight gradients are written ``linear(dz.t(), x.t())``.
+    """
+    a, weight = _low(a, dtype), _low(weight, dtype)
+    names = _candidates(a)
+    if len(names) == 1:
+        return _linear_by(names[0], a, weight, bias)
+    key = ("linear", a.dtype, tuple(a.shape), a.is_contiguous(), tuple(weight.shape), weight.is_contiguous(),
+           bias is not None, torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is not None:
+        return _linear_by(choice.chosen, a, weight, bias)
+    (M, K), N = a.shape, weight.shape[0]
+    layout = ("N" if a.is_contiguous() else "T") + ("T" if weight.is_contiguous() else "N")
+    runs = {b: (lambda b=b: _linear_by(b, a, weight, bias)) for b in names}
+    return _calibrate(key, "linear", name, f"{M}x{K} @ {K}x{N} ({layout})", 2.0 * M * K * N, runs, a.dtype)[1]
+
+
+class StepWeight:
+    """``a [B, K] -> a @ weight.T`` (float32) for a weight ``[N, K]`` reused at every step of a sequence.
+
+    The weight is cast to ``dtype`` once, and (with ``lay_out``, where it is chosen) laid out once in
+    oneDNN's blocked format for this batch size (``torch.ops.mkldnn._reorder_linear_weight``, as
+    inductor does for frozen linears). The choice between that and ``torch.mm`` is timed once per
+    shape on a stand-in row block, before any real product, so every step of a run uses one library.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        batch: int,
+        dtype: torch.dtype | None = None,
+        lay_out: bool = True,
+        name: str = "",
+    ):
+        self.dtype = dtype
+        weight = _low(weight, dtype)
+        names = _candidates(weight) if lay_out else ("mm",)
+        self.onednn = False
+        if len(names) > 1:
+            self.onednn = self._choose(weight, batch, name) == "onednn"
+        elif names == ("onednn",):
+            self.onednn = True
+        if self.onednn:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
+        else:
+            self.weight_t = weight.t()
+
+    @staticmethod
+    def _choose(weight: Tensor, batch: int, name: str) -> str:
+        N, K = weight.shape
+        key = ("step", weight.dtype, batch, N, K, weight.is_contiguous(), torch.get_num_threads())
+        choice = _choices.get(key)
+        if choice is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
+            a = weight.new_full((batch, K), 0.5)
+            weight_t = weight.t()
+            runs = {
+                "mm": lambda: torch.mm(a, weight_t),
+                "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
+            }
+            shape = f"{batch}x{K} @ {K}x{N} (N{'T' if weight.is_contiguous() else 'N'})"
+            return _calibrate(key, "step", name, shape, 2.0 * batch * K * N, runs, weight.dtype)[0]
+        return choice.chosen
+
+    def __call__(self, a: Tensor) -> Tensor:
+        a = _low(a, self.dtype)
+        if self.onednn:
+            out = torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
+        else:
+            out = torch.mm(a, self.weight_t)
+        return _widen(out)
+
+
+class _Linear(torch.autograd.Function):
+    """``x [..., K] @ weight.T + bias`` through ``linear``, forward and backward (the decoder)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.dtype, ctx.has_bias = dtype, bias is not None
+        out = linear(x.reshape(-1, x.shape[-1]), weight, bias, dtype, "decoder")
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        x, weight = ctx.saved_tensors
+        dy = _low(d_out.reshape(-1, d_out.shape[-1]), ctx.dtype)
+        need = ctx.needs_input_grad
+        dx = dw = db = None
+        if need[0]:
+            dx = linear(dy, weight.t(), None, ctx.dtype, "decoder: input gradient").view_as(x)
+        if need[1]:
+            dw = linear(dy.t(), x.reshape(-1, x.shape[-1]).t(), None, ctx.dtype, "decoder: weight gradient")
+        if need[2] and ctx.has_bias:
+            db = d_out.reshape(-1, d_out.shape[-1]).sum(0)
+        return dx, dw, db, None
+
+
+def linear_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` with its products (forward and backward) through ``linear``, in the autocast's
+    operand dtype if one is active; the result is float32."""
+    return _Linear.apply(x, weight, bias, operand_dtype(x.device.type))
