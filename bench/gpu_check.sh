@@ -24,7 +24,7 @@ section() {  # section NAME TIMEOUT_S COMMAND...: run it under a hard timeout, r
     shift 2
     echo
     echo "=== $name (timeout ${limit}s, at +$(( $(date +%s) - START ))s) ==="
-    timeout --signal=INT --kill-after=15 "$limit" "$@"
+    timeout --signal=INT --kill-after=10 "$limit" "$@"
     local rc=$?
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 130 ] || [ "$rc" -eq 137 ]; then
         STATUS[$name]="TIMED OUT after ${limit}s (rc $rc)"
