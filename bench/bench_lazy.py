@@ -3,9 +3,9 @@
     python bench/bench_lazy.py --sizes 20 1000 [--workdir /tmp/lazy_bench]
 
 Each size gets a synthetic corpus of review-like json lines (50-400 words, html tags and entities
-as in Amazon reviews, one text in five with a non-ASCII word), built into a cache in a fresh
-process; that process reports its own peak RSS and that of its encoding workers
-(resource.getrusage). Corpus and cache are deleted afterwards.
+as in Amazon reviews, one text in five with a non-ASCII word; an 8 MB block repeated), built into
+a cache in a fresh process; that process reports its own peak RSS and that of its encoding
+workers (resource.getrusage). Corpus and cache are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -52,27 +52,22 @@ print(json.dumps({"rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def make_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
-    """Write ~``megabytes`` MB of json lines (distinct texts of 50-400 words); returns the byte count."""
+def make_corpus(path: Path, megabytes: float, seed: int = 0, block_mb: float = 8) -> int:
+    """Write ~``megabytes`` MB of json lines (texts of 50-400 words): a block of ``block_mb`` MB of
+    distinct lines, repeated (each line is encoded all the same); returns the byte count."""
     rng = random.Random(seed)
-    target, written = int(megabytes * 1e6), 0
-    with path.open("w", encoding="utf-8") as f:
-        while written < target:
-            lines = []
-            for _ in range(1000):
-                words = rng.choices(WORDS, k=rng.randint(50, 400))
-                if rng.random() < 0.2:  # one text in five has a few non-ASCII characters
-                    words[rng.randrange(len(words))] = rng.choice(NON_ASCII)
-                text = " ".join(words)
-                row = {
-                    "reviewText": text,
-                    "overall": rng.randint(1, 5),
-                    "summary": " ".join(rng.choices(WORDS, k=5)),
-                }
-                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-            chunk = "".join(lines)
-            f.write(chunk)
-            written += len(chunk.encode("utf-8"))
+    lines, size = [], 0
+    while size < min(megabytes, block_mb) * 1e6:
+        words = rng.choices(WORDS, k=rng.randint(50, 400))
+        if rng.random() < 0.2:  # one text in five has a non-ASCII word
+            words[rng.randrange(len(words))] = rng.choice(NON_ASCII)
+        row = {"reviewText": " ".join(words), "overall": rng.randint(1, 5), "summary": " ".join(words[:5])}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+        size += len(lines[-1].encode("utf-8"))
+    block = "".join(lines).encode("utf-8")
+    with path.open("wb") as f:
+        for _ in range(max(1, round(megabytes * 1e6 / len(block)))):
+            f.write(block)
     return path.stat().st_size
 
 

@@ -389,12 +389,17 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
         raise CheckpointError(f"{source}: classifier lacks {' and '.join(absent)}")
     classifier = dict(classifier)
     for key, choices in (("pooling", POOLINGS), ("state", STATES)):
-        if classifier.get(key) is not None and classifier[key] not in choices:
-            raise CheckpointError(f"{source}: classifier {key} = {classifier[key]!r} is not one of {choices}")
+        value = classifier.get(key)
+        # pooling may be a comma list of distinct poolings (features concatenated: featurize.parse_pooling)
+        names = str(value).split(",") if key == "pooling" and isinstance(value, str) else [value]
+        if value is not None and (any(n not in choices for n in names) or len(set(names)) != len(names)):
+            raise CheckpointError(f"{source}: classifier {key} = {value!r} is not one of {choices}")
     all_layers = classifier.get("all_layers")
     if all_layers is not None and not isinstance(all_layers, bool):
         raise CheckpointError(f"{source}: classifier all_layers = {all_layers!r} is not a bool")
-    features = config.nhid * (config.nlayers if all_layers else 1)
+    pooling = classifier.get("pooling")
+    n_pooling = len(pooling.split(",")) if isinstance(pooling, str) else 1
+    features = config.nhid * (config.nlayers if all_layers else 1) * n_pooling
     weight = _numbers(classifier["weight"], "weight", source, features).float().reshape(-1)
     classifier["weight"] = weight
     classifier["bias"] = _numbers(classifier["bias"], "bias", source, 1).float().reshape(())

@@ -561,7 +561,8 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
                 bar.update(sizes.popleft())
         warn_invalid_utf8(path, invalid)
         if samples == 0:
-            raise DataError(f"{path}: no records")
+            what = "no text (every line is blank)" if is_text_path(path) else "no records"
+            raise DataError(f"{path}: {what}")
         lengths = np.memmap(tmp / "lengths.bin", dtype=np.int64, mode="r", shape=(samples,))
         starts = np.lib.format.open_memmap(
             tmp / "starts.npy", mode="w+", dtype=np.int64, shape=(samples + 1,)

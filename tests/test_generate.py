@@ -303,7 +303,7 @@ def test_script_analysis_writes_heatmap_and_values(tmp_path, capsys):
     assert [row["text"] for row in record["values"]] == [False, False] + [True] * len(TEXT) + [False]
     image = matplotlib.image.imread(tmp_path / "out" / "analysed.png")
     expected = gen.HeatmapLayout(gen.layout_lines(list(TEXT), 64), gen.char_cells(TEXT.encode()), 64).size_px
-    assert (image.shape[1], image.shape[0]) == expected
+    assert image.shape[0] == expected[1] and image.shape[1] >= expected[0]  # wider only for a long title
     assert (tmp_path / "out" / "analysed.txt").read_bytes() == TEXT.encode()
 
 

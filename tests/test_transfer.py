@@ -174,7 +174,9 @@ def test_transfer_bad_inputs(tmp_path, capsys):
     fails([*base, "--data", str(empty)], "empty.csv", "empty")
     fails([*base, "--data", paths["train"], "--nhid", "4096"], "nhid")
     fails(["--load_model", str(tmp_path / "missing.pt"), "--data", paths["train"]], "missing.pt")
-    fails([*base, "--data", paths["train"], "--neurons", "0"], "--neurons 0")
+    with pytest.raises(SystemExit) as exit_info:  # argparse checks the value: usage and one error line
+        transfer.main([*base, "--data", paths["train"], "--neurons", "0"])
+    assert exit_info.value.code == 2 and "--neurons: 0 must be at least 1" in capsys.readouterr().err
     fails([*common, "--data", paths["train"], "--test", "", "--write_results", "p.csv"], "no --test")
 
     # Empty texts and an unlabelled test set are handled.
