@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import run_script
+from sentiment_discovery.cli import int_at_least, run_script
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Every long flag may be spelled with dashes or underscores (--save-probs, --save_probs) and "
+        "with one leading dash (-save_probs).",
+    )
     p.add_argument(
         "--load_model",
         default=None,
@@ -27,15 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binarize_labels", action="store_true")
     p.add_argument("--all_layers", action="store_true", help="check that the classifier uses every layer")
     p.add_argument(
-        "--neurons", type=int, default=-1, help="keep only the N largest-|weight| weights (-1: all)"
+        "--neurons",
+        type=int_at_least(1, -1),
+        default=-1,
+        help="keep only the N largest-|weight| weights (-1: all)",
     )
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batch_size", type=int_at_least(1), default=128)
     p.add_argument(
         "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
     )
     p.add_argument("--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)")
-    p.add_argument("--save_probs", default="clf_results.npy")
-    p.add_argument("--write_results", default="", help="csv (or .json) with label and probability per text")
+    p.add_argument(
+        "--save_probs",
+        default="clf_results.npy",
+        help="predicted P(positive) (.npy); a bare file name goes beside --load_model",
+    )
+    p.add_argument(
+        "--write_results",
+        default="",
+        help="per text: true label (when the file has one), predicted label, P(positive) with all weights "
+        "and with the top N neurons (--neurons, else those transfer.py kept), each top neuron's value "
+        "(csv, or json for .json/.jsonl)",
+    )
     return p
 
 

@@ -3,6 +3,12 @@
     python generate.py --load_model lang_model_transfer/classifier.pt --gen_length 200 --heatmap \\
         --text "25 August 2003 League of Extraordinary Gentlemen: Sean Connery is" --overwrite 1
     python generate.py --gen_length -1 --heatmap --text "..."     # analyse --text only, no generation
+
+The text goes to --save without the preprocessing's "\n " prefix, byte for byte as generated (bytes that
+are not valid UTF-8 included; the console shows them as U+FFFD). Sentiment is automatic: the neuron's
+polarity is the sign of its classifier weight, --overwrite +1 forces positive sentiment whatever that
+sign (the value written is +1 x polarity), and the heatmap is green where the sentiment is positive.
+Every long flag may be spelled with dashes or underscores, and with one leading dash (-overwrite).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import argparse
 import sys
 
 from sentiment_discovery.cli import run_script
-from sentiment_discovery.generation import run_generate
+from sentiment_discovery.generation import DEFAULT_OVERWRITE_MODE, OVERWRITE_MODES, run_generate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,19 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--heatmap",
         "--visualize",
         action="store_true",
-        help="draw the neuron's value under each character: <save stem>.png (+ .json values)",
+        help="draw the neuron's sentiment (value x polarity) under each character of the text, in rows "
+        "of 64: <save stem>.png (+ .json values)",
     )
     p.add_argument("--heatmap_path", default=None, help="PNG path instead of <save stem>.png")
     p.add_argument(
         "--overwrite",
         type=float,
         default=None,
-        help="force the neuron to this raw value on every generated step (e.g. +1 / -1)",
+        help="force the neuron's sentiment: +1 positive, -1 negative (the raw value written is this x the "
+        "neuron's polarity)",
+    )
+    p.add_argument(
+        "--overwrite_mode",
+        choices=OVERWRITE_MODES,
+        default=DEFAULT_OVERWRITE_MODE,
+        help="cell: write the unit's cell state c on generated steps only; hidden: write its hidden state h "
+        "on every step, warm-up included (the original's)",
     )
     p.add_argument(
         "--negate",
         action="store_true",
-        help="negative sentiment neuron: flip the heatmap colours and the sign of --overwrite",
+        help="declare the neuron's polarity negative, overriding the sign of its classifier weight "
+        "(for a model without classifier, whose polarity is otherwise taken as positive)",
     )
     p.add_argument("--text", default="", help="warm-up text (with --gen_length -1: the text analysed)")
     return p

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import run_script
+from sentiment_discovery.cli import finite_float, int_at_least, run_script
 from sentiment_discovery.model import RNN_TYPES
 from sentiment_discovery.preprocess import PREPROCESSORS
 
@@ -13,16 +13,17 @@ from sentiment_discovery.preprocess import PREPROCESSORS
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__,
-        epilog="--load of a checkpoint written during training (it holds train_state) resumes that run "
-        "exactly; a finished run's checkpoint starts a new run from its weights. --eval_only reports the "
-        "val/test BPC of --load.",
+        epilog="Every long flag may be spelled with dashes or underscores (--text-key, --text_key) and with "
+        "one leading dash (-text_key). --load of a checkpoint written during training (it holds "
+        "train_state) resumes that run exactly; a finished run's checkpoint starts a new run from its "
+        "weights. --eval_only reports the val/test BPC of --load.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default="mLSTM", choices=RNN_TYPES)
-    m.add_argument("--emsize", type=int, default=64, help="byte embedding size")
-    m.add_argument("--nhid", type=int, default=4096, help="hidden units per layer")
-    m.add_argument("--nlayers", type=int, default=1)
-    m.add_argument("--dropout", type=float, default=0.0)
+    m.add_argument("--emsize", type=int_at_least(1), default=64, help="byte embedding size")
+    m.add_argument("--nhid", type=int_at_least(1), default=4096, help="hidden units per layer")
+    m.add_argument("--nlayers", type=int_at_least(1), default=1)
+    m.add_argument("--dropout", type=finite_float(0, below=1), default=0.0)
     m.add_argument("--tied", action="store_true", help="tie embedding and decoder (needs nhid == emsize)")
     m.add_argument("--no_weight_norm", action="store_true", help="weight norm is on by default")
     m.add_argument(
@@ -33,28 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     t = p.add_argument_group("training")
-    t.add_argument("--lr", type=float, default=5e-4, help="initial learning rate, decayed linearly to 0")
-    t.add_argument("--optim", default="Adam", help="any torch.optim class name")
-    t.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (0 = off)")
-    t.add_argument("--epochs", type=int, default=1)
     t.add_argument(
-        "--train_iters", type=int, default=0, help="stop after this many updates (0: epochs x batches)"
+        "--lr", type=finite_float(above=0), default=5e-4, help="initial learning rate, decayed linearly to 0"
+    )
+    t.add_argument("--optim", default="Adam", help="any torch.optim class name")
+    t.add_argument("--clip", type=finite_float(0), default=0.0, help="gradient-norm clipping (0 = off)")
+    t.add_argument("--epochs", type=int_at_least(1), default=1)
+    t.add_argument(
+        "--train_iters",
+        type=int_at_least(0),
+        default=0,
+        help="stop after this many updates (0: epochs x batches)",
     )
     t.add_argument("--seed", type=int, default=-1, help="-1 picks a seed and prints it")
     t.add_argument(
         "--log-interval",
-        "--log_interval",
-        dest="log_interval",
-        type=int,
+        type=int_at_least(1),
         default=100,
-        help="batches between log lines",
+        help="batches between log lines (a progress bar as well when stderr is a terminal)",
     )
     t.add_argument(
         "--save",
         default="lang_model.pt",
         help="checkpoint path; <stem>.best.pt, <stem>.metrics.jsonl and <stem>.bpc.png go beside it",
     )
-    t.add_argument("--save_iters", type=int, default=2000, help="batches between checkpoints and validations")
+    t.add_argument(
+        "--save_iters", type=int_at_least(0), default=2000, help="batches between checkpoints and validations"
+    )
+    t.add_argument(
+        "--keep_checkpoints",
+        type=int_at_least(0),
+        default=0,
+        help="also keep the last K checkpoints as a series <stem>.step<N>.pt beside --save (0: none)",
+    )
     t.add_argument(
         "--load", "--load_model", dest="load", default="", help="checkpoint to start from or resume"
     )
@@ -78,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the weights in the checkpoints written: fp16/bf16 take about half the bytes "
         "(loading makes them float32; resuming from one continues from the rounded weights)",
     )
-    t.add_argument("--loss_scale", type=float, default=1.0, help="static loss scale with --fp16")
+    t.add_argument(
+        "--loss_scale", type=finite_float(above=0), default=1.0, help="static loss scale with --fp16"
+    )
     t.add_argument(
         "--dynamic_loss_scale", action="store_true", help="with --fp16: dynamic loss scaling (GradScaler)"
     )
@@ -89,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data-parallel training: `python -m multiproc main.py ARGS` (one process per GPU) or torchrun, "
         "whose RANK/WORLD_SIZE/LOCAL_RANK environment wins over these flags. --batch_size is per process.",
     )
-    g.add_argument("--world_size", type=int, default=1, help="number of processes")
+    g.add_argument("--world_size", type=int_at_least(1), default=1, help="number of processes")
     g.add_argument("--rank", type=int, default=-1, help="this process's rank (0 .. world_size - 1)")
     g.add_argument(
         "--distributed_backend",
@@ -99,11 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     d = p.add_argument_group("data")
-    d.add_argument("--data", default="./data/imdb/unsup.json", help="training file (csv or json)")
+    d.add_argument(
+        "--data",
+        default="./data/imdb/unsup.json",
+        help="training file: csv, json, or .txt (plain UTF-8 text, one sample per line, blank lines skipped)",
+    )
     d.add_argument("--valid", default=None, help="validation file (else a part of --split)")
     d.add_argument("--test", default=None, help="test file (else a part of --split)")
-    d.add_argument("--batch_size", type=int, default=128, help="rows of a batch (per process, distributed)")
-    d.add_argument("--eval_batch_size", type=int, default=0, help="0: --batch_size")
+    d.add_argument(
+        "--batch_size", type=int_at_least(1), default=128, help="rows of a batch (per process, distributed)"
+    )
+    d.add_argument("--eval_batch_size", type=int_at_least(0), default=0, help="0: --batch_size")
     d.add_argument(
         "--seq_length",
         type=int,
@@ -139,9 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(-1, 0, 1),
         help="reset the state at every shard (1), every sample (0) or never (-1)",
     )
-    d.add_argument("--num_shards", type=int, default=102, help="contiguous shards of the training file")
-    d.add_argument("--val_shards", type=int, default=0, help="shards of --valid (0: --num_shards)")
-    d.add_argument("--test_shards", type=int, default=0, help="shards of --test (0: --num_shards)")
+    d.add_argument(
+        "--num_shards", type=int_at_least(1), default=102, help="contiguous shards of the training file"
+    )
+    d.add_argument(
+        "--val_shards", type=int_at_least(0), default=0, help="shards of --valid (0: --num_shards)"
+    )
+    d.add_argument(
+        "--test_shards", type=int_at_least(0), default=0, help="shards of --test (0: --num_shards)"
+    )
     return p
 
 

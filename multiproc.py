@@ -1,8 +1,9 @@
-"""Launch a distributed run: ``python -m multiproc main.py ARGS`` starts one worker per process.
+"""Launch a distributed run: ``python -m multiproc [--nproc N] main.py ARGS`` starts one worker per process.
 
 Each worker runs ``python SCRIPT ARGS --world_size N --rank i`` (with MASTER_ADDR/MASTER_PORT, a
-free local port, in its environment). N is ``--nproc`` when given, else the
-number of visible GPUs, else 1 (on a CPU-only machine pass ``--nproc`` for several processes).
+free local port, in its environment). N is ``--nproc`` (or torchrun's name, ``--nproc_per_node``)
+when given, else the number of visible GPUs, else 1 (on a CPU-only machine pass ``--nproc`` for
+several processes). ``pip install .`` installs this module, so it runs from any directory.
 Rank 0 writes to this terminal; rank i > 0 to ``distributed_logs/<--save stem>/<i>.log``, as the
 original. When a worker fails the others are stopped; the exit status is the first failure's.
 """
@@ -72,13 +73,37 @@ def launch(script_args: list[str], nproc: int) -> int:
     return (failed[0][1] if failed[0][1] > 0 else 1) if failed else 0
 
 
+USAGE = "usage: python -m multiproc [--nproc N | --nproc_per_node N] SCRIPT [ARGS...]"
+NPROC_FLAGS = ("--nproc", "--nproc_per_node")
+
+
+def parse_nproc(argv: list[str]) -> tuple[int | None, list[str]]:
+    """The leading ``--nproc N`` / ``--nproc_per_node N`` (or ``=N``), if any, and the script's argv."""
+    flag, eq, value = argv[0].partition("=") if argv else ("", "", "")
+    if flag not in NPROC_FLAGS:
+        return None, argv
+    rest = argv[1:]
+    if not eq:
+        if not rest:
+            raise ValueError(f"{flag} needs a number of processes")
+        value, rest = rest[0], rest[1:]
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{flag} {value}: expected a number of processes >= 1")
+    return int(value), rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    nproc = None
-    if argv[:1] == ["--nproc"] and len(argv) > 1:
-        nproc, argv = int(argv[1]), argv[2:]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE + "\n\n" + __doc__)
+        return 0
+    try:
+        nproc, argv = parse_nproc(argv)
+    except ValueError as e:
+        print(f"multiproc: {e}\n{USAGE}", file=sys.stderr)
+        return 2
     if not argv or argv[0].startswith("-"):
-        print("usage: python -m multiproc [--nproc N] SCRIPT [ARGS...]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     if nproc is None:
         import torch

@@ -6,12 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import run_script
+from sentiment_discovery.cli import int_at_least, run_script
 from sentiment_discovery.featurize import POOLINGS, STATES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="Every long flag may be spelled with dashes or underscores (--save-results, --save_results) "
+        "and with one leading dash (-save_results).",
+    )
     p.add_argument(
         "--load_model",
         default=None,
@@ -22,13 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
         "architecture (recorded in the checkpoint; given, they are checked against it)"
     )
     arch.add_argument("--model", default=None)
-    arch.add_argument("--emsize", type=int, default=None)
-    arch.add_argument("--nhid", type=int, default=None)
-    arch.add_argument("--nlayers", type=int, default=None)
+    arch.add_argument("--emsize", type=int_at_least(1), default=None)
+    arch.add_argument("--nhid", type=int_at_least(1), default=None)
+    arch.add_argument("--nlayers", type=int_at_least(1), default=None)
     data = p.add_argument_group("data")
     data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
     data.add_argument(
-        "--valid", default="data/binary_sst/val.csv", help="labelled validation texts (choose C)"
+        "--valid",
+        default="data/binary_sst/val.csv",
+        help="labelled validation texts (choose C); 'none' or '': C by 3-fold cross-validation on --data",
     )
     data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' for none)")
     data.add_argument("--text_key", default="sentence")
@@ -51,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
     )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
-    feat.add_argument("--batch_size", type=int, default=128)
+    feat.add_argument("--batch_size", type=int_at_least(1), default=128)
     feat.add_argument(
         "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
     )
@@ -62,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
     )
     reg = p.add_argument_group("regression")
-    reg.add_argument("--epochs", type=int, default=100, help="max iterations of the logistic regression")
+    reg.add_argument(
+        "--epochs", type=int_at_least(1), default=100, help="max iterations of the logistic regression"
+    )
     reg.add_argument("--seed", type=int, default=42)
     reg.add_argument(
         "--log2_C",
@@ -72,11 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="sweep C = 2^MIN ... 2^MAX, best on validation",
     )
-    reg.add_argument("--neurons", type=int, default=1, help="top features kept for the second regression")
+    reg.add_argument(
+        "--neurons", type=int_at_least(1), default=1, help="top features kept for the second regression"
+    )
     reg.add_argument("--drop_neurons", action="store_true", help="also fit without the top neurons")
     out = p.add_argument_group("output")
-    out.add_argument("--save_results", default="", help="results folder (default <model>_transfer/)")
-    out.add_argument("--write_results", default="", help="write test texts with predictions (csv or .json)")
+    out.add_argument(
+        "--save_results",
+        default="",
+        help="results folder (default <model>_transfer/): classifier.pt, results.json, features_<split>.npy "
+        "and labels_<split>.npy, probs_<split>.npy, weights.png, logit_vis/<rank>_<neuron>.png histograms",
+    )
+    out.add_argument(
+        "--write_results",
+        default="",
+        help="test texts with true label, predicted label, P(positive) with all features and with the top "
+        "--neurons, and each top neuron's value (csv, or json for .json/.jsonl)",
+    )
     return p
 
 

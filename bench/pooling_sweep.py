@@ -1,9 +1,10 @@
 """Which features read sentiment best: SST accuracy per pooling and state, a model beside its twin.
 
-    python bench/pooling_sweep.py runs/gpu1/mlstm1024.pt runs/gpu1/twin1024.pt --out runs/gpu1/sweep.json
+    python bench/pooling_sweep.py runs/gpu1/mlstm1024.pt --twin --out runs/gpu1/sweep.json
 
-Featurizes Binary SST train/val/test once per (model, state) with all three poolings, then fits the
-project's L1 logistic regression (C chosen on val) on each pooling alone and on their concatenation.
+Featurizes ``--data``/{train,val,test}.csv (default Binary SST) once per (model, state) with all three
+poolings, then fits the project's L1 logistic regression (C chosen on val) on each pooling alone and on
+their concatenations. ``--twin`` adds each model's randomly initialised twin (same architecture, seed 1).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.data import read_records
 from sentiment_discovery.featurize import featurize
+from sentiment_discovery.model import RNNModel
 from sentiment_discovery.transfer import c_sweep, fit_l1_regression, standardizer, top_neurons
 
 POOLINGS = ("mean", "max", "last")
@@ -30,13 +32,19 @@ def main() -> None:
     p.add_argument("--data", default="data/binary_sst")
     p.add_argument("--states", default="cell,hidden")
     p.add_argument("--out", required=True)
+    p.add_argument("--twin", action="store_true", help="also each model's random twin (seed 1)")
+    p.add_argument("--device", default=None, help="default: GPU when available")
     args = p.parse_args()
     splits = {s: read_records(f"{args.data}/{s}.csv", need_labels=True) for s in ("train", "val", "test")}
     results = []
-    for path, state in itertools.product(args.models, args.states.split(",")):
+    models = [(path, False) for path in args.models] + [(path, True) for path in args.models if args.twin]
+    for (path, twin), state in itertools.product(models, args.states.split(",")):
         model = load_checkpoint(path).model
+        if twin:
+            torch.manual_seed(1)
+            model = RNNModel(model.config)
         t0 = time.time()
-        feats = {s: featurize(model, r.texts, pooling=",".join(POOLINGS), state=state, device="cpu")
+        feats = {s: featurize(model, r.texts, pooling=",".join(POOLINGS), state=state, device=args.device)
                  for s, r in splits.items()}  # fmt: skip
         H = model.config.nhid
         elapsed = time.time() - t0
@@ -54,7 +62,8 @@ def main() -> None:
             x1 = {s: f[:, top] for s, f in x.items()}
             one = fit_l1_regression(x1["train"], y["train"], x1["val"], y["val"], c_sweep(-8, 0), 100, 1)
             acc1 = {s: float(((one.probs(x1[s]) > 0.5) == (y[s] > 0.5)).mean()) for s in x}
-            row = {"model": path, "state": state, "pooling": ",".join(combo), "acc": acc, "acc_1neuron": acc1,
+            name = path + (" (random twin)" if twin else "")
+            row = {"model": name, "state": state, "pooling": ",".join(combo), "acc": acc, "acc_1neuron": acc1,
                    "C": reg.C, "nonzero": reg.nonzero, "featurize_s": round(elapsed, 1)}  # fmt: skip
             print(json.dumps(row), flush=True)
             results.append(row)
@@ -62,5 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

@@ -1,13 +1,16 @@
-"""Fetch the transfer datasets into this folder (run from anywhere):
+"""Fetch what the repository does not ship (run from anywhere):
 
-    python data/download.py            # both
-    python data/download.py sst        # Binary SST -> data/binary_sst/{train,val,test}.csv
     python data/download.py imdb       # IMDB -> data/imdb/{train,val,test}.csv
+    python data/download.py openai     # OpenAI's 4096-unit mLSTM -> data/openai/mlstm_openai.safetensors
 
-Binary SST: the raw-text binary split (label,sentence) distributed with the NVIDIA
-sentiment-discovery repository. IMDB: Maas et al. (2011) Large Movie Review Dataset v1.0 from
-Stanford, written as label,sentence,rating; its 25,000 training reviews are split 20,000 train /
-5,000 val (shuffled with a fixed seed), and its 25,000 test reviews become test.csv.
+IMDB: Maas et al. (2011) Large Movie Review Dataset v1.0 from Stanford, written as
+label,sentence,rating; its 25,000 training reviews are split 20,000 train / 5,000 val (shuffled with a
+fixed seed), and its 25,000 test reviews become test.csv. (Binary SST ships in data/binary_sst/.)
+
+OpenAI: the 15 .npy shards of the model/ folder of OpenAI's generating-reviews-discovering-sentiment
+release (MIT License), each downloaded under a temporary name (an interrupted download resumes on a
+rerun), its header checked against the release's layout before it is read, then converted once into
+one checkpoint that every script loads as ``--load_model openai``.
 Nothing here runs at test time; without network access it stops with a clear message.
 """
 
@@ -15,51 +18,86 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
+import math
 import random
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SST_URL = "https://raw.githubusercontent.com/NVIDIA/sentiment-discovery/master/data/binary_sst/{split}.csv"
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_VAL = 5000
 SEED = 1234
+OPENAI_URL = "https://github.com/openai/generating-reviews-discovering-sentiment/raw/master/model/"
+OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")  # under --root: --load_model openai (checkpoint.py)
+NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plain array file
 
 
 class DownloadError(Exception):
     pass
 
 
-def fetch(url: str, dest: Path) -> None:
-    """Download ``url`` to ``dest`` through a temporary name: never a half-written file."""
+def fetch(
+    url: str, dest: Path, max_bytes: int | None = None, check: Callable[[Path], None] | None = None
+) -> None:
+    """Download ``url`` to ``dest`` through ``dest.part``, renamed once every byte arrived and ``check``
+    (which raises DownloadError) accepts it: a file at ``dest`` is always complete.
+
+    An interrupted download leaves its ``.part``, which the next call resumes (an HTTP range request;
+    a server that ignores it sends the whole file again). More than ``max_bytes`` is refused.
+    """
     print(f"downloading {url}")
     partial = dest.with_name(dest.name + ".part")
+    have = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    received = 0
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            content_range = response.headers.get("Content-Range", "")
+            resumed = have > 0 and response.status == 206 and content_range.startswith(f"bytes {have}-")
+            if not resumed:
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length and length.isdigit() else None
+            if max_bytes is not None and total is not None and total > max_bytes:
+                raise DownloadError(f"{url}: {total:,} bytes, more than the {max_bytes:,} expected")
+            with open(partial, "ab" if resumed else "wb") as out:
+                while block := response.read(1 << 20):
+                    received += len(block)
+                    if max_bytes is not None and have + received > max_bytes:
+                        raise DownloadError(f"{url}: more than the {max_bytes:,} bytes expected")
+                    out.write(block)
+            if total is not None and have + received < total:
+                raise http.client.IncompleteRead(b"", total - have - received)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the partial file is no prefix of this one: start over
+            partial.unlink()
+            return fetch(url, dest, max_bytes, check)
         partial.unlink(missing_ok=True)
-        raise DownloadError(f"could not download {url}: {getattr(e, 'reason', e)} (offline?)") from None
+        raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
+    except DownloadError:
+        partial.unlink(missing_ok=True)
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError) as e:
+        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+        hint = "offline?"
+        if partial.exists():
+            hint = f"{have + received:,} bytes kept in {partial}: rerun to resume"
+        raise DownloadError(f"could not download {url}: {reason} ({hint})") from None
+    if check is not None:
+        try:
+            check(partial)
+        except DownloadError:
+            partial.unlink()
+            raise
     partial.replace(dest)
-
-
-def download_sst(root: Path) -> None:
-    folder = root / "binary_sst"
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "val", "test"):
-        dest = folder / f"{split}.csv"
-        fetch(SST_URL.format(split=split), dest)
-        with open(dest, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if header[:2] != ["label", "sentence"]:
-            raise DownloadError(f"{dest}: unexpected header {header}; the source may have moved")
-    print(f"Binary SST in {folder}")
 
 
 def _imdb_rows(archive: tarfile.TarFile, split: str) -> list[tuple[int, str, int]]:
@@ -99,18 +137,94 @@ def download_imdb(root: Path) -> None:
     print(f"IMDB in {folder}")
 
 
+# --------------------------------------------------------------------------------------------
+# OpenAI's released model
+# --------------------------------------------------------------------------------------------
+
+
+def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, read from its header alone (bounded in size)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=NPY_HEADER_MAX)
+        except (ValueError, OSError) as e:
+            raise DownloadError(f"{path}: not a plain .npy array ({e})") from None
+        return shape, dtype.str, f.tell()
+
+
+def check_openai_shard(path: Path, index: int, expected: tuple[int, ...]) -> None:
+    """``index.npy`` must be float32 of the ``expected`` shape (formats.md) and hold exactly its bytes.
+    Files 2-5 (column blocks of Wh) need the rows and at most the columns of ``expected``."""
+    shape, dtype, offset = npy_header(path)
+    if 2 <= index <= 5:
+        fits = len(shape) == 2 and shape[0] == expected[0] and 1 <= shape[1] <= expected[1]
+        want = f"({expected[0]}, <= {expected[1]})"
+    else:
+        fits, want = shape == expected, str(expected)
+    if not fits or dtype != "<f4":
+        raise DownloadError(f"{path}: shape {shape} {dtype}, expected {want} float32 (<f4) for {index}.npy")
+    size, needed = path.stat().st_size, offset + 4 * math.prod(shape)
+    if size != needed:
+        raise DownloadError(f"{path}: {size:,} bytes where its header announces {needed:,}: truncated?")
+
+
+def download_openai(root: Path, url: str = OPENAI_URL, hidden: int | None = None) -> Path:
+    """Fetch and check the 15 shards into ``root/openai/shards/``, convert them into ``root/OPENAI_MODEL``
+    and delete them. ``hidden`` sets H of the expected shapes (default: the release's 4096)."""
+    try:
+        from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+        from sentiment_discovery.formats import OPENAI_HIDDEN, openai_shard_shapes
+    except ImportError as e:
+        raise DownloadError(f"{e}: install the package first (pip install -e . in the repository)") from None
+    dest = root / OPENAI_MODEL
+    if dest.exists():
+        print(f"{dest} is already there (delete it to download again)")
+        return dest
+    shard_dir = dest.parent / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shapes = openai_shard_shapes(hidden or OPENAI_HIDDEN)
+    for index, shape in enumerate(shapes):
+        shard = shard_dir / f"{index}.npy"
+        if shard.exists():  # renamed into place only after its check passed
+            continue
+        max_bytes = NPY_HEADER_MAX + 4 * math.prod(shape)
+        check = lambda path, index=index, shape=shape: check_openai_shard(path, index, shape)
+        fetch(url.rstrip("/") + f"/{index}.npy", shard, max_bytes, check)
+    try:
+        ckpt = load_checkpoint(shard_dir)
+        save_checkpoint(dest, ckpt.model, extra=ckpt.extra)
+    except CheckpointError as e:
+        raise DownloadError(str(e)) from None
+    shutil.rmtree(shard_dir)
+    config = ckpt.config
+    print(
+        f"wrote {dest}: OpenAI's {config.model} (1 x {config.nhid} units, OpenAI's text preprocessing"
+        + (f", sentiment neuron {ckpt.extra['default_neuron']})" if "default_neuron" in ckpt.extra else ")")
+    )
+    print(
+        "use it from the repository root as --load_model openai, e.g.\n"
+        "    python transfer.py --load_model openai                 # Binary SST: the sentiment neuron\n"
+        "    python classifier.py --load_model openai_transfer/classifier.pt --text \"A gem.\"\n"
+        "    python generate.py --load_model openai --gen_length 200 --text \"This movie\" --overwrite 1"
+    )
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    parser.add_argument("datasets", nargs="*", metavar="{sst,imdb}", help="default: both")
+    parser.add_argument("what", nargs="+", choices=("imdb", "openai"), help="what to download")
     parser.add_argument("--root", default=str(HERE), help="folder to write into (default: this folder)")
+    parser.add_argument("--openai_url", default=OPENAI_URL, help="where OpenAI's 0.npy ... 14.npy are")
     args = parser.parse_args(argv)
-    downloaders = {"sst": download_sst, "imdb": download_imdb}
-    unknown = [d for d in args.datasets if d not in downloaders]
-    if unknown:
-        parser.error(f"unknown dataset(s) {', '.join(unknown)}: choose sst and/or imdb")
+    downloaders = {"imdb": download_imdb, "openai": lambda root: download_openai(root, args.openai_url)}
     try:
-        for name in dict.fromkeys(args.datasets or downloaders):
+        for name in dict.fromkeys(args.what):
             downloaders[name](Path(args.root))
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
 import sys
 from collections.abc import Callable, Sequence
 
 
-def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
-    """Accept the original README's one-dash spellings of long flags (``-loose_json``, ``-text``).
+def flag_key(flag: str) -> str:
+    """What two spellings of one long flag share: no leading dashes, ``-`` read as ``_``."""
+    return flag.lstrip("-").replace("-", "_")
 
-    ``-flag`` (or ``-flag=value``) becomes ``--flag`` when ``--flag`` is a long option of
-    ``parser``; everything else (short flags, negative numbers, values) is left as it is.
+
+def normalize_argv(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Accept every spelling of a long flag that differs only in dashes: the original README's one-dash
+    ``-loose_json``, the NVIDIA repository's later ``--loose-json``, and ``--log_interval`` for
+    ``--log-interval``.
+
+    An argument (or the part before ``=`` of ``-flag=value``) that is not itself an option of
+    ``parser`` becomes the long option with the same ``flag_key``; anything else (short flags,
+    negative numbers, values, abbreviations) is left as it is.
     """
-    long_flags = {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    long_flags = {flag_key(opt): opt for opt in options if opt.startswith("--")}
     out = []
     for arg in argv:
-        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
-            name, sep, value = arg.partition("=")
-            if "-" + name in long_flags:
-                arg = "-" + name + sep + value
+        name, sep, value = arg.partition("=")
+        if arg.startswith("-") and len(name) > 2 and name not in options and flag_key(name) in long_flags:
+            arg = long_flags[flag_key(name)] + sep + value
         out.append(arg)
     return out
 
@@ -30,23 +39,71 @@ def run_script(
     run: Callable[[argparse.Namespace], object],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv`` (one-dash long flags accepted), call ``run(args)``; bad input -> ``error: ...``, 2.
+    """Parse ``argv`` (``normalize_argv`` spellings), call ``run(args)``; bad input -> ``error: ...``, 2.
 
     Bad input (a data file, a checkpoint, a value, a path that cannot be read or written) is reported
     in one line, never as a traceback.
     """
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .train import Interrupted
 
+    # a bad flag is one line too, not the usage block (--help shows that)
+    parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     try:
         run(args)
     except (DataError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # training stopped on a signal, after saving a checkpoint
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
 def pick_seed(seed: int) -> int:
     """``-1`` (any negative) picks a random seed; the caller prints it so the run can be repeated."""
     return secrets.randbelow(2**31 - 1) if seed < 0 else seed
+
+
+def int_at_least(low: int, *also: int) -> Callable[[str], int]:
+    """argparse ``type``: an integer >= ``low`` (or one of the special values ``also``, e.g. -1)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low and value not in also:
+            special = "".join(f" or {v}" for v in also)
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}{special}")
+        return value
+
+    return parse
+
+
+def finite_float(
+    low: float | None = None, *, above: float | None = None, below: float | None = None
+) -> Callable[[str], float]:
+    """argparse ``type``: a finite float, >= ``low``, > ``above``, < ``below`` where given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {low:g}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than {above:g}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"{text} must be less than {below:g}")
+        return value
+
+    return parse

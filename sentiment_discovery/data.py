@@ -1,16 +1,24 @@
-"""Reading labelled/unlabelled text corpora (csv, tight json, loose json) with clear errors."""
+"""Reading labelled/unlabelled text corpora (csv, tight json, loose json, plain text) with clear errors."""
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -33,47 +41,173 @@ class Records:
         return len(self.texts)
 
 
-def _read_json_records(path: Path, loose: bool) -> list[dict]:
-    raw = path.read_bytes().decode("utf-8", errors="replace")
-    if loose:
-        rows = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: malformed json ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}: line {lineno}: expected a json object, got {type(obj).__name__}")
-            rows.append(obj)
-        return rows
+# Invalid UTF-8 is replaced by U+FFFD (as errors="replace" does) and counted, so that the reader can say so.
+_INVALID_UTF8 = {"bytes": 0}  # running count of this process (decodes happen one at a time)
+
+
+def _replace_and_count(error: UnicodeDecodeError) -> tuple[str, int]:
+    _INVALID_UTF8["bytes"] += error.end - error.start
+    return "\ufffd", error.end
+
+
+codecs.register_error("sentiment-discovery-replace", _replace_and_count)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """``data`` as text (a leading BOM dropped) and the number of invalid bytes replaced by U+FFFD."""
+    before = _INVALID_UTF8["bytes"]
+    text = data.decode("utf-8-sig", "sentiment-discovery-replace")
+    return text, _INVALID_UTF8["bytes"] - before
+
+
+def open_text(path: Path) -> TextIO:
+    """``path`` as UTF-8 text: BOM dropped, invalid bytes replaced and counted, newlines as they are."""
+    return open(path, encoding="utf-8-sig", errors="sentiment-discovery-replace", newline="")
+
+
+def warn_invalid_utf8(path: str | Path, count: int) -> None:
+    if count:
+        print(f"warning: {path}: {count} invalid UTF-8 byte(s) replaced by U+FFFD", file=sys.stderr)
+
+
+def check_path(path: str | Path) -> Path:
+    """``path`` as a Path of an existing, non-empty file (an empty string is not read as '.')."""
+    if not str(path):
+        raise DataError("an empty file path was given")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a csv or json file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    return path
+
+
+def _json_value(path: Path, text: str, lineno: int | None = None):
+    """``text`` parsed; ``lineno``: the line it is (loose json), else the whole file (tight json)."""
     try:
-        obj = json.loads(raw)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        hint = " (one object per line? pass --loose_json)" if raw.lstrip().startswith("{") else ""
-        raise DataError(f"{path}: line {e.lineno}: malformed json ({e.msg}){hint}") from None
+        tight_hint = lineno is None and text.lstrip()[:1] == "{"
+        hint = " (one object per line? pass --loose_json)" if tight_hint else ""
+        raise DataError(f"{path}: line {lineno or e.lineno}: malformed json ({e.msg}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: line {lineno or 1}: json nested too deeply") from None
+
+
+def json_lines(path: Path, first_line: int, lines: list[bytes]) -> tuple[list[tuple[int, dict]], int]:
+    """Loose json: the objects of ``lines`` (line ``first_line`` on; blank lines skipped) with their
+    line numbers, and the number of invalid UTF-8 bytes replaced."""
+    rows, invalid = [], 0
+    for lineno, raw in enumerate(lines, first_line):
+        text, bad = decode_utf8(raw)
+        invalid += bad
+        if not text.strip():
+            continue
+        obj = _json_value(path, text, lineno)
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {lineno}: expected a json object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
+    return rows, invalid
+
+
+def _tight_json_rows(path: Path) -> list[tuple[int, dict]]:
+    """Tight json (one value: a list of objects, or one object), with record numbers."""
+    text, invalid = decode_utf8(path.read_bytes())
+    warn_invalid_utf8(path, invalid)
+    obj = _json_value(path, text)
     if isinstance(obj, dict):
         obj = [obj]
     if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
         raise DataError(f"{path}: expected a json list of objects")
-    return obj
+    return list(enumerate(obj, 1))
 
 
-def _read_csv_frame(path: Path, delim: str) -> pd.DataFrame:
+def _where(n: int, loose: bool) -> str:
+    return f"line {n}" if loose else f"record {n}"
+
+
+def text_of(row: dict, path: Path, where: str, text_key: str) -> str:
+    """The text of a json record (None: empty; other values as str)."""
+    if text_key not in row:
+        raise DataError(f"{path}: {where}: missing text key {text_key!r} (keys: {sorted(map(str, row))})")
+    value = row[text_key]
+    return "" if value is None else str(value)
+
+
+def _csv_frames(
+    path: Path, delim: str, text_key: str, chunksize: int | None = None
+) -> Iterator[pd.DataFrame]:
+    """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
     try:
-        return pd.read_csv(
-            path, sep=delim, dtype=str, keep_default_na=False, encoding="utf-8", encoding_errors="replace",
-            quoting=csv.QUOTE_MINIMAL, engine="python" if len(delim) > 1 else "c",
-        )
+        with open_text(path) as f:
+            # pandas reads a delimiter of several characters as a regex: escaped, it is the text given
+            frames = pd.read_csv(
+                f, sep=re.escape(delim) if len(delim) > 1 else delim, dtype=str, keep_default_na=False,
+                quoting=csv.QUOTE_MINIMAL, engine="python" if len(delim) > 1 else "c", chunksize=chunksize,
+            )  # fmt: skip
+            for n, frame in enumerate([frames] if chunksize is None else frames):
+                if n == 0:
+                    _check_csv_header(path, frame, delim, text_key)
+                yield frame
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty") from None
-    except pd.errors.ParserError as e:
-        raise DataError(f"{path}: could not parse as csv with delimiter {delim!r}: {e}") from None
+    except (pd.errors.ParserError, csv.Error) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: could not parse as csv with delimiter {delim!r}: {first}") from None
+
+
+def _check_csv_header(path: Path, frame: pd.DataFrame, delim: str, text_key: str) -> None:
+    if len(frame.columns) == 1 and text_key not in frame.columns:
+        other = [d for d in (",", "\t", ";", "|") if d != delim and d in str(frame.columns[0])]
+        hint = f"; the header contains {other[0]!r}: pass --delim {other[0]!r}?" if other else ""
+        raise DataError(
+            f"{path}: line 1: header has a single column {frame.columns[0]!r} when split on "
+            f"delimiter {delim!r}{hint}"
+        )
+    if text_key not in frame.columns:
+        raise DataError(f"{path}: line 1: missing text column {text_key!r} (columns: {list(frame.columns)})")
 
 
 def is_json_path(path: str | Path, loose_json: bool = False) -> bool:
     return loose_json or Path(path).suffix.lower() in (".json", ".jsonl")
+
+
+def is_loose_json(path: str | Path, loose_json: bool = False) -> bool:
+    """One object per line: ``--loose_json``, or a ``.jsonl`` file."""
+    return loose_json or Path(path).suffix.lower() == ".jsonl"
+
+
+def is_text_path(path: str | Path) -> bool:
+    """A plain-text corpus (``.txt``): one sample per line, as char-RNN corpora are."""
+    return Path(path).suffix.lower() == ".txt"
+
+
+def read_text_lines(path: str | Path) -> Iterator[str]:
+    """The samples of a plain UTF-8 text file: one per line (line ending removed), blank lines skipped.
+
+    Undecodable bytes become U+FFFD (counted in a warning), as in the csv and json readers. Lines are
+    read one at a time.
+    """
+    path = check_path(path)
+    before = _INVALID_UTF8["bytes"]
+    with open_text(path) as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+    warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
+
+
+def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
+    """The texts of a language-model corpus: a ``.txt`` file's lines, else the ``text_key`` of each record."""
+    if is_text_path(path):
+        texts = list(read_text_lines(path))
+        if not texts:
+            raise DataError(f"{path}: no text (every line is blank)")
+        return texts
+    return read_records(path, text_key=text_key, delim=delim, loose_json=loose_json).texts
 
 
 def read_records(
@@ -91,44 +225,31 @@ def read_records(
     record) and then requires them everywhere.
     With ``need_labels`` the ``label_key`` column must exist and hold 0/1 (or numeric values with
     ``binarize_labels``: rescaled to [0, 1] and thresholded at > 0.5, as the original suite did).
+    A UTF-8 BOM is dropped; invalid UTF-8 is replaced by U+FFFD, with a warning that counts it.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected a csv or json file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-
+    path = check_path(path)
     if is_json_path(path, loose_json):
-        rows = _read_json_records(path, loose_json or path.suffix.lower() == ".jsonl")
+        loose = is_loose_json(path, loose_json)
+        if loose:
+            rows, invalid = json_lines(path, 1, path.read_bytes().split(b"\n"))
+            warn_invalid_utf8(path, invalid)
+        else:
+            rows = _tight_json_rows(path)
         if not rows:
             raise DataError(f"{path}: no records")
-        for n, row in enumerate(rows, 1):
-            if text_key not in row:
-                where = f"line {n}" if loose_json else f"record {n}"
-                raise DataError(f"{path}: {where}: missing text key {text_key!r} (keys: {sorted(row)})")
-        texts = ["" if row[text_key] is None else str(row[text_key]) for row in rows]
+        texts = [text_of(row, path, _where(n, loose), text_key) for n, row in rows]
         raw_labels = None
         if need_labels is None:
-            need_labels = label_key in rows[0]
+            need_labels = label_key in rows[0][1]
         if need_labels:
-            for n, row in enumerate(rows, 1):
+            for n, row in rows:
                 if label_key not in row:
-                    raise DataError(f"{path}: record {n}: missing label key {label_key!r}")
-            raw_labels = [row[label_key] for row in rows]
+                    raise DataError(f"{path}: {_where(n, loose)}: missing label key {label_key!r}")
+            raw_labels = [row[label_key] for _, row in rows]
     else:
-        frame = _read_csv_frame(path, delim)
-        if len(frame.columns) == 1 and text_key not in frame.columns:
-            other = [d for d in (",", "\t", ";", "|") if d != delim and d in frame.columns[0]]
-            hint = f"; the header contains {other[0]!r}: pass --delim {other[0]!r}?" if other else ""
-            raise DataError(
-                f"{path}: line 1: header has a single column {frame.columns[0]!r} when split on "
-                f"delimiter {delim!r}{hint}"
-            )
-        if text_key not in frame.columns:
-            columns = list(frame.columns)
-            raise DataError(f"{path}: line 1: missing text column {text_key!r} (columns: {columns})")
+        before = _INVALID_UTF8["bytes"]
+        (frame,) = _csv_frames(path, delim, text_key)
+        warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
         if frame.empty:
             raise DataError(f"{path}: no records (only a header)")
         texts = frame[text_key].tolist()
@@ -232,8 +353,7 @@ def load_corpus(
     preprocess: str = "nvidia",
     progress: bool = False,
 ) -> EncodedCorpus:
-    records = read_records(path, text_key=text_key, delim=delim, loose_json=loose_json)
-    return encode_corpus(records.texts, str(path), preprocess, progress)
+    return encode_corpus(corpus_texts(path, text_key, delim, loose_json), str(path), preprocess, progress)
 
 
 LAZY_CACHE_VERSION = 1
@@ -261,17 +381,18 @@ def lazy_corpus(
     preprocess: str = "nvidia",
     progress: bool = False,
     rebuild: bool = False,
+    workers: int | None = None,
 ) -> EncodedCorpus:
     """The corpus of ``path`` memory-mapped from its cache (``lazy_cache_dir``), built when needed.
 
     The cache holds ``tokens.bin`` (every sample's bytes, concatenated, uint8), ``starts.npy``
     (sample offsets) and ``meta.json`` (the source file's size and mtime, the options). It is
-    rebuilt when the source changed, the options differ, or ``rebuild`` (``--preprocess``) asks;
-    otherwise reading costs nothing and the bytes stay on disk until a batch touches them.
+    rebuilt when the source changed, the options differ, it is damaged (unreadable meta.json or
+    starts.npy, a tokens.bin of the wrong size), or ``rebuild`` (``--preprocess``) asks; otherwise
+    reading costs nothing and the bytes stay on disk until a batch touches them. Building streams
+    (``build_lazy_cache``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    path = check_path(path)
     cache = lazy_cache_dir(path, text_key, delim, loose_json, preprocess)
     source = path.stat()
     meta = {
@@ -284,30 +405,181 @@ def lazy_corpus(
         "loose_json": loose_json,
         "preprocess": preprocess,
     }
-    meta_path = cache / "meta.json"
-    if rebuild or not meta_path.exists() or json.loads(meta_path.read_text()) != meta:
-        _build_lazy_cache(path, cache, meta, progress)
-    starts = np.load(cache / "starts.npy", mmap_mode="r")
-    tokens = np.memmap(cache / "tokens.bin", dtype=np.uint8, mode="r", shape=(int(starts[-1]),))
-    return EncodedCorpus(str(path), tokens, starts)
+    if not rebuild:
+        corpus, damage = _open_lazy_cache(path, cache, meta)
+        if corpus is not None:
+            return corpus
+        if damage:
+            print(f"{cache}: {damage}; rebuilding the cache", file=sys.stderr)
+    build_lazy_cache(path, cache, meta, progress, workers)
+    corpus, damage = _open_lazy_cache(path, cache, meta)
+    if corpus is None:
+        raise DataError(f"{cache}: the cache just built is unreadable ({damage})")
+    return corpus
 
 
-def _build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool) -> None:
-    """Encode ``path`` into a temporary folder beside ``cache`` (bytes streamed to disk), then swap it in."""
-    records = read_records(path, meta["text_key"], delim=meta["delim"], loose_json=meta["loose_json"])
+def _open_lazy_cache(path: Path, cache: Path, meta: dict) -> tuple[EncodedCorpus | None, str]:
+    """The cached corpus, or None and what is damaged ('' when there is no cache or it is out of date)."""
+    try:
+        stored = json.loads((cache / "meta.json").read_text())
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError):
+        return None, "meta.json is damaged"
+    if stored != meta:
+        return None, ""
+    try:
+        starts = np.load(cache / "starts.npy", mmap_mode="r", allow_pickle=False)
+        if not (starts.dtype == np.int64 and starts.ndim == 1 and len(starts) >= 2 and starts[0] == 0):
+            return None, "starts.npy is damaged"
+        size = (cache / "tokens.bin").stat().st_size
+        if size != int(starts[-1]):
+            return None, f"tokens.bin holds {size} bytes where starts.npy says {int(starts[-1])}"
+        tokens = np.memmap(cache / "tokens.bin", dtype=np.uint8, mode="r", shape=(size,))
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({e})"
+    return EncodedCorpus(str(path), tokens, starts), ""
+
+
+LAZY_UNIT_BYTES = 1 << 20  # source bytes per unit of work (one task of a worker)
+LAZY_CHUNK_ROWS = 2000  # csv rows per unit (pandas reads the file in chunks of this many)
+LAZY_POOL_MIN_BYTES = 8 << 20  # smaller files are encoded in this process: a pool would cost more
+
+
+def _work_units(path: Path, meta: dict) -> Iterator[tuple[tuple, int]]:
+    """``path`` cut into units of work as it is read, each with its size in source bytes:
+    ``("lines", first line, [raw line, ...])`` for loose json, ``("texts", None, [text, ...])`` for
+    .txt (line by line), csv (read by pandas in chunks) and tight json (read whole: one json value)."""
+    json_file = is_json_path(path, meta["loose_json"])
+    if is_text_path(path):
+        lines, size = [], 0
+        for line in read_text_lines(path):
+            lines.append(line)
+            size += len(line)
+            if size >= LAZY_UNIT_BYTES:
+                yield ("texts", None, lines), size
+                lines, size = [], 0
+        if lines:
+            yield ("texts", None, lines), size
+    elif json_file and is_loose_json(path, meta["loose_json"]):
+        with open(path, "rb") as f:
+            lines, size, first = [], 0, 1
+            for n, line in enumerate(f, 1):
+                lines.append(line)
+                size += len(line)
+                if size >= LAZY_UNIT_BYTES:
+                    yield ("lines", first, lines), size
+                    lines, size, first = [], 0, n + 1
+            if lines:
+                yield ("lines", first, lines), size
+    elif json_file:
+        rows = _tight_json_rows(path)
+        texts = [text_of(row, path, _where(n, False), meta["text_key"]) for n, row in rows]
+        del rows
+        for i in range(0, len(texts), LAZY_CHUNK_ROWS):
+            chunk = texts[i : i + LAZY_CHUNK_ROWS]
+            yield ("texts", None, chunk), sum(map(len, chunk))
+    else:
+        before = _INVALID_UTF8["bytes"]
+        for frame in _csv_frames(path, meta["delim"], meta["text_key"], chunksize=LAZY_CHUNK_ROWS):
+            texts = frame[meta["text_key"]].tolist()
+            yield ("texts", None, texts), sum(map(len, texts))
+        warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
+
+
+def _encode_unit(unit: tuple, path: Path, text_key: str, preprocess: str) -> tuple[bytes, np.ndarray, int]:
+    """One unit's samples encoded: their bytes concatenated, their lengths, the invalid UTF-8 bytes."""
+    from .preprocess import encode_bytes
+
+    kind, first_line, payload = unit
+    invalid = 0
+    if kind == "lines":
+        rows, invalid = json_lines(path, first_line, payload)
+        texts = [text_of(row, path, f"line {n}", text_key) for n, row in rows]
+    else:
+        texts = payload
+    pieces = [encode_bytes(t, preprocess) for t in texts]
+    return b"".join(pieces), np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), invalid
+
+
+def _map_ordered(function: Callable, items: Iterable, workers: int) -> Iterator:
+    """``function(item)`` of each item, in order, on ``workers`` processes (1: in this one), never more
+    than a few items ahead of the consumer (``Pool.imap`` would read all of ``items`` at once)."""
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    # fork: the workers start at once and share this process's pages; they never touch torch
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    )
+    # the workers ignore Ctrl-C: this process handles it (and ends the pool), without a traceback per worker
+    with context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(function, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, workers: int | None = None) -> None:
+    """Encode ``path`` into a temporary folder beside ``cache``, then swap it in.
+
+    Memory stays bounded whatever the size of the file (tight json aside: one value, read whole):
+    it is read a unit at a time (``_work_units``), encoded on ``workers`` processes (default: every
+    core for files of LAZY_POOL_MIN_BYTES or more), and the bytes and sample lengths go to disk as
+    they come; the sample offsets are then summed from the lengths file block by block.
+    """
+    from tqdm import tqdm
+
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = cores if path.stat().st_size >= LAZY_POOL_MIN_BYTES else 1
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    sizes: deque = deque()  # source bytes of the units handed out, for the progress bar
+
+    def units() -> Iterator[tuple]:
+        for unit, size in _work_units(path, meta):
+            sizes.append(size)
+            yield unit
+
+    encode = functools.partial(
+        _encode_unit, path=path, text_key=meta["text_key"], preprocess=meta["preprocess"]
+    )
+    bar = tqdm(total=path.stat().st_size, desc=f"caching {path.name}", unit="B", unit_scale=True,
+               disable=not progress, leave=False)  # fmt: skip
     try:
-        lengths = np.zeros(len(records), dtype=np.int64)
-        with (tmp / "tokens.bin").open("wb") as out:
-            for i, piece in enumerate(_encoded_texts(records.texts, str(path), meta["preprocess"], progress)):
-                out.write(piece.tobytes())
-                lengths[i] = len(piece)
-        np.save(tmp / "starts.npy", _sample_starts(lengths))
+        samples, invalid = 0, 0
+        with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "lengths.bin").open("wb") as lengths:
+            for data, unit_lengths, unit_invalid in _map_ordered(encode, units(), workers):
+                tokens.write(data)
+                lengths.write(unit_lengths.tobytes())
+                samples += len(unit_lengths)
+                invalid += unit_invalid
+                bar.update(sizes.popleft())
+        warn_invalid_utf8(path, invalid)
+        if samples == 0:
+            what = "no text (every line is blank)" if is_text_path(path) else "no records"
+            raise DataError(f"{path}: {what}")
+        lengths = np.memmap(tmp / "lengths.bin", dtype=np.int64, mode="r", shape=(samples,))
+        starts = np.lib.format.open_memmap(
+            tmp / "starts.npy", mode="w+", dtype=np.int64, shape=(samples + 1,)
+        )
+        starts[0], total, block = 0, 0, 1 << 20
+        for i in range(0, samples, block):
+            part = np.cumsum(lengths[i : i + block]) + total
+            starts[i + 1 : i + 1 + len(part)] = part
+            total = int(part[-1])
+        starts.flush()
+        del starts, lengths
+        (tmp / "lengths.bin").unlink()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete cache
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(tmp, cache)
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

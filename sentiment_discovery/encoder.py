@@ -1,17 +1,33 @@
-"""Python API: ``Encoder.load(path).transform(texts)`` / ``.predict_proba(texts)``."""
+"""Python API: ``Encoder.load(path)`` and its ``.transform``, ``.predict_proba``, ``.cell_transform``."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .featurize import featurize
+from .featurize import byte_states, featurize, num_features
 from .model import RNNModel
+from .preprocess import encode, text_slice
 from .transfer import classifier_probs, classifier_settings
+
+
+@dataclass
+class ByteValues:
+    """One text's per-byte neuron values (``Encoder.cell_transform``)."""
+
+    bytes: bytes  # the preprocessed text as the model read it, padding included
+    values: np.ndarray  # float32 [len(bytes), len(units)]: the state after each byte
+    units: np.ndarray  # the feature index of each column
+
+    @property
+    def text_slice(self) -> slice:
+        """The bytes of the text itself: without the preprocessing's leading ``"\\n "`` and trailing pad."""
+        return text_slice(self.bytes)
 
 
 class Encoder:
@@ -73,6 +89,34 @@ class Encoder:
             fp16=self.fp16,
             bf16=self.bf16,
         )
+
+    def cell_transform(
+        self, texts: Sequence[str] | str, units: Sequence[int] | None = None
+    ) -> list[ByteValues]:
+        """Per text, the value of every unit (or of ``units``, feature indices as in ``transform``) after
+        each byte of the preprocessed text, in the state the features use (the cell state unless the
+        classifier reads the hidden one). With ``last`` pooling, the last byte's values are the text's
+        features and byte ``t``'s those of the text cut after byte ``t``; a feature of another pooling
+        (or of a block of concatenated poolings, ``mean,max,last``) gives the per-byte values of its unit.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tokens = [encode(text, self.model.config.preprocess) for text in texts]
+        block = num_features(self.model, self.all_layers)  # features of one pooling
+        n_features = num_features(self.model, self.all_layers, self.pooling)
+        chosen = np.arange(block) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
+        if len(chosen) and not (0 <= chosen.min() and chosen.max() < n_features):
+            raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {chosen.tolist()}")
+        values = byte_states(
+            self.model,
+            tokens,
+            units=chosen % block,
+            state=self.state,
+            all_layers=self.all_layers,
+            device=self.device,
+            fp16=self.fp16,
+            bf16=self.bf16,
+        )
+        return [ByteValues(t.tobytes(), v, chosen) for t, v in zip(tokens, values)]
 
     def predict_proba(
         self, texts: Sequence[str] | str, neurons: int = -1, progress: bool = False

@@ -172,3 +172,47 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
             out[idx] = runner.run(chunk_length, all_layers).float().cpu().numpy()
             bar.update(len(idx))
     return out
+
+
+def byte_states(
+    model: RNNModel,
+    token_arrays: Sequence[np.ndarray],
+    *,
+    units: Sequence[int] | None = None,
+    state: str = "cell",
+    all_layers: bool = False,
+    device: str | torch.device | None = None,
+    fp16: bool = False,
+    bf16: bool = False,
+    chunk_length: int = 256,
+) -> list[np.ndarray]:
+    """Per token array, the state after every byte: ``[n_bytes, n_units]`` float32.
+
+    Row ``t`` is the state after reading bytes ``0 .. t`` from a zero state, i.e. the ``last``-pooled
+    feature of that prefix. Columns are feature indices as ``featurize`` numbers them (``all_layers``:
+    layer * nhid + unit, else units of the last layer); ``units`` None keeps them all. Each array runs
+    alone, in chunks of ``chunk_length`` steps with the state carried over.
+    """
+    if state not in STATES:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    n_features = num_features(model, all_layers)
+    columns = np.arange(n_features) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
+    if len(columns) and not (0 <= columns.min() and columns.max() < n_features):
+        raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {columns.tolist()}")
+    device = default_device() if device is None else torch.device(device)
+    model.to(device).eval()
+    pick = torch.from_numpy(columns).to(device)
+    out = []
+    with torch.inference_mode(), parametrize.cached(), autocast(device, reduced_dtype(device, fp16, bf16)):
+        for tokens in token_arrays:
+            x = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device).unsqueeze(1)  # [T, 1]
+            hidden, pieces = None, []
+            for a in range(0, len(x), chunk_length):
+                hs, cs, hidden = model.forward_states(x[a : a + chunk_length], hidden)
+                per_layer = torch.stack(cs if state == "cell" else hs).float()[:, :, 0]  # [L, steps, H]
+                steps = per_layer.permute(1, 0, 2)  # [steps, L, H]
+                features = steps.reshape(len(steps), -1) if all_layers else steps[:, -1]
+                pieces.append(features.index_select(1, pick).cpu())
+            values = torch.cat(pieces) if pieces else torch.zeros(0, len(columns))
+            out.append(values.numpy().astype(np.float32))
+    return out

@@ -1,7 +1,9 @@
-"""Import the released weights (formats.md): OpenAI's ``.npy`` shard directory and NVIDIA's 2018 checkpoints.
+"""Read the released weights (formats.md): OpenAI's ``.npy`` shard directory and NVIDIA's 2018 checkpoints.
 
-Both become an ``RNNModel`` (and, for NVIDIA files after transfer, the project's classifier dict)
-whose outputs equal the original math; ``checkpoint.load_checkpoint`` detects which one a path is.
+Each reader returns a ``RawCheckpoint``: a config dict, the tensors under the project's state-dict
+keys, and the rest (for NVIDIA files after transfer, the project's classifier dict), so that the
+model built from it computes the original math. Loading flows one way: ``checkpoint.load_checkpoint``
+detects the format, calls a reader here, checks what it returned and only then builds the model.
 
 Weight norm: a file that stores gain and direction separately (OpenAI always; NVIDIA ``_g``/``_v``)
 loads into a ``weight_norm=True`` model with gain -> ``original0`` ``[out, 1]`` and direction ->
@@ -14,22 +16,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import Checkpoint, CheckpointError, model_from_state
 from .model import ModelConfig
 
 OPENAI_FORMAT = "openai-shards"
 NVIDIA_FORMAT = "nvidia-2018"
 OPENAI_SHARD_COUNT = 15
 OPENAI_HIDDEN = 4096
+OPENAI_EMBED = 64
 OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit its architecture."""
+
+
+@dataclass
+class RawCheckpoint:
+    """What a reader found in a file, not yet checked: ``config`` (a ModelConfig as a dict, as stored),
+    ``tensors`` (the state dict under the project's keys), and the rest as stored."""
+
+    source: str  # the file, for messages
+    source_format: str
+    config: object
+    tensors: object
+    classifier: object = None
+    train_state: object = None
+    extra: object = field(default_factory=dict)
+    file_keys: dict[str, str] = field(default_factory=dict)  # our key -> the file's, for messages
 
 
 def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
@@ -42,6 +64,25 @@ def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # OpenAI
 # --------------------------------------------------------------------------------------------
+
+
+def openai_shard_shapes(H: int = OPENAI_HIDDEN, E: int = OPENAI_EMBED) -> list[tuple[int, ...]]:
+    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (formats.md). Files 2-5 are
+    column blocks of Wh ``[H, 4H]``, listed here as ``(H, 4H)``: the most columns one block may hold."""
+    return [
+        (256, E),  # embedding
+        (E, 4 * H),  # Wx
+        *[(H, 4 * H)] * 4,  # Wh, column blocks
+        (E, H),  # Wmx
+        (H, H),  # Wmh
+        (4 * H,),  # b
+        (4 * H,),  # gx
+        (4 * H,),  # gh
+        (H,),  # gmx
+        (H,),  # gmh
+        (H, 256),  # output W
+        (256,),  # output b
+    ]
 
 
 def openai_shard_dir(path: str | Path) -> Path | None:
@@ -69,8 +110,8 @@ def read_openai_shards(directory: str | Path) -> list[np.ndarray]:
     return shards
 
 
-def openai_checkpoint(shards: Sequence[np.ndarray], source: str) -> Checkpoint:
-    """Build the one-layer mLSTM of OpenAI's 15 arrays (any H and E; sizes read from the shards)."""
+def openai_weights(shards: Sequence[np.ndarray], source: str) -> RawCheckpoint:
+    """The one-layer mLSTM of OpenAI's 15 arrays (any H and E; sizes read from the shards)."""
     if len(shards) != OPENAI_SHARD_COUNT:
         raise CheckpointError(f"{source}: expected {OPENAI_SHARD_COUNT} OpenAI shards, got {len(shards)}")
     if np.ndim(shards[6]) != 2:
@@ -138,16 +179,16 @@ def openai_checkpoint(shards: Sequence[np.ndarray], source: str) -> Checkpoint:
         ntoken=256,
         preprocess="openai",
     )
-    model = model_from_state(config, state, source)
     extra = {"default_neuron": OPENAI_SENTIMENT_NEURON} if H == OPENAI_HIDDEN else {}
-    return Checkpoint(model, None, None, OPENAI_FORMAT, extra)
+    return RawCheckpoint(str(source), OPENAI_FORMAT, config.to_dict(), state, extra=extra)
 
 
-def load_openai_shards(path: str | Path) -> Checkpoint:
+def read_openai(path: str | Path) -> RawCheckpoint:
+    """The OpenAI shard directory ``path`` (or its ``model/`` subfolder)."""
     directory = openai_shard_dir(path)
     if directory is None:
         raise CheckpointError(f"{path}: a directory without OpenAI .npy shards (no 0.npy in it or in model/)")
-    return openai_checkpoint(read_openai_shards(directory), str(directory))
+    return openai_weights(read_openai_shards(directory), str(directory))
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,15 +223,15 @@ def nvidia_flat_state(obj) -> dict | None:
 
 def _fold(g: Tensor, v: Tensor, g_key: str) -> Tensor:
     """``g * v / ||v||`` per output row (the released files' unfolded weight norm)."""
-    if g.numel() != v.shape[0]:
-        raise CheckpointError(f"{g_key}: {g.numel()} gains for {v.shape[0]} output rows")
+    if v.dim() < 1 or g.numel() != v.shape[0]:
+        raise CheckpointError(f"{g_key}: {g.numel()} gains for a direction of shape {tuple(v.shape)}")
     g = g.float().reshape(-1, *([1] * (v.dim() - 1)))
     v = v.float()
     return g * v / v.reshape(len(v), -1).norm(dim=1).reshape(g.shape)
 
 
-def nvidia_checkpoint(flat: dict, source: str) -> Checkpoint:
-    """Build the model (and classifier) of a flat NVIDIA state dict from ``nvidia_flat_state``."""
+def nvidia_weights(flat: dict, source: str) -> RawCheckpoint:
+    """The model (and classifier) of a flat NVIDIA state dict from ``nvidia_flat_state``."""
     layers: dict[int, dict[str, dict[str, Tensor]]] = {}  # layer -> name -> {"": w} or {"_g": g, "_v": v}
     for key, value in flat.items():
         match = _NVIDIA_RNN_KEY.fullmatch(key)
@@ -223,7 +264,7 @@ def nvidia_checkpoint(flat: dict, source: str) -> Checkpoint:
                 state[g_key], state[v_key] = parts["_g"].reshape(-1, 1), parts["_v"]
                 file_keys[g_key], file_keys[v_key] = src + name + "_g", src + name + "_v"
             elif set(parts) == {"_g", "_v"}:
-                stored[name] = _fold(parts["_g"], parts["_v"], src + name + "_g")
+                stored[name] = _fold(parts["_g"], parts["_v"], f"{source}: {src}{name}_g")
             else:
                 raise CheckpointError(f"{source}: {src}{name} has parts {sorted(parts)}; need _g with _v")
         missing = [src + n for n in (*names, "b_ih", "b_hh") if n not in stored and n not in layer]
@@ -234,6 +275,9 @@ def nvidia_checkpoint(flat: dict, source: str) -> Checkpoint:
                 state[prefix + ours] = stored[name]
                 file_keys[prefix + ours] = src + name
         if kind == "mLSTM":  # our layer keeps one bias: the two released ones always add up
+            if stored["b_ih"].shape != stored["b_hh"].shape:
+                shapes = f"{tuple(stored['b_ih'].shape)} and {tuple(stored['b_hh'].shape)}"
+                raise CheckpointError(f"{source}: {src}b_ih and {src}b_hh differ in shape: {shapes}")
             state[prefix + "bias"] = stored["b_ih"].float() + stored["b_hh"].float()
             file_keys[prefix + "bias"] = f"{src}b_ih + {src}b_hh"
         else:
@@ -243,9 +287,9 @@ def nvidia_checkpoint(flat: dict, source: str) -> Checkpoint:
     decoder_w, decoder_b = flat.get("decoder.weight"), flat.get("decoder.bias")
     if not (isinstance(decoder_w, Tensor) and isinstance(decoder_b, Tensor)):
         raise CheckpointError(f"{source}: missing keys decoder.weight / decoder.bias")
-    vocab = embedding.shape[0]
-    shapes = (embedding.dim(), decoder_w.dim(), decoder_w.shape[0], decoder_b.shape)
-    if vocab not in (256, NVIDIA_PAD_VOCAB) or shapes != (2, 2, vocab, (vocab,)):
+    vocab = embedding.shape[0] if embedding.dim() == 2 else 0
+    fits = decoder_w.dim() == 2 and decoder_w.shape[0] == vocab and tuple(decoder_b.shape) == (vocab,)
+    if vocab not in (256, NVIDIA_PAD_VOCAB) or not fits:
         raise CheckpointError(
             f"{source}: vocabulary rows must be 256 or 257 and agree: encoder.encoder.weight "
             f"{tuple(embedding.shape)}, decoder.weight {tuple(decoder_w.shape)}, "
@@ -269,8 +313,8 @@ def nvidia_checkpoint(flat: dict, source: str) -> Checkpoint:
         ntoken=256,
         preprocess="nvidia",
     )
-    model = model_from_state(config, state, source, file_keys)
-    return Checkpoint(model, _nvidia_classifier(flat, H, len(layers), source), None, NVIDIA_FORMAT)
+    classifier = _nvidia_classifier(flat, H, len(layers), source)
+    return RawCheckpoint(source, NVIDIA_FORMAT, config.to_dict(), state, classifier, file_keys=file_keys)
 
 
 def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | None:

@@ -32,10 +32,17 @@ State = tuple[Tensor, Tensor]
 _MIN_STEPS_TO_PACK = 8
 
 
+def _capturing(like: Tensor) -> bool:
+    """True while a CUDA graph is being captured (cuda_graphs.py): nothing may be read back then."""
+    return like.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, frozenset[int]]:
     """``[T, B, 1]`` float mask (0 where a row resets) and the steps where any row resets."""
     if reset is None:
         return None, frozenset()
+    if _capturing(like):  # the reset steps of later replays are unknown: apply the mask at every step
+        return (~reset).to(like.dtype).unsqueeze(2), frozenset(range(reset.shape[0]))
     steps = frozenset(torch.nonzero(reset.any(dim=1)).flatten().tolist())
     if not steps:
         return None, steps

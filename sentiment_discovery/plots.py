@@ -1,4 +1,4 @@
-"""Transfer figures (PNG, headless): regression weights with the top neuron(s), and the top neuron's
+"""Transfer figures (PNG, headless): regression weights with the top neuron(s), and each top neuron's
 values split by class (the two figures of the original README)."""
 
 from __future__ import annotations
@@ -52,3 +52,20 @@ def plot_neuron_histogram(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_neuron_histograms(
+    features: np.ndarray, labels: np.ndarray, neurons: np.ndarray, folder: str | Path, title_suffix: str = ""
+) -> list[Path]:
+    """One histogram by class per top neuron: ``<folder>/<rank>_<neuron>.png`` (rank 0 = strongest), as the
+    original's ``logit_vis/``; earlier histograms in ``folder`` are removed first. Returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*_*.png"):
+        old.unlink()
+    paths = []
+    for rank, neuron in enumerate(np.asarray(neurons).reshape(-1)):
+        path = folder / f"{rank}_{int(neuron)}.png"
+        plot_neuron_histogram(features[:, neuron], labels, int(neuron), path, title_suffix)
+        paths.append(path)
+    return paths

@@ -16,9 +16,17 @@ number of processes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +57,14 @@ class TrainOptions:
     log_interval: int = 100
     save: str = "lang_model.pt"
     save_iters: int = 2000  # batches between checkpoints (with a validation); 0 = only at the end
-    progress: bool = True
+    keep_checkpoints: int = 0  # also keep the last K checkpoints as <stem>.step<N>.pt; 0 = none
+    progress: bool = True  # progress bars (pretrain: only when stderr is a terminal)
     fp16: bool = False  # float16 products with loss scaling on GPU; on CPU the same as bf16
     bf16: bool = False  # bfloat16 operands for every matrix product (matmul.py); no loss scaling
     loss_scale: float = 1.0  # static loss scale (with fp16)
     save_dtype: str = "fp32"  # dtype of the weights in the checkpoints written (checkpoint.SAVE_DTYPES)
     dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
+    load: str = ""  # the checkpoint a resumed run came from (its best model and metrics continue)
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -63,18 +73,190 @@ def sibling(save: str | Path, suffix: str) -> Path:
     return save.with_name(save.stem + suffix)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    cls = getattr(torch.optim, name, None)
-    if not (
-        isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer
-    ):
-        known = sorted(
-            n
-            for n, c in vars(torch.optim).items()
-            if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+def snapshot_path(save: str | Path, step: int) -> Path:
+    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series."""
+    return sibling(save, f".step{step}.pt")
+
+
+def snapshots(save: str | Path) -> list[tuple[int, Path]]:
+    """The snapshot series of ``save`` that exists, as (step, path) by step."""
+    save = Path(save)
+    pattern = re.compile(re.escape(save.stem) + r"\.step(\d+)\.pt")
+    found = ((pattern.fullmatch(p.name), p) for p in save.parent.glob(f"{save.stem}.step*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def prune_snapshots(save: str | Path, step: int, keep: int) -> list[Path]:
+    """Delete all but the last ``keep`` snapshots of ``save`` up to ``step``; returns those deleted.
+
+    Snapshots beyond ``step`` (left by another run with the same ``--save``) are not this run's to delete.
+    """
+    found = [(n, p) for n, p in snapshots(save) if n <= step]
+    doomed = [p for _, p in found[: max(0, len(found) - keep)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+# --------------------------------------------------------------------------------------------
+# The outputs of a run: checked before training, locked while it runs, never mixed with another run's
+# --------------------------------------------------------------------------------------------
+
+
+def check_save_path(save: str | Path) -> None:
+    """Fail before training, not after it: ``--save`` must be a writable file path of a format that can
+    hold a training state (a ``.safetensors`` file holds weights only)."""
+    if not str(save):
+        raise ValueError("--save is empty: give the checkpoint's file path")
+    save = Path(save)
+    if save.suffix == ".safetensors":
+        raise ValueError(
+            f"--save {save}: a .safetensors file holds weights only, not the training state a run "
+            "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
         )
-        raise ValueError(f"--optim {name!r} is not a torch.optim optimizer; choose one of {', '.join(known)}")
-    return cls(params, lr=lr)
+    for path in (save, sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
+        if path.is_dir():
+            raise ValueError(f"--save {save}: {path} is a directory, expected a file path")
+    parent = save.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--save {save}: {parent} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--save {save}: cannot create its folder {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (save.exists() and not os.access(save, os.W_OK)):
+        raise ValueError(f"--save {save}: not writable")
+
+
+class SaveLock:
+    """An exclusive lock on ``--save`` (``fcntl.flock`` of ``.<name>.lock`` beside it) held for the
+    whole run, so that two runs never write the same checkpoint, best model and metrics."""
+
+    def __init__(self, save: str | Path):
+        save = Path(save)
+        self.save, self.path = save, save.with_name(f".{save.name}.lock")
+        self.file = None
+
+    def acquire(self) -> None:
+        file = self.path.open("a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise ValueError(
+                f"--save {self.save}: another run (pid {holder}) is writing to it (lock {self.path}); "
+                "wait for it to end or choose another --save"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing releases the lock; the empty lock file may stay
+            self.file = None
+
+
+def remove_stale_temp_files(save: str | Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save``, its best
+    model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
+    save = Path(save)
+    removed = []
+    for name in (save.name, sibling(save, ".best.pt").name, f"{save.stem}.step*.pt"):
+        for tmp in save.parent.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename ``path`` (if it exists) to ``<stem>.<its mtime>.<suffix>``, never over another file."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    stem, suffix = path.name[: -len(path.suffix)], path.suffix
+    target, n = path.with_name(f"{stem}.{stamp}{suffix}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{stem}.{stamp}-{n}{suffix}"), n + 1
+    os.replace(path, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Interruption: SIGINT/SIGTERM stop after the current step with a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a resumable checkpoint; exit with ``exit_code``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """While installed, the first SIGINT/SIGTERM asks the training loop to stop after its current step
+    (it then writes a checkpoint); a second one aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __call__(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            print(f"\n{name} again: aborting now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"\n{name}: stopping after the current step to write a checkpoint (again to abort at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self.previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+
+# LBFGS needs a closure that re-evaluates the loss at every step, SparseAdam sparse gradients: neither
+# fits one truncated-BPTT batch per step
+UNSUITABLE_OPTIMIZERS = ("LBFGS", "SparseAdam")
+
+
+def optimizer_names() -> list[str]:
+    """The torch.optim classes ``--optim`` accepts."""
+    return sorted(
+        n
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type)
+        and issubclass(c, torch.optim.Optimizer)
+        and c is not torch.optim.Optimizer
+        and n not in UNSUITABLE_OPTIMIZERS
+    )
+
+
+def check_optimizer(name: str) -> None:
+    if name not in optimizer_names():
+        why = " (it cannot train on one batch per step)" if name in UNSUITABLE_OPTIMIZERS else ""
+        raise ValueError(f"--optim {name!r}{why}: choose one of {', '.join(optimizer_names())}")
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    check_optimizer(name)
+    return getattr(torch.optim, name)(params, lr=lr)
 
 
 def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -99,16 +281,27 @@ def batch_loss(model: RNNModel, batch: Batch, hidden: State | None) -> tuple[tor
 
 
 @torch.no_grad()
-def evaluate(model: RNNModel, batches: TBPTTBatches, device: torch.device, progress: bool = False) -> float:
+def evaluate(
+    model: RNNModel,
+    batches: TBPTTBatches,
+    device: torch.device,
+    progress: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> float | None:
     """Bits per byte over one pass of ``batches``, state carried across batches as in training.
 
     Distributed: each process evaluates its own rows and the sums are reduced over all processes.
+    ``stop`` (single process only): checked between batches; when it says so, the pass ends and None
+    is returned.
     """
     was_training = model.training
     model.eval()
     hidden, nats, count = None, 0.0, 0
     if batches.rows:  # a process may hold no rows of a split with fewer shards than processes
         for batch in tqdm(batches, desc=f"{batches.name} BPC", leave=False, disable=not progress):
+            if stop is not None and stop():
+                model.train(was_training)
+                return None
             batch = batch.to(device)
             loss, hidden = batch_loss(model, batch, hidden)
             nats += loss.item()
@@ -221,13 +414,37 @@ class Trainer:
         self.step, self.epoch, self.batch_index, self.bytes_seen = 0, 0, 0, 0
         self.hidden: State | None = None
         self.best_val = math.inf
+        # training loss since the last log line (nats of all processes, bytes, steps): checkpointed,
+        # so that a resumed run logs the same losses as an uninterrupted one
+        self.interval_nats, self.interval_bytes, self.interval_steps = 0.0, 0, 0
         self.resumed = resume
         if resume:
             self._restore(train_state)
         self.best_path = sibling(options.save, ".best.pt")
         metrics_path = sibling(options.save, ".metrics.jsonl")
+        if self.is_main:
+            self._own_history(metrics_path)
         self.metrics = MetricsLog(metrics_path, self.step if resume else None) if self.is_main else None
         self.png_path = sibling(options.save, ".bpc.png")
+        self.stop_request = StopRequest()
+
+    def _own_history(self, metrics_path: Path) -> None:
+        """The best model and the metrics beside ``--save`` belong to one run: a resumed run continues
+        those of its checkpoint; a new run (or a resume into another --save) moves what is there aside
+        (never overwritten by a worse model, never truncated)."""
+        load = self.opt.load
+        continues_here = self.resumed and (not load or Path(load).resolve() == Path(self.opt.save).resolve())
+        if continues_here:
+            return
+        series = [path for _, path in snapshots(self.opt.save)]
+        for path in (self.best_path, metrics_path, *series):
+            moved = move_aside(path)
+            if moved is not None:
+                self.log(f"{path} is another run's: moved it aside to {moved}")
+        if self.resumed:  # resumed into another --save: bring the loaded run's history along
+            for suffix in (".best.pt", ".metrics.jsonl"):
+                if sibling(load, suffix).is_file():
+                    shutil.copy2(sibling(load, suffix), sibling(self.opt.save, suffix))
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -252,6 +469,11 @@ class Trainer:
             "hidden": hidden,
             "rng": gathered[0][1],
             "rank_rng": [rng for _, rng in gathered] if self.world_size > 1 else None,
+            "interval": {
+                "nats": distributed.all_sum(self.interval_nats)[0],
+                "bytes": self.interval_bytes,
+                "steps": self.interval_steps,
+            },
         }
 
     def _restore(self, state: dict) -> None:
@@ -273,12 +495,29 @@ class Trainer:
             self.hidden = tuple(t[:, rows].to(self.device) for t in state["hidden"])
         rank_rng = state.get("rank_rng")
         set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world_size else state["rng"])
+        interval = state.get("interval") or {}  # absent in checkpoints of earlier versions
+        # the loss summed over all processes: rank 0 carries it, the others add from zero
+        self.interval_nats = float(interval.get("nats", 0.0)) if self.is_main else 0.0
+        self.interval_bytes, self.interval_steps = (
+            int(interval.get("bytes", 0)),
+            int(interval.get("steps", 0)),
+        )
 
     def save(self, path: str | Path | None = None) -> None:
-        """Distributed: every process calls it (train_state gathers), rank 0 writes."""
+        """Distributed: every process calls it (train_state gathers), rank 0 writes.
+
+        With ``keep_checkpoints`` K the checkpoint also goes to ``<stem>.step<N>.pt``, and only the
+        last K of that series stay.
+        """
         train_state = self.train_state()
         if self.is_main:
             save_checkpoint(path or self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
+            if self.opt.keep_checkpoints > 0 and path is None:
+                save_checkpoint(
+                    snapshot_path(self.opt.save, self.step), self.model, train_state=train_state,
+                    dtype=self.save_dtype,
+                )
+                prune_snapshots(self.opt.save, self.step, self.opt.keep_checkpoints)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -290,10 +529,21 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
 
+    def stop_requested(self) -> bool:
+        """A signal asked to stop (on any process: every process must stop at the same step)."""
+        asked = float(self.stop_request.signum is not None)
+        if self.world_size > 1:
+            (asked,) = distributed.all_sum(asked)
+        return asked > 0
+
     def validate(self) -> float | None:
         if self.splits.val is None:
             return None
-        bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress and self.is_main)
+        # single process: a signal also cuts a long validation short (it is then not recorded)
+        stop = self.stop_requested if self.world_size == 1 else None
+        bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress and self.is_main, stop)
+        if bpc is None:
+            return None
         self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, val_bpc=bpc)
         better = bpc < self.best_val  # the same on every process: bpc is reduced over all of them
         if better:
@@ -339,7 +589,40 @@ class Trainer:
         return loss.item()
 
     def run(self) -> dict:
-        """Train to ``total_steps``; then final checkpoint, validation, test BPC, metrics plot."""
+        """Train to ``total_steps``; then final checkpoint, validation, test BPC, metrics plot.
+
+        SIGINT/SIGTERM: the run stops after its current step, writes a resumable checkpoint and raises
+        Interrupted (a second signal aborts at once).
+        """
+        self.stop_request.install()
+        try:
+            return self._run()
+        finally:
+            self.stop_request.uninstall()
+
+    def _log_interval(self, elapsed: float) -> float:
+        """Record and print the training BPC since the last log line; returns it."""
+        (nats,) = distributed.all_sum(self.interval_nats)
+        bpc = nats / max(self.interval_bytes, 1) / LN2
+        lr = self.scheduler.get_last_lr()[0]
+        speed = self.interval_bytes / max(elapsed, 1e-9)
+        self.record(
+            step=self.step,
+            epoch=self.epoch,
+            bytes_seen=self.bytes_seen,
+            train_bpc=bpc,
+            lr=lr,
+            chars_per_s=speed,
+        )
+        self.log(
+            f"| epoch {self.epoch} | step {self.step}/{self.total_steps} | loss {bpc * LN2:.4f} | "
+            f"BPC {bpc:.4f} | lr {lr:.3g} | {1000 * elapsed / max(self.interval_steps, 1):.1f} ms/batch | "
+            f"{speed:,.0f} chars/s"
+        )
+        self.interval_nats, self.interval_bytes, self.interval_steps = 0.0, 0, 0
+        return bpc
+
+    def _run(self) -> dict:
         opt = self.opt
         self.model.train()
         if self.resumed:
@@ -352,38 +635,21 @@ class Trainer:
             unit="batch",
             disable=not (opt.progress and self.is_main),
         )
-        interval_nats, interval_bytes, interval_start, interval_steps = 0.0, 0, time.perf_counter(), 0
+        interval_start = time.perf_counter()
         last_val_step = last_save_step = None
         while self.step < self.total_steps:
             n = self.train.targets_in_batch(self.batch_index)  # of all processes' rows
-            interval_nats += self.train_step(self.train.batch(self.batch_index), n)
-            interval_bytes += n
+            self.interval_nats += self.train_step(self.train.batch(self.batch_index), n)
+            self.interval_bytes += n
             self.bytes_seen += n
             self.step += 1
-            interval_steps += 1
+            self.interval_steps += 1
             self.batch_index += 1
             bar.update(1)
             if self.step % opt.log_interval == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - interval_start
-                (interval_nats,) = distributed.all_sum(interval_nats)
-                bpc = interval_nats / max(interval_bytes, 1) / LN2
-                lr = self.scheduler.get_last_lr()[0]
-                speed = interval_bytes / elapsed
-                self.record(
-                    step=self.step,
-                    epoch=self.epoch,
-                    bytes_seen=self.bytes_seen,
-                    train_bpc=bpc,
-                    lr=lr,
-                    chars_per_s=speed,
-                )
-                self.log(
-                    f"| epoch {self.epoch} | step {self.step}/{self.total_steps} | loss {bpc * LN2:.4f} | "
-                    f"BPC {bpc:.4f} | lr {lr:.3g} | {1000 * elapsed / interval_steps:.1f} ms/batch | "
-                    f"{speed:,.0f} chars/s"
-                )
+                bpc = self._log_interval(time.perf_counter() - interval_start)
                 bar.set_postfix(bpc=f"{bpc:.3f}")
-                interval_nats, interval_bytes, interval_start, interval_steps = 0.0, 0, time.perf_counter(), 0
+                interval_start = time.perf_counter()
             epoch_done = self.batch_index == len(self.train)
             if epoch_done:
                 self.epoch, self.batch_index = self.epoch + 1, 0
@@ -391,6 +657,9 @@ class Trainer:
                 self.validate()
                 self.save()
                 last_val_step = last_save_step = self.step
+            if self.step < self.total_steps and self.stop_requested():
+                bar.close()
+                self._stop(last_save_step)
         bar.close()
         if self.world_size > 1:
             distributed.check_replicas_identical(self.model)
@@ -399,9 +668,15 @@ class Trainer:
             self.validate()
         if last_save_step != self.step:
             self.save()
+            last_save_step = self.step
         result = {"step": self.step, "bytes_seen": self.bytes_seen, "best_val_bpc": self.best_val_or_none()}
         if self.splits.test is not None:
-            test_bpc = evaluate(self.model, self.splits.test, self.device, opt.progress and self.is_main)
+            stop = self.stop_requested if self.world_size == 1 else None
+            test_bpc = evaluate(
+                self.model, self.splits.test, self.device, opt.progress and self.is_main, stop
+            )
+            if test_bpc is None or self.stop_requested():
+                self._stop(last_save_step)
             self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc)
             self.log(f"| end of training | test BPC {test_bpc:.4f}")
             result["test_bpc"] = test_bpc
@@ -409,6 +684,21 @@ class Trainer:
             plot_bpc(self.metrics.path, self.png_path)
             self.log(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.png_path}")
         return result
+
+    def _stop(self, last_save_step: int | None) -> None:
+        """Write the resumable checkpoint of an interrupted run and raise Interrupted."""
+        if last_save_step != self.step:
+            self.save()
+        signum = self.stop_request.signum or signal.SIGTERM  # another process got the signal
+        name = signal.Signals(signum).name
+        if self.step >= self.total_steps:
+            message = f"{name} after the last step: saved {self.opt.save}; the test evaluation was skipped"
+        else:
+            message = (
+                f"{name} at step {self.step}/{self.total_steps}: saved {self.opt.save}; resume with the same "
+                f"command and --load {self.opt.save}"
+            )
+        raise Interrupted(message, signum)
 
     def best_val_or_none(self) -> float | None:
         return None if math.isinf(self.best_val) else self.best_val
@@ -433,11 +723,37 @@ def pretrain(args) -> dict:
         raise ValueError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
         raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
+    if args.keep_checkpoints < 0:
+        raise ValueError(f"--keep_checkpoints {args.keep_checkpoints}: give a count >= 0")
+    if not args.eval_only:
+        check_optimizer(args.optim)
+        check_save_path(args.save)
     device = distributed.setup(args.world_size, args.rank, args.distributed_backend, args.cpu)
+    lock = SaveLock(args.save)
     try:
+        if not args.eval_only:
+            _lock_save(lock)
         return _pretrain(args, device)
     finally:
+        lock.release()
         distributed.cleanup()
+
+
+def _lock_save(lock: SaveLock) -> None:
+    """Rank 0 locks ``--save`` (it alone writes there) and removes a killed save's temp files; every
+    process learns whether that worked, so that none waits on a rank that refused to run."""
+    refused = None
+    if distributed.is_main_process():
+        try:
+            lock.acquire()
+        except ValueError as e:
+            refused = str(e)
+        else:
+            for tmp in remove_stale_temp_files(lock.save):
+                print(f"removed {tmp}, left by an interrupted checkpoint write")
+    refused = distributed.broadcast(refused)
+    if refused:
+        raise ValueError(refused)
 
 
 def _pretrain(args, device: torch.device) -> dict:
@@ -446,6 +762,8 @@ def _pretrain(args, device: torch.device) -> dict:
     from .model import ModelConfig
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
+    # Bars redraw with carriage returns: on a terminal only; a log file gets the plain log lines.
+    progress = rank == 0 and sys.stderr.isatty()
     seed = distributed.broadcast(pick_seed(args.seed))
     main_print(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
     torch.manual_seed(seed)
@@ -489,7 +807,7 @@ def _pretrain(args, device: torch.device) -> dict:
             delim=args.delim,
             loose_json=args.loose_json,
             preprocess=model.config.preprocess,
-            progress=rank == 0,
+            progress=progress,
             lazy=args.lazy,
             rebuild_cache=args.preprocess and rank == 0,
             world_size=world_size,
@@ -523,7 +841,7 @@ def _pretrain(args, device: torch.device) -> dict:
         for name in ("val", "test"):
             part = getattr(splits, name)
             if part is not None:
-                result[f"{name}_bpc"] = evaluate(model, part, device, progress=rank == 0)
+                result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
                 main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
     options = TrainOptions(
@@ -535,10 +853,13 @@ def _pretrain(args, device: torch.device) -> dict:
         log_interval=args.log_interval,
         save=args.save,
         save_iters=args.save_iters,
+        keep_checkpoints=args.keep_checkpoints,
+        progress=progress,
         fp16=args.fp16,
         bf16=args.bf16,
         loss_scale=args.loss_scale,
         save_dtype=args.save_dtype,
         dynamic_loss_scale=args.dynamic_loss_scale,
+        load=args.load,
     )
     return Trainer(model, splits, options, device, train_state).run()

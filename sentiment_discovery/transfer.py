@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
 
 from .checkpoint import (
     DEFAULT_MODEL,
@@ -36,6 +38,7 @@ from .featurize import featurize, parse_pooling
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
+CV_FOLDS = 3  # folds of the training split that choose C when there is no validation split
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,7 +53,7 @@ class Regression:
     weight: np.ndarray  # [k]
     bias: float
     C: float
-    val_accuracy_by_C: dict[float, float]
+    val_accuracy_by_C: dict[float, float]  # validation accuracy, or cross-validated accuracy on train
     converged: bool
 
     @property
@@ -77,10 +80,17 @@ def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), scale.astype(np.float32)
 
 
+LOG2_C_LIMIT = 50  # C = 2^50 is no penalty at all already; 2^1024 is not even a float
+
+
 def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
     """C = 2^log2_min ... 2^log2_max (OpenAI's sweep is 2^-8 ... 2^0)."""
     if log2_min > log2_max:
         raise ValueError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
+    if max(abs(log2_min), abs(log2_max)) > LOG2_C_LIMIT:
+        raise ValueError(
+            f"--log2_C {log2_min} {log2_max}: exponents must lie in -{LOG2_C_LIMIT} .. {LOG2_C_LIMIT}"
+        )
     return [2.0**e for e in range(log2_min, log2_max + 1)]
 
 
@@ -92,11 +102,24 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> tu
     return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
+def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> float:
+    """Mean held-out accuracy over ``CV_FOLDS`` stratified folds of (x, y) (fewer if a class is rarer)."""
+    folds = min(CV_FOLDS, int(np.bincount(y).min()))
+    if folds < 2:
+        raise DataError("cross-validation needs at least 2 texts of each class in the training split")
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = [
+        _fit(x[fit], y[fit], C, max_iter, seed)[0].score(x[held], y[held])
+        for fit, held in splitter.split(x, y)
+    ]
+    return float(np.mean(scores))
+
+
 def fit_l1_regression(
     train_x: np.ndarray,
     train_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
+    val_x: np.ndarray | None,
+    val_y: np.ndarray | None,
     Cs: list[float],
     max_iter: int = 100,
     seed: int = 42,
@@ -104,13 +127,19 @@ def fit_l1_regression(
     """Fit one L1 regression per C on train and keep the best on validation among the models that use
     any feature at all (an all-zero model only predicts the validation split's majority class, which
     can outscore weak features without meaning anything); of tied C, the first (strongest penalty,
-    sparsest). Re-fitting at the chosen C would give the same (deterministic) model."""
+    sparsest). Re-fitting at the chosen C would give the same (deterministic) model.
+
+    Without a validation split (``val_x`` None) each C is scored by cross-validation on train.
+    """
     if len(np.unique(train_y)) < 2:
         raise DataError("the training labels are all one class: a classifier needs both 0 and 1")
     best, best_rank, scores = None, None, {}
     for C in Cs:
         model, converged = _fit(train_x, train_y, C, max_iter, seed)
-        scores[C] = float(model.score(val_x, val_y))
+        if val_x is None:
+            scores[C] = cross_validated_accuracy(train_x, train_y, C, max_iter, seed)
+        else:
+            scores[C] = float(model.score(val_x, val_y))
         rank = (bool(np.any(model.coef_)), scores[C])
         if best is None or rank > best_rank:
             best, best_rank = (C, model, converged), rank
@@ -205,13 +234,30 @@ def _numpy(value) -> np.ndarray:
 
 
 def write_predictions(
-    path: str | Path, texts: list[str], probs: np.ndarray, text_key: str, label_key: str
+    path: str | Path,
+    records: Records,
+    probs: np.ndarray,
+    top_probs: np.ndarray,
+    neurons: np.ndarray,
+    features: np.ndarray,
+    text_key: str,
+    label_key: str,
 ) -> None:
-    """Texts with predicted label and probability: json when ``path`` ends in .json (.jsonl: one
-    object per line), csv otherwise."""
+    """One row per text: the text, its true label (``label_key``, when the file has labels), the
+    ``predicted`` label, ``prob`` (P(positive), all features), ``prob_top<N>`` (P(positive) from the top
+    N neurons alone) and ``neuron <k>`` (each top neuron's value). json when ``path`` ends in .json
+    (.jsonl: one object per line), csv otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame({text_key: texts, label_key: (probs > 0.5).astype(int), "prob": probs})
+    columns = {text_key: records.texts}
+    if records.labels is not None:
+        columns[label_key] = records.labels
+    columns["predicted"] = (probs > 0.5).astype(int)
+    columns["prob"] = probs
+    columns[f"prob_top{len(neurons)}"] = top_probs
+    for k in neurons:
+        columns[f"neuron {int(k)}"] = features[:, int(k)]
+    frame = pd.DataFrame(columns)
     if is_json_path(path):
         frame.to_json(path, orient="records", lines=path.suffix.lower() == ".jsonl", force_ascii=False)
     else:
@@ -289,7 +335,8 @@ class FeatureCache:
 
 
 def default_results_dir(load_model: str) -> Path:
-    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/."""
+    """``<model stem>_transfer/`` beside the model: lang_model.pt -> lang_model_transfer/ (an alias such
+    as default or openai -> default_transfer/, openai_transfer/ in the working directory)."""
     path = Path(load_model)
     return path.with_name(path.stem + "_transfer")
 
@@ -325,10 +372,19 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
-            hint = " (fetch Binary SST with: python data/download.py sst)"
+            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root)"
         elif split == "test" and need_labels:
             hint = " (an unlabelled test set? pass --no_test_eval)"
         raise DataError(f"{split} split: {e}{hint}") from None
+
+
+def _check_both_classes(split: str, records: Records) -> None:
+    classes = np.unique(records.labels)
+    if len(classes) < 2:
+        raise DataError(
+            f"{split} split: {records.path}: every label is {int(classes[0])}; fitting (train) and "
+            "choosing C (val) need texts of both classes, 0 and 1"
+        )
 
 
 def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) -> str:
@@ -339,46 +395,49 @@ def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) 
     return f"{name}: {accs}; C = {reg.C:g}; {reg.nonzero}/{n_features} non-zero weights{note}"
 
 
+def given_path(value: str | None) -> str | None:
+    """A file flag's value, or None for an absent one (``''`` or ``none``)."""
+    return None if value is None or value.strip().lower() in ("", "none") else value
+
+
 def run_transfer(args: argparse.Namespace) -> dict:
     """Run transfer.py with its parsed options; returns the results dict also written to results.json."""
-    from .plots import plot_neuron_histogram, plot_weights
+    from .plots import plot_neuron_histograms, plot_weights
 
     if args.neurons < 1:
         raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
-    if args.write_results and not args.test:
+    if args.write_results and not given_path(args.test):
         raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
-    shipped = args.load_model in (None, "default")
+    Cs = c_sweep(*args.log2_C)
     args.load_model = args.load_model or first_existing_model("lang_model.pt")
     if args.load_model == "default":
         print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
     ckpt = load_checkpoint(args.load_model)
-    args.load_model = str(resolve_model_path(args.load_model))
     _check_architecture(ckpt, args)
     model = ckpt.model
     # Unset features settings follow a transferred model's own classifier (the original's otherwise).
     recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
     args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
     args.state = args.state or recorded_state
-    if args.save_results:
-        out_dir = Path(args.save_results)
-    elif shipped:  # never write into the installed package: results go to the working directory
-        out_dir = Path(resolve_model_path("default").stem + "_transfer")
-    else:
-        out_dir = default_results_dir(args.load_model)
+    out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    paths = {"train": args.data, "val": args.valid, "test": args.test}
-    if not paths["test"]:
-        del paths["test"]
+    paths = {"train": args.data, "val": given_path(args.valid), "test": given_path(args.test)}
+    paths = {split: path for split, path in paths.items() if path is not None}
+    if "val" not in paths:
+        print(f"no validation split: C chosen by {CV_FOLDS}-fold cross-validation on the training split")
     records = {
         split: _read_split(args, split, path, need_labels=not (split == "test" and args.no_test_eval))
         for split, path in paths.items()
     }
+    for split in ("train", "val"):  # before featurizing: fitting, and choosing C, need both classes
+        if split in records:
+            _check_both_classes(split, records[split])
 
     cache = FeatureCache(
         out_dir,
         {
-            "model_sha256": file_digest(args.load_model),
+            "model_sha256": file_digest(resolve_model_path(args.load_model)),
             "pooling": args.pooling,
             "state": args.state,
             "all_layers": args.all_layers,
@@ -413,13 +472,13 @@ def run_transfer(args: argparse.Namespace) -> dict:
     mean, scale = standardizer(features["train"])
     std = {split: (f - mean) / scale for split, f in features.items()}
     labels = {split: r.labels for split, r in records.items() if r.labels is not None}
-    Cs = c_sweep(*args.log2_C)
     n_features = features["train"].shape[1]
 
     def fit_on(columns: np.ndarray | None) -> Regression:
         pick = (lambda x: x) if columns is None else (lambda x: x[:, columns])
+        val_x = pick(std["val"]) if "val" in std else None
         return fit_l1_regression(
-            pick(std["train"]), labels["train"], pick(std["val"]), labels["val"], Cs, args.epochs, args.seed
+            pick(std["train"]), labels["train"], val_x, labels.get("val"), Cs, args.epochs, args.seed
         )
 
     def accuracies(probs: dict[str, np.ndarray]) -> dict[str, float]:
@@ -440,6 +499,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
         "all_layers": args.all_layers,
         "standardized": True,
         "C_sweep": Cs,
+        "C_chosen_by": "validation" if "val" in records else f"{CV_FOLDS}-fold cross-validation on train",
         "all_features": {
             "accuracy": full_acc,
             "C": full.C,
@@ -449,9 +509,11 @@ def run_transfer(args: argparse.Namespace) -> dict:
         },
         "neurons": {"indices": neurons.tolist(), "weights": full.weight[neurons].tolist()},
     }
+    top_probs = {split: np.full(len(f), np.nan) for split, f in features.items()}
     if len(neurons):
         top = fit_on(neurons)
-        top_acc = accuracies({split: top.probs(x[:, neurons]) for split, x in std.items()})
+        top_probs = {split: top.probs(x[:, neurons]) for split, x in std.items()}
+        top_acc = accuracies(top_probs)
         print(_report(f"top {len(neurons)} neuron(s) {neurons.tolist()}", top, top_acc, len(neurons)))
         results["neurons"].update(
             {"accuracy": top_acc, "C": top.C, "refit_weights": top.weight.tolist(), "refit_bias": top.bias}
@@ -469,27 +531,33 @@ def run_transfer(args: argparse.Namespace) -> dict:
 
     for split, p in probs.items():
         np.save(out_dir / f"probs_{split}.npy", p.astype(np.float32))
-    shown = "test" if "test" in records else "val"
+    for split, y in labels.items():  # beside features_<split>.npy: the saved features stand on their own
+        np.save(out_dir / f"labels_{split}.npy", y)
+    shown = next(split for split in ("test", "val", "train") if split in records)
     if len(neurons):
         top_values = features[shown][:, neurons[0]]
         results["extreme_samples_split"] = shown
         (out_dir / "extreme_samples.json").write_text(
             json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False)
         )
-        hist_split = shown if records[shown].labels is not None else "val"
-        plot_neuron_histogram(
-            features[hist_split][:, neurons[0]],
-            records[hist_split].labels,
-            int(neurons[0]),
-            out_dir / "neuron_histogram.png",
-            title_suffix=f" ({hist_split})",
+        hist_split = next(split for split in ("test", "val", "train") if split in labels)
+        results["histogram_split"] = hist_split
+        plot_neuron_histograms(
+            features[hist_split], labels[hist_split], neurons, out_dir / "logit_vis", f" ({hist_split})"
         )
     plot_weights(full.weight, neurons, out_dir / "weights.png")
     (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
     if args.write_results and "test" in records:
         write_predictions(
-            args.write_results, records["test"].texts, probs["test"], args.text_key, args.label_key
+            args.write_results,
+            records["test"],
+            probs["test"],
+            top_probs["test"],
+            neurons,
+            features["test"],
+            args.text_key,
+            args.label_key,
         )
         print(f"wrote test predictions to {args.write_results}")
     print(f"results in {out_dir}/ (classifier: {out_dir / 'classifier.pt'})")
@@ -532,9 +600,16 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         records = Records("--text", list(args.text))
     else:
         records = _read_labelled(args, args.data, need_labels=None)
-    probs = encoder.predict_proba(records.texts, neurons=args.neurons, progress=sys.stderr.isatty())
+    features = encoder.transform(records.texts, progress=sys.stderr.isatty())
+    probs = classifier_probs(features, encoder.classifier, args.neurons)
 
-    np.save(args.save_probs, probs.astype(np.float32))
+    save_probs = Path(args.save_probs)
+    if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
+        save_probs = Path(args.load_model).parent / save_probs
+    save_probs.parent.mkdir(parents=True, exist_ok=True)
+    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
+        save_probs = save_probs.with_name(save_probs.name + ".npy")
+    np.save(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
     print(
         f"{len(probs)} texts from {records.path}; pooling {encoder.pooling}, state {encoder.state}, "
@@ -546,8 +621,20 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     if args.text:
         for text, p in zip(records.texts, probs):
             print(f"{p:.4f}  {'positive' if p > 0.5 else 'negative'}  {text[:80]!r}")
-    print(f"probabilities saved to {args.save_probs}")
+    print(f"probabilities saved to {save_probs}")
     if args.write_results:
-        write_predictions(args.write_results, records.texts, probs, args.text_key, args.label_key)
+        # top N: --neurons, else the neurons transfer.py kept; their probability masks the other weights
+        n_top = args.neurons if args.neurons >= 0 else len(encoder.classifier["neurons"])
+        neurons = top_neurons(encoder.classifier["weight"], n_top)
+        write_predictions(
+            args.write_results,
+            records,
+            classifier_probs(features, encoder.classifier),
+            classifier_probs(features, encoder.classifier, len(neurons)),
+            neurons,
+            features,
+            args.text_key,
+            args.label_key,
+        )
         print(f"predictions written to {args.write_results}")
     return probs

@@ -1,4 +1,4 @@
-"""Shared test fixtures. Real data lives in ../shared/data (never copied into the project)."""
+"""Shared test fixtures. Tests read only what the repository holds: small real data under tests/fixtures/."""
 
 from __future__ import annotations
 
@@ -9,15 +9,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-DATA = SHARED / "data"
-REFERENCE = SHARED / "reference"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared that must exist: a missing one fails the test loudly, never skips."""
-    path = SHARED.joinpath(*parts)
-    assert path.exists(), f"shared data missing: {path} (tests read real data from ../shared)"
+def fixture_path(*parts: str) -> Path:
+    """A file under tests/fixtures/ (see its README) that must exist: a missing one fails loudly."""
+    path = FIXTURES.joinpath(*parts)
+    assert path.exists(), f"test fixture missing: {path}"
     return path
 
 

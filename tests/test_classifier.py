@@ -71,8 +71,9 @@ def test_classifier_reproduces_transfer_probabilities(transferred, tmp_path, cap
     results = json.loads((transferred["folder"] / "lm_transfer" / "results.json").read_text())
     assert f"accuracy {100 * results['all_features']['accuracy']['test']:.2f}%" in out
     written = json.loads((tmp_path / "pred.json").read_text())
-    assert len(written) == 80 and set(written[0]) == {"sentence", "label", "prob"}
-    assert [r["label"] for r in written] == (probs > 0.5).astype(int).tolist()
+    assert len(written) == 80 and {"sentence", "label", "predicted", "prob"} <= set(written[0])
+    assert [r["predicted"] for r in written] == (probs > 0.5).astype(int).tolist()
+    assert [r["label"] for r in written] == pd.read_csv(transferred["test"])["label"].tolist()
 
 
 def test_text_flags_agree_with_csv_and_encoder(transferred, tmp_path, capsys):
@@ -161,3 +162,65 @@ def test_bad_inputs_get_clear_errors(transferred, tmp_path, capsys):
         Encoder.load(transferred["lm"]).predict_proba(["hi"])
     bare = Encoder.load(transferred["lm"])
     assert (bare.pooling, bare.state) == ("last", "cell") and bare.transform("hi").shape == (1, 12)
+
+
+@pytest.fixture(scope="module")
+def synthetic_transfer(tmp_path_factory):
+    """A tiny model transferred on small labelled files made here, keeping 2 neurons."""
+    from test_transfer import synthetic_splits
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    paths = synthetic_splits(folder)
+    lm = tiny_lm(folder / "lm.pt", nhid=10)
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+            "--neurons", "2", "--log2_C", "0", "4"]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    return {"folder": folder, "clf": folder / "lm_transfer" / "classifier.pt", **paths}
+
+
+def test_write_results_keeps_the_true_label_and_top_neuron_values(synthetic_transfer, tmp_path, capsys):
+    clf = str(synthetic_transfer["clf"])
+    code, out, _ = run_classifier(
+        ["--load_model", clf, "--data", synthetic_transfer["test"], "--save_probs", str(tmp_path / "p.npy"),
+         "--write-results", str(tmp_path / "pred.csv")],
+        capsys,
+    )  # fmt: skip
+    assert code == 0
+    encoder = Encoder.load(clf)
+    neurons = encoder.neurons.tolist()
+    assert len(neurons) == 2
+    written = pd.read_csv(tmp_path / "pred.csv")
+    assert list(written.columns) == ["sentence", "label", "predicted", "prob", "prob_top2"] + [
+        f"neuron {k}" for k in neurons
+    ]
+    test = pd.read_csv(synthetic_transfer["test"])
+    assert written["label"].tolist() == test["label"].tolist()
+    features = encoder.transform(test["sentence"].tolist())
+    np.testing.assert_allclose(written["prob"], np.load(tmp_path / "p.npy"), atol=1e-6)
+    top2 = encoder.predict_proba(test["sentence"].tolist(), neurons=2)
+    np.testing.assert_allclose(written["prob_top2"], top2, atol=1e-6)
+    for k in neurons:
+        np.testing.assert_allclose(written[f"neuron {k}"], features[:, k], rtol=1e-5, atol=1e-6)
+
+    # unlabelled texts: no label column; --neurons 1 picks the top neuron alone
+    code, _, _ = run_classifier(
+        ["--load_model", clf, "--text", "good fun", "awful", "--neurons", "1",
+         "--save_probs", str(tmp_path / "p.npy"), "--write_results", str(tmp_path / "pred.json")],
+        capsys,
+    )  # fmt: skip
+    records = json.loads((tmp_path / "pred.json").read_text())
+    assert code == 0 and [sorted(r) for r in records] == [
+        sorted(["sentence", "predicted", "prob", "prob_top1", f"neuron {neurons[0]}"])
+    ] * 2
+
+
+def test_save_probs_without_a_folder_goes_beside_the_model(synthetic_transfer, tmp_path, capsys, monkeypatch):
+    # the original wrote its probabilities beside the model it loaded
+    monkeypatch.chdir(tmp_path)
+    clf = str(synthetic_transfer["clf"])
+    code, out, _ = run_classifier(["--load_model", clf, "--text", "good", "--save_probs", "mine.npy"], capsys)
+    beside = synthetic_transfer["clf"].parent / "mine.npy"
+    assert code == 0 and beside.exists() and not (tmp_path / "mine.npy").exists()
+    assert str(beside) in out
+    code, _, _ = run_classifier(["--load_model", clf, "--text", "good", "--save_probs", "./here.npy"], capsys)
+    assert code == 0 and (tmp_path / "here.npy").exists()  # a path with a folder is taken as it is

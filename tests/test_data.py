@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import fixture_path
 
 from sentiment_discovery.data import (
     PAD_TARGET,
@@ -15,9 +15,11 @@ from sentiment_discovery.data import (
     lm_splits,
     load_corpus,
     parse_split,
+    read_records,
     shard_starts,
     split_shards,
 )
+from sentiment_discovery.preprocess import encode
 
 TEXTS = [f"sample number {i} " + "xy" * (i % 5) for i in range(12)]
 
@@ -121,7 +123,7 @@ def test_a_corpus_smaller_than_one_batch_still_gives_a_batch(tmp_path):
 
 
 def test_valid_and_test_files_replace_their_split_parts():
-    sst = shared_path("data", "binary_sst")
+    sst = fixture_path("binary_sst")
     splits = lm_splits(
         str(sst / "train.csv"), str(sst / "val.csv"), split="100,1,1", num_shards=50, val_shards=7,
         batch_size=4, eval_batch_size=5, seq_length=16, eval_seq_length=-2,
@@ -133,6 +135,21 @@ def test_valid_and_test_files_replace_their_split_parts():
     total = len(splits.train.corpus.tokens)
     assert splits.train.rows == 4 and splits.test.rows == 5
     assert total - 9 - 4 - 5 < splits.train.num_targets + splits.test.num_targets <= total - 9
+
+
+def test_imdb_reviews_lose_their_html_and_keep_labels_and_ratings():
+    """IMDB's layout (label,sentence,rating; <br /> line breaks): labels read, ratings agree, tags cleaned."""
+    path = fixture_path("imdb", "train.csv")
+    records = read_records(path, need_labels=True)
+    assert len(records) == 200 and set(records.labels.tolist()) == {0, 1}
+    ratings = read_records(path, label_key="rating", need_labels=True, binarize_labels=True).labels
+    np.testing.assert_array_equal(ratings, records.labels)  # 7-10 positive, 1-4 negative
+    assert sum("<br />" in t for t in records.texts) > 50
+    corpus = load_corpus(path)
+    assert corpus.num_samples == 200 and b"<br" not in corpus.tokens.tobytes()
+    # each sample starts "\n " and ends " ", as the original's preprocessing
+    assert all(corpus.tokens[s : s + 2].tobytes() == b"\n " for s in corpus.starts[:-1])
+    assert all(corpus.tokens[e - 1] == ord(" ") for e in corpus.starts[1:])
 
 
 def test_bad_inputs_name_the_file_line_and_key(tmp_path):
@@ -162,3 +179,20 @@ def test_invalid_utf8_in_the_corpus_is_encoded_not_a_crash(tmp_path):
     path.write_bytes(b"sentence\ngood \xff\xfe movie\nfine\n")
     corpus = load_corpus(path)
     assert corpus.num_samples == 2 and len(corpus.tokens) > len("good  movie")
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_plain_text_corpus_is_one_sample_per_line(tmp_path, monkeypatch, lazy):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    lines = "first line, with a comma\r\n\n   \nsecond \"quoted\" line\nthird caf\u00e9\n"
+    corpus.write_bytes(lines.encode())
+    expected = ["first line, with a comma", 'second "quoted" line', "third caf\u00e9"]
+    splits = lm_splits(str(corpus), split="1", num_shards=3, batch_size=3, seq_length=8, lazy=lazy)
+    got = splits.train.corpus
+    assert got.num_samples == 3
+    assert bytes(got.tokens).decode() == "".join(encode(t, "nvidia").tobytes().decode() for t in expected)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    with pytest.raises(DataError, match="blank.txt: no text"):
+        lm_splits(str(blank), split="1", lazy=lazy)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script, shared_path
+from conftest import ROOT, fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.data import TBPTTBatches, lazy_corpus, load_corpus, shard_starts
@@ -27,10 +27,9 @@ def _lazy_cache_in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sst_slice(tmp_path):
-    """The first 300 sentences of Binary SST train.csv."""
-    lines = shared_path("data", "binary_sst", "train.csv").read_text().splitlines(keepends=True)
+    """A copy of the Binary SST train fixture (200 sentences) that a test may change."""
     path = tmp_path / "slice.csv"
-    path.write_text("".join(lines[:301]))
+    path.write_text(fixture_path("binary_sst", "train.csv").read_text())
     return path
 
 
@@ -150,6 +149,17 @@ def test_multiproc_stops_the_others_when_a_worker_fails(tmp_path, monkeypatch):
     assert multiproc.main(["--nproc", "2", str(script), "--save", "runs/job.pt"]) == 3
     assert "rank 1 failing" in (tmp_path / "distributed_logs" / "job" / "1.log").read_text()
     assert not (tmp_path / "rank0_finished").exists()  # rank 0 was stopped, not waited for
+
+
+def test_multiproc_takes_torchruns_flag_name_and_reports_bad_counts(capsys):
+    script = ["main.py", "--nproc", "9"]  # the script's own flags are left alone
+    for flags in (["--nproc", "3"], ["--nproc_per_node", "3"], ["--nproc=3"], ["--nproc_per_node=3"]):
+        assert multiproc.parse_nproc([*flags, *script]) == (3, script)
+    assert multiproc.parse_nproc(script) == (None, script)
+    assert multiproc.main(["--nproc_per_node", "zero", "main.py"]) == 2
+    assert "--nproc_per_node zero: expected a number of processes" in capsys.readouterr().err
+    assert multiproc.main(["--help"]) == 0
+    assert "--nproc_per_node" in capsys.readouterr().out
 
 
 def test_lazy_corpus_is_memory_mapped_and_gives_the_same_batches(sst_slice):

@@ -105,6 +105,40 @@ def test_bad_pooling_and_state_are_refused():
         featurize(model, TEXTS, state="output")
 
 
+@pytest.mark.parametrize("state", ["cell", "hidden"])
+def test_cell_transform_values_equal_the_featurizer_at_each_prefix(state):
+    from sentiment_discovery.encoder import Encoder
+
+    model = small_model(nlayers=2, nhid=12)
+    classifier = {"weight": torch.zeros(24), "bias": torch.tensor(0.0), "neurons": torch.tensor([3]),
+                  "pooling": "last", "state": state, "all_layers": True}  # fmt: skip
+    encoder = Encoder(model, classifier, device="cpu")
+    text = "The plot is thin, the acting dull but the music is lovely."
+    (full,) = encoder.cell_transform(text)
+    assert full.bytes == encode(text, "nvidia").tobytes() and full.values.shape == (len(full.bytes), 24)
+    assert full.bytes[full.text_slice] == text.encode()
+    # the value after byte t is the feature of the text cut after t: featurize(prefix ending before a
+    # space) ends on its pad space, i.e. on that space of the full text
+    cuts = [i for i, ch in enumerate(text) if ch == " "] + [len(text)]
+    features = encoder.transform([text[:k] for k in cuts])
+    np.testing.assert_allclose(full.values[[k + 2 for k in cuts]], features, atol=1e-5)
+    np.testing.assert_allclose(full.values[-1], encoder.transform(text)[0], atol=1e-5)
+
+    # chosen units, several texts (one empty), and the reference at every byte
+    units = [20, 3]
+    chosen = encoder.cell_transform(["", text, "Bad."], units=units)
+    assert [c.bytes for c in chosen] == [encode(t, "nvidia").tobytes() for t in ("", text, "Bad.")]
+    assert chosen[0].bytes[chosen[0].text_slice] == b""
+    np.testing.assert_allclose(chosen[1].values, full.values[:, units], atol=1e-6)
+    assert chosen[1].units.tolist() == units
+    tokens = torch.from_numpy(encode("Bad.", "nvidia").astype(np.int64))[:, None]
+    with torch.no_grad():
+        hs, cs, _ = model.forward_states(tokens)
+    seq = (cs if state == "cell" else hs)
+    expected = torch.stack([seq[1][:, 0, 8], seq[0][:, 0, 3]], dim=1).numpy()  # features 20 = layer 1 unit 8
+    np.testing.assert_allclose(chosen[2].values, expected, atol=1e-5)
+
+
 def test_concatenated_poolings_are_the_single_poolings_side_by_side():
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(emsize=8, nhid=12, nlayers=2))
@@ -117,3 +151,25 @@ def test_concatenated_poolings_are_the_single_poolings_side_by_side():
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match="comma-separated"):
         featurize(model, texts, pooling="mean,mean")
+
+
+def test_cell_transform_maps_a_feature_of_concatenated_poolings_to_its_unit_and_chunks_exactly():
+    from sentiment_discovery.encoder import Encoder
+    from sentiment_discovery.featurize import byte_states
+
+    model = small_model(nlayers=1, nhid=12)
+    classifier = {"weight": torch.zeros(24), "bias": torch.tensor(0.0), "neurons": torch.tensor([17]),
+                  "pooling": "mean,last", "state": "cell", "all_layers": False}  # fmt: skip
+    encoder = Encoder(model, classifier, device="cpu")
+    text = "A stirring, funny and moving film, and far too long for one chunk of a few bytes."
+    (block2,) = encoder.cell_transform(text, units=[17])  # the "last" block's unit 5
+    (unit5,) = encoder.cell_transform(text, units=[5])
+    assert block2.units.tolist() == [17]
+    np.testing.assert_array_equal(block2.values, unit5.values)
+    np.testing.assert_allclose(block2.values[-1, 0], encoder.transform(text)[0, 17], atol=1e-5)
+    with pytest.raises(ValueError, match="0 .. 23"):
+        encoder.cell_transform(text, units=[24])
+    tokens = [encode(text, "nvidia")]
+    (chunked,) = byte_states(model, tokens, chunk_length=7, device="cpu")
+    (whole,) = byte_states(model, tokens, device="cpu")
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)

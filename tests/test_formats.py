@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, load_script, shared_path
+from conftest import ROOT, fixture_path, load_script
 
-from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sentiment_discovery.checkpoint import CheckpointError, build_checkpoint, load_checkpoint, save_checkpoint
 from sentiment_discovery.convert import main as convert_main
 from sentiment_discovery.encoder import Encoder
 from sentiment_discovery.featurize import featurize
-from sentiment_discovery.formats import NVIDIA_FORMAT, OPENAI_FORMAT, openai_checkpoint
+from sentiment_discovery.formats import NVIDIA_FORMAT, OPENAI_FORMAT, openai_weights
 from sentiment_discovery.generation import select_neuron
 from sentiment_discovery.model import ModelConfig, RNNModel
 
@@ -128,7 +128,7 @@ def test_openai_random_shards_match_numpy_reference(tmp_path):
 
     # the scripts take the directory too (transfer.py identifies the model by its files' digest)
     sst = tmp_path / "sst.csv"
-    pd.read_csv(shared_path("data", "binary_sst", "val.csv")).head(40).to_csv(sst, index=False)
+    pd.read_csv(fixture_path("binary_sst", "val.csv")).head(40).to_csv(sst, index=False)
     transfer = ["--load_model", str(tmp_path), "--data", str(sst), "--valid", str(sst), "--test", str(sst)]
     out = tmp_path / "out"
     assert load_script("transfer").main([*transfer, "--log2_C", "0", "0", "--save_results", str(out)]) == 0
@@ -147,7 +147,7 @@ def test_openai_released_shards_at_4096():
     """The real small shards (embedding, Wmx, biases, gains, output bias) with random stand-ins of the right
     shapes for the ones too large to keep (Wx, Wh, Wmh, output W)."""
     partial = {
-        i: np.load(shared_path("reference", "openai_shards_partial", f"{i}.npy"))
+        i: np.load(fixture_path("openai_shards_partial", f"{i}.npy"))
         for i in (0, 6, 8, 9, 10, 11, 12, 14)
     }
     rng = np.random.default_rng(2)
@@ -158,7 +158,7 @@ def test_openai_released_shards_at_4096():
 
     large = {1: normal(E, 4 * H), **{i: normal(H, H) for i in (2, 3, 4, 5, 7)}, 13: normal(H, 256)}
     shards = [partial[i] if i in partial else large[i] for i in range(15)]
-    ckpt = openai_checkpoint(shards, "openai release")
+    ckpt = build_checkpoint(openai_weights(shards, "openai release"))
     assert (ckpt.config.nhid, ckpt.config.emsize, ckpt.config.preprocess) == (H, E, "openai")
     assert ckpt.extra["default_neuron"] == 2388
     # generate.py's default neuron for this release (no classifier) is that unit of the last layer

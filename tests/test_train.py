@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_script, shared_path
+from conftest import ROOT, fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
@@ -135,7 +135,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize("scaling", [["--loss_scale", "128"], ["--dynamic_loss_scale"]])
 def test_fp16_trains_in_reduced_precision(tmp_path, scaling):
     """--fp16 on CPU autocasts to bfloat16: close to, but not the same as, a float32 run; loss falls."""
-    common = ["-data", str(shared_path("data", "binary_sst", "val.csv")), "--nhid", "16", "--batch_size", "4",
+    common = ["-data", str(fixture_path("binary_sst", "val.csv")), "--nhid", "16", "--batch_size", "4",
               "--seq_length", "16", "--train_iters", "12", "--lr", "1e-2", "--log-interval", "4",
               "--split", "1", "--seed", "3", "--cpu"]  # fmt: skip
     runs = {}
@@ -158,7 +158,7 @@ def test_main_reports_bad_input_as_an_error(tmp_path, capsys):
     assert main_script.main(["-data", str(bad), "-loose_json", "--nhid", "8"]) == 2
     assert "bad.json: line 2: malformed json" in capsys.readouterr().err
     # flags that would otherwise do nothing are refused
-    sst = str(shared_path("data", "binary_sst", "val.csv"))
+    sst = str(fixture_path("binary_sst", "val.csv"))
     assert main_script.main(["--data", sst, "--nhid", "8", "--dynamic_loss_scale"]) == 2
     assert "add --fp16" in capsys.readouterr().err
     assert main_script.main(["--data", sst, "--nhid", "8", "--eval_only"]) == 2
@@ -168,7 +168,7 @@ def test_main_reports_bad_input_as_an_error(tmp_path, capsys):
 def test_main_trains_on_sst_with_falling_loss_then_eval_only(tmp_path, capsys):
     save = tmp_path / "lm.pt"
     cmd = [
-        sys.executable, str(ROOT / "main.py"), "-data", str(shared_path("data", "binary_sst", "train.csv")),
+        sys.executable, str(ROOT / "main.py"), "-data", str(fixture_path("binary_sst", "train.csv")),
         "--nhid", "32", "--batch_size", "8", "--seq_length", "32", "--train_iters", "50", "--lr", "5e-3",
         "--log-interval", "10", "--save_iters", "25", "--num_shards", "3000", "--eval_batch_size", "64",
         "--eval_seq_length", "128", "--seed", "-1", "--save", str(save), "--cpu",
@@ -189,3 +189,37 @@ def test_main_trains_on_sst_with_falling_loss_then_eval_only(tmp_path, capsys):
     # --eval_only on the saved model reports the same test BPC as the end of training
     assert main_script.main([*cmd[2:], "--load_model", str(save), "--eval_only"]) == 0
     assert f"test BPC {rows[-1]['test_bpc']:.4f}" in capsys.readouterr().out
+
+
+def test_txt_corpus_trains_with_plain_log_lines_and_a_checkpoint_series(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: " + "a good film " * (i % 4) for i in range(60)) + "\n")
+    save = tmp_path / "lm.pt"
+    cmd = [sys.executable, str(ROOT / "main.py"), "--data", str(corpus), "--nhid", "8", "--emsize", "4",
+           "--batch_size", "4", "--seq_length", "16", "--train_iters", "7", "--log-interval", "2",
+           "--save-iters", "2", "--keep-checkpoints", "2", "--num_shards", "8", "--split", "6,1,1",
+           "--seed", "1", "--save", str(save), "--cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # output to a pipe: no progress bars (no carriage returns), one plain line per --log-interval
+    assert "\r" not in result.stdout + result.stderr and "it/s" not in result.stderr
+    assert [line.split("|")[2].strip() for line in result.stdout.splitlines() if "| epoch" in line] == [
+        "step 2/7", "step 4/7", "step 6/7", "step 7/7"
+    ]
+    # checkpoints at steps 2, 4, 6 and the final 7: the last two stay, each a resumable snapshot
+    assert sorted(p.name for p in tmp_path.glob("lm.step*.pt")) == ["lm.step6.pt", "lm.step7.pt"]
+    assert load_checkpoint(tmp_path / "lm.step6.pt").train_state["step"] == 6
+    assert load_checkpoint(save).train_state["step"] == 7
+
+
+def test_prune_snapshots_keeps_the_last_k_up_to_the_current_step(tmp_path):
+    from sentiment_discovery.train import prune_snapshots, snapshot_path
+
+    for step in (10, 2, 30, 20, 40):
+        snapshot_path(tmp_path / "m.pt", step).write_bytes(b"x")
+    (tmp_path / "m.stepx.pt").write_bytes(b"x")  # not a snapshot name: left alone
+    deleted = prune_snapshots(tmp_path / "m.pt", 30, keep=2)
+    assert sorted(p.name for p in deleted) == ["m.step10.pt", "m.step2.pt"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["m.step20.pt", "m.step30.pt", "m.step40.pt", "m.stepx.pt"]

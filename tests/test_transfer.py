@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import load_script, shared_path
+from conftest import fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
@@ -25,7 +25,7 @@ from sentiment_discovery.transfer import (
 def sst_slices(folder, sizes=(("train", 200), ("val", 100), ("test", 100))) -> dict[str, str]:
     paths = {}
     for split, n in sizes:
-        frame = pd.read_csv(shared_path("data", "binary_sst", f"{split}.csv")).head(n)
+        frame = pd.read_csv(fixture_path("binary_sst", f"{split}.csv")).head(n)
         paths[split] = str(folder / f"{split}.csv")
         frame.to_csv(paths[split], index=False)
     return paths
@@ -107,7 +107,7 @@ def test_transfer_end_to_end(tmp_path, capsys):
         "features_test.npy",
         "extreme_samples.json",
         "weights.png",
-        "neuron_histogram.png",
+        "labels_test.npy",
     ):
         assert (out_dir / name).stat().st_size > 0, name
 
@@ -129,8 +129,10 @@ def test_transfer_end_to_end(tmp_path, capsys):
     )
     assert results["all_features"]["accuracy"]["test"] == pytest.approx(np.mean((probs > 0.5) == test_labels))
     written = pd.read_csv(tmp_path / "pred.csv")
-    assert list(written.columns) == ["sentence", "label", "prob"] and len(written) == 100
+    assert list(written.columns)[:5] == ["sentence", "label", "predicted", "prob", "prob_top2"]
+    assert len(written) == 100 and written["label"].tolist() == test_labels.tolist()
     np.testing.assert_allclose(written["prob"], probs, atol=1e-6)
+    assert len(list((out_dir / "logit_vis").glob("*.png"))) == 2
 
     extremes = json.loads((out_dir / "extreme_samples.json").read_text())
     top_values = np.load(out_dir / "features_test.npy")[:, neurons[0]]
@@ -172,7 +174,9 @@ def test_transfer_bad_inputs(tmp_path, capsys):
     fails([*base, "--data", str(empty)], "empty.csv", "empty")
     fails([*base, "--data", paths["train"], "--nhid", "4096"], "nhid")
     fails(["--load_model", str(tmp_path / "missing.pt"), "--data", paths["train"]], "missing.pt")
-    fails([*base, "--data", paths["train"], "--neurons", "0"], "--neurons 0")
+    with pytest.raises(SystemExit) as exit_info:  # argparse checks the value: usage and one error line
+        transfer.main([*base, "--data", paths["train"], "--neurons", "0"])
+    assert exit_info.value.code == 2 and "--neurons: 0 must be at least 1" in capsys.readouterr().err
     fails([*common, "--data", paths["train"], "--test", "", "--write_results", "p.csv"], "no --test")
 
     # Empty texts and an unlabelled test set are handled.
@@ -206,3 +210,89 @@ def test_regression_never_prefers_an_all_zero_model():
     reg = fit_l1_regression(x, y, val_x, val_y, [1e-6, 1.0])
     assert reg.C == 1.0 and reg.nonzero == 1
     assert reg.val_accuracy_by_C[1e-6] == 0.8 > reg.val_accuracy_by_C[1.0]
+
+
+def synthetic_splits(folder, sizes=(("train", 60), ("val", 30), ("test", 20)), seed=0) -> dict[str, str]:
+    """Small labelled csv files made here (no external data): positive and negative word soups."""
+    rng = np.random.default_rng(seed)
+    words = {1: ["good", "great", "fine", "lovely", "fun"], 0: ["bad", "awful", "dull", "poor", "sad"]}
+    paths = {}
+    for split, n in sizes:
+        labels = np.arange(n) % 2
+        texts = [" ".join(rng.choice(words[int(y)], size=int(rng.integers(2, 6)))) for y in labels]
+        paths[split] = str(folder / f"{split}.csv")
+        pd.DataFrame({"label": labels, "sentence": texts}).to_csv(paths[split], index=False)
+    return paths
+
+
+def test_write_results_keeps_the_truth_and_every_top_neuron(tmp_path):
+    paths = synthetic_splits(tmp_path)
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=12)
+    out_dir = tmp_path / "res"
+    args = [
+        "--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+        "--neurons", "3", "--log2_C", "0", "4", "--save-results", str(out_dir),
+        "--write-results", str(tmp_path / "pred.csv"),
+    ]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    results = json.loads((out_dir / "results.json").read_text())
+    neurons = results["neurons"]["indices"]
+    assert len(neurons) == 3
+    written = pd.read_csv(tmp_path / "pred.csv")
+    columns = ["sentence", "label", "predicted", "prob", "prob_top3"] + [f"neuron {k}" for k in neurons]
+    assert list(written.columns) == columns
+    test = pd.read_csv(paths["test"])
+    assert written["label"].tolist() == test["label"].tolist()  # the file's labels, not predictions
+    assert written["sentence"].tolist() == test["sentence"].tolist()
+    probs = np.load(out_dir / "probs_test.npy")
+    np.testing.assert_allclose(written["prob"], probs, atol=1e-6)
+    assert written["predicted"].tolist() == (probs > 0.5).astype(int).tolist()
+    features = np.load(out_dir / "features_test.npy")
+    for k in neurons:
+        np.testing.assert_allclose(written[f"neuron {k}"], features[:, k], rtol=1e-6)
+    # P(positive) of the top neurons is the second regression's: its accuracy is the one reported
+    accuracy = np.mean((written["prob_top3"] > 0.5) == test["label"])
+    assert accuracy == pytest.approx(results["neurons"]["accuracy"]["test"])
+
+    # one histogram per top neuron, and the labels beside the features
+    assert sorted(p.name for p in (out_dir / "logit_vis").iterdir()) == sorted(
+        f"{i}_{k}.png" for i, k in enumerate(neurons)
+    )
+    assert (out_dir / "weights.png").stat().st_size > 0
+    for split in ("train", "val", "test"):
+        labels = np.load(out_dir / f"labels_{split}.npy")
+        assert labels.tolist() == pd.read_csv(paths[split])["label"].tolist()
+        assert len(labels) == len(np.load(out_dir / f"features_{split}.npy"))
+
+    # json by extension; --neurons 1 leaves one histogram
+    args[args.index("3")] = "1"
+    args[-1] = str(tmp_path / "pred.json")
+    assert load_script("transfer").main(args) == 0
+    records = json.loads((tmp_path / "pred.json").read_text())
+    assert len(records) == 20 and set(records[0]) >= {"sentence", "label", "predicted", "prob", "prob_top1"}
+    assert len(list((out_dir / "logit_vis").iterdir())) == 1
+
+
+@pytest.mark.parametrize("valid", ["none", ""])
+def test_no_validation_split_chooses_C_by_cross_validation(tmp_path, capsys, valid):
+    paths = synthetic_splits(tmp_path)
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", valid, "--test", paths["test"],
+            "--log2_C", "-1", "2"]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    assert "cross-validation" in capsys.readouterr().out
+    results = json.loads((tmp_path / "lm_transfer" / "results.json").read_text())
+    assert results["C_chosen_by"] == "3-fold cross-validation on train"
+    assert set(results["all_features"]["accuracy"]) == {"train", "test"}
+    assert not (tmp_path / "lm_transfer" / "features_val.npy").exists()
+
+
+def test_cross_validation_finds_an_informative_feature():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(240, 5))
+    y = (x[:, 2] + 0.3 * rng.normal(size=240) > 0).astype(np.int64)
+    reg = fit_l1_regression(x, y, None, None, [2.0**e for e in range(-8, 1)])
+    assert top_neurons(reg.weight, 1).tolist() == [2]
+    # the scores are held-out accuracies: the all-but-zero penalty scores near chance, the best well above
+    assert reg.val_accuracy_by_C[reg.C] == max(reg.val_accuracy_by_C.values()) > 0.85
+    assert reg.val_accuracy_by_C[2.0**-8] < 0.7

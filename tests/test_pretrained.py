@@ -1,0 +1,53 @@
+"""The shipped default model: it loads from the package and still reads sentiment as its card says.
+
+A regression test of the shipped file: Binary SST test accuracy with its own features and
+classifier must stay within half a point of the number recorded with it (and in its model card).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from sentiment_discovery.checkpoint import DEFAULT_MODEL, load_checkpoint
+from sentiment_discovery.data import read_records
+from sentiment_discovery.encoder import Encoder
+
+CARD = DEFAULT_MODEL.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_checkpoint(DEFAULT_MODEL)
+
+
+def test_the_shipped_model_is_a_transferred_mlstm_stored_in_half_the_bytes(shipped):
+    assert shipped.config.model == "mLSTM" and shipped.config.nhid == 1024
+    assert shipped.classifier is not None and shipped.classifier["pooling"] == "mean,max,last"
+    n_params = sum(p.numel() for p in shipped.model.parameters())
+    assert DEFAULT_MODEL.stat().st_size < 2.2 * n_params < 25e6  # float16 weights, under 25 MB
+    assert all(p.dtype == torch.float32 for p in shipped.model.parameters())  # loading upcasts
+
+
+def test_shipped_model_keeps_its_binary_sst_test_accuracy(shipped):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the one larger featurization of the suite
+    try:
+        test = read_records(ROOT / "data" / "binary_sst" / "test.csv", need_labels=True)
+        probs = Encoder(shipped.model, shipped.classifier, device="cpu").predict_proba(test.texts)
+    finally:
+        torch.set_num_threads(threads)
+    accuracy = float(np.mean((probs > 0.5) == (test.labels == 1)))
+    recorded = shipped.extra["sst_accuracy"]["test"]
+    assert accuracy >= recorded - 0.005, (accuracy, recorded)
+    assert f"{100 * recorded:.1f}%" in CARD.read_text()  # the card states the recorded number
+
+
+def test_encoder_with_no_path_is_the_shipped_model_and_reads_obvious_sentiment():
+    encoder = Encoder(device="cpu")
+    negative, positive = encoder.predict_proba(
+        ["A dull, boring, badly acted waste of time.", "A wonderful, moving and beautifully acted film."]
+    )
+    assert negative < 0.5 < positive
