@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite_mode",
         choices=OVERWRITE_MODES,
         default=DEFAULT_OVERWRITE_MODE,
-        help="cell: write the unit's cell state c on generated steps only; hidden: write its hidden state h "
-        "on every step, warm-up included (the original's)",
+        help="hidden (default): write the unit's hidden state h on every step, warm-up included (the "
+        "original's); cell: write its cell state c on generated steps only",
     )
     p.add_argument(
         "--negate",
