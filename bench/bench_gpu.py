@@ -1,7 +1,8 @@
 """GPU benchmark: the fused mLSTM against cuDNN's nn.LSTM per FLOP, and against NVIDIA's 2018 figure.
 
 For each hidden size (default 4096, then 1024) and precision (float32; float16 and bfloat16 under
-torch.autocast as the package runs --fp16, float16 with a GradScaler), characters/second of
+torch.autocast, as the package runs --fp16/--bf16 (matmul.autocast; the kernels take float16/bfloat16
+operands from it), float16 with a GradScaler), characters/second of
 - training: embedding -> recurrent layer -> decoder -> cross-entropy (train.batch_loss), backward,
   Adam step; batch 128 x 256 steps;
 - featurization: embedding -> recurrent layer under inference_mode and parametrize.cached (as
@@ -20,7 +21,6 @@ PyTorch's defaults are kept: float32 matmuls in full float32, cuDNN (nn.LSTM) al
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import platform
@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from sentiment_discovery import cuda_graphs
 from sentiment_discovery.data import Batch
+from sentiment_discovery.matmul import autocast
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.train import batch_loss
 
@@ -74,12 +75,6 @@ def best_seconds(fn, reps: int, device: torch.device) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def build_model(variant: str, hidden: int, device: torch.device) -> RNNModel:
@@ -129,36 +124,27 @@ def featurize_rate(model, dtype, steps, batch, reps, device) -> float:
 
 
 def kernel_rates(hidden: int, batch: int, device: torch.device, reps: int) -> list[dict]:
-    """The per-step product ``[batch, H] x [H, 4H]`` alone, in each precision (TFLOP/s): what the
-    recurrence could reach, and what recasting a float32 weight at every step (autocast) costs."""
+    """The per-step product ``[batch, H] x [H, 4H]`` alone, in each operand precision (TFLOP/s): about
+    what the recurrence's products could reach (float32 with TF32 shown too: PyTorch leaves it off)."""
     a = torch.randn(batch, hidden, device=device)
     w = torch.randn(4 * hidden, hidden, device=device)
     flops = 2 * batch * hidden * 4 * hidden
-    cases = [("float32", lambda: a @ w.t(), None)]
+    cases = [("float32", torch.float32, "highest")]
     if device.type == "cuda":
-        cases.append(("tf32", lambda: a @ w.t(), "tf32"))
-    for name in ("float16", "bfloat16"):
-        dtype = PRECISIONS[name]
-        a16, w16 = a.to(dtype), w.to(dtype)
-        cases.append((f"{name}, weight cast once", lambda a16=a16, w16=w16: a16 @ w16.t(), None))
-        recast = lambda dtype=dtype: _autocast_mm(a, w, device, dtype)
-        cases.append((f"{name} autocast, float32 weight", recast, None))
+        cases += [("float32 as TF32", torch.float32, "high"), ("float16", torch.float16, "highest"),
+                  ("bfloat16", torch.bfloat16, "highest")]  # fmt: skip
     rows = []
-    for name, fn, mode in cases:
+    for name, dtype, matmul_precision in cases:
+        a_low, w_t = a.to(dtype), w.to(dtype).t()
         old = torch.get_float32_matmul_precision()
-        if mode == "tf32":
-            torch.set_float32_matmul_precision("high")
+        torch.set_float32_matmul_precision(matmul_precision)
         try:
-            seconds = best_seconds(lambda fn=fn: [fn() for _ in range(10)], reps, device) / 10
+            ten = lambda a_low=a_low, w_t=w_t: [torch.mm(a_low, w_t) for _ in range(10)]
+            seconds = best_seconds(ten, reps, device) / 10
             rows.append({"H": hidden, "batch": batch, "product": name, "tflops": flops / seconds / 1e12})
         finally:
             torch.set_float32_matmul_precision(old)
     return rows
-
-
-def _autocast_mm(a, w, device, dtype):
-    with torch.autocast(device.type, dtype=dtype):
-        return a @ w.t()
 
 
 def release() -> None:

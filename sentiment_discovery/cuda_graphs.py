@@ -26,6 +26,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from . import matmul
 from .mlstm_kernels import State, _MLSTMFunction, mlstm_inference
 
 ENV_VAR = "SENTIMENT_DISCOVERY_CUDA_GRAPHS"
@@ -87,16 +88,16 @@ class _CopyOutputs(torch.autograd.Function):
 
 
 class _TrainingGraph:
-    def __init__(self, inputs: tuple[Tensor, ...], reset: Tensor | None):
+    def __init__(self, inputs: tuple[Tensor, ...], reset: Tensor | None, dtype: torch.dtype | None):
         self.with_reset = with_reset = reset is not None
         samples = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
         if with_reset:
             samples.append(reset.clone())
 
         def forward(*args):
-            return _MLSTMFunction.apply(*args[:8], args[8] if with_reset else None)
+            return _MLSTMFunction.apply(*args[:8], args[8] if with_reset else None, dtype)
 
-        # make_graphed_callables refuses autocast's weight cache; the casts are captured in the graph anyway
+        # make_graphed_callables refuses an autocast that caches casts; the kernel casts by ``dtype`` anyway
         autocast = torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=autocast, cache_enabled=False):
             self.graphed = torch.cuda.make_graphed_callables(forward, tuple(samples), allow_unused_input=True)
@@ -116,8 +117,11 @@ class _TrainingGraph:
 
 
 class _InferenceGraph:
-    def __init__(self, inputs: tuple[Tensor, ...], reset: Tensor | None, return_cells: bool):
+    def __init__(
+        self, inputs: tuple[Tensor, ...], reset: Tensor | None, return_cells: bool, dtype: torch.dtype | None
+    ):
         self.static = [t.detach().clone() for t in inputs]
+        self.dtype = dtype
         self.static_reset = None if reset is None else reset.clone()
         self.return_cells = return_cells
         side = torch.cuda.Stream()
@@ -131,7 +135,7 @@ class _InferenceGraph:
 
     def _run(self):
         with torch.no_grad():
-            return mlstm_inference(*self.static, self.static_reset, self.return_cells)
+            return mlstm_inference(*self.static, self.static_reset, self.return_cells, self.dtype)
 
     def __call__(self, inputs, reset, return_cells):
         for static, t in zip(self.static, inputs):
@@ -154,13 +158,13 @@ def sequence(
         return None
     inputs = (x, h0, c0, *weights)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    dtype = matmul.operand_dtype("cuda")  # the products' operand dtype, as mlstm_sequence takes it
     key = (
         training,
         return_cells and not training,
         reset is None,
         torch.is_inference_mode_enabled(),
-        torch.is_autocast_enabled("cuda"),
-        torch.get_autocast_dtype("cuda"),
+        dtype,
         tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in inputs),
     )
     layer_graphs = _graphs.setdefault(layer, {})
@@ -170,7 +174,9 @@ def sequence(
         kind = "training" if training else "inference"
         try:
             layer_graphs[key] = (
-                _TrainingGraph(inputs, reset) if training else _InferenceGraph(inputs, reset, return_cells)
+                _TrainingGraph(inputs, reset, dtype)
+                if training
+                else _InferenceGraph(inputs, reset, return_cells, dtype)
             )
             stats["captured"] += 1
         except Exception as e:  # any failure means: run eagerly

@@ -54,8 +54,8 @@ from .recurrent import State
 
 N_BYTES = 256  # only the first 256 logits are bytes (the decoder may carry extra ids)
 OVERWRITE_MODES = ("hidden", "cell")
-# Measured (README, bench/steer_polarity.py): +1/-1 in h steered a transferred model's samples more than in c,
-# whose unit's natural range need not straddle 0 (h = o * tanh(c) lies in -1..1).
+# Measured (README, bench/steer_polarity.py): +1/-1 in h steered samples a little more than in c, whose
+# unit's natural range need not straddle 0 (h = o * tanh(c) lies in -1..1).
 DEFAULT_OVERWRITE_MODE = "hidden"
 GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax
 

@@ -148,6 +148,7 @@ def _time(fn: Callable[[], Tensor], reps: int) -> tuple[float, Tensor]:
     out = fn()
     best = float("inf")
     for _ in range(reps):
+        out = None  # one result alive at a time: at full scale a product's output is gigabytes
         start = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - start)
@@ -160,13 +161,16 @@ def _calibrate(
 ) -> tuple[str, Tensor]:
     """Time every candidate, remember the fastest for ``key``; returns it and its result."""
     reps = 3 if flops < _SMALL_PRODUCT_FLOPS else 1
-    results, gflops = {}, {}
+    gflops: dict[str, float] = {}
+    chosen, result = "", None
     for backend, run in runs.items():
-        seconds, results[backend] = _time(run, reps)
+        seconds, out = _time(run, reps)
         gflops[backend] = flops / max(seconds, 1e-9) / 1e9
-    chosen = max(gflops, key=gflops.get)
+        if not chosen or gflops[backend] > gflops[chosen]:
+            chosen, result = backend, out
+        del out
     _choices[key] = Choice(kind, name, shape, dtype, gflops, chosen)
-    return chosen, results[chosen]
+    return chosen, result
 
 
 # --------------------------------------------------------------------------------------------
