@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import int_at_least, run_script
+from sentiment_discovery.cli import add_inference_precision_flags, int_at_least, run_script
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,10 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the N largest-|weight| weights (-1: all)",
     )
     p.add_argument("--batch_size", type=int_at_least(1), default=128)
-    p.add_argument(
-        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
-    )
-    p.add_argument("--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)")
+    add_inference_precision_flags(p)
     p.add_argument(
         "--save_probs",
         default="clf_results.npy",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import int_at_least, run_script
+from sentiment_discovery.cli import add_inference_precision_flags, int_at_least, run_script
 from sentiment_discovery.featurize import POOLINGS, STATES
 
 
@@ -58,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument("--batch_size", type=int_at_least(1), default=128)
-    feat.add_argument(
-        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
-    )
-    feat.add_argument(
-        "--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)"
-    )
+    add_inference_precision_flags(feat)
     feat.add_argument(
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
     )

@@ -65,6 +65,16 @@ def run_script(
     return 0
 
 
+def add_inference_precision_flags(group) -> None:
+    """``--fp16``/``--bf16`` of the inference scripts (transfer.py, classifier.py, generate.py)."""
+    group.add_argument(
+        "--fp16", action="store_true", help="float16 matrix products on a GPU; on a CPU the same as --bf16"
+    )
+    group.add_argument(
+        "--bf16", action="store_true", help="bfloat16 matrix products (state math stays float32)"
+    )
+
+
 def pick_seed(seed: int) -> int:
     """``-1`` (any negative) picks a random seed; the caller prints it so the run can be repeated."""
     return secrets.randbelow(2**31 - 1) if seed < 0 else seed

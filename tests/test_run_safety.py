@@ -12,15 +12,14 @@ import time
 import pytest
 import torch
 from conftest import ROOT, load_script
+from test_train import Interrupt, batches, run_trainer
 
 from sentiment_discovery.checkpoint import load_checkpoint
-from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
-from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.data import LMSplits
 from sentiment_discovery.train import MetricsLog, StopRequest, Trainer, TrainOptions
 
 main_script = load_script("main")
 
-TEXTS = [f"review {i}: " + "good " * (i % 3) + "bad " * (i % 2) for i in range(16)]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -36,12 +35,6 @@ def main_args(tmp_path, save, *extra: str) -> list[str]:
     return ["--data", str(corpus_csv(tmp_path)), "--nhid", "8", "--emsize", "4", "--batch_size", "2",
             "--seq_length", "8", "--num_shards", "8", "--split", "6,1,1", "--log_interval", "1",
             "--seed", "1", "--cpu", "--save", str(save), *extra]  # fmt: skip
-
-
-def batches(seq_length: int, persist_state: int, rows: int = 2, shards: int = 4) -> TBPTTBatches:
-    return TBPTTBatches(
-        encode_corpus(TEXTS), shard_starts(len(TEXTS), shards), rows, seq_length, persist_state
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,37 +201,13 @@ def test_stop_request_restores_the_previous_handlers():
 # --------------------------------------------------------------------------------------------
 
 
-class Crash(Exception):
-    pass
-
-
-def run_trainer(tmp_path, name, train_state=None, crash_at=None, log_interval=4):
-    torch.manual_seed(1)
-    model = RNNModel(ModelConfig(emsize=8, nhid=16, dropout=0.2)) if train_state is None else train_state[0]
-    splits = LMSplits(batches(12, -1, rows=3, shards=6), batches(50, 1), None)
-    options = TrainOptions(
-        lr=3e-3, epochs=2, log_interval=log_interval, save=str(tmp_path / name), save_iters=5, progress=False
-    )
-    trainer = Trainer(model.train(), splits, options, torch.device("cpu"), train_state and train_state[1])
-    if crash_at is not None:
-        real_save = trainer.save
-
-        def save_then_crash(path=None):
-            real_save(path)
-            if trainer.step == crash_at:
-                raise Crash  # as kill -9 right after the checkpoint
-
-        trainer.save = save_then_crash
-    trainer.run()
-    return trainer.model
-
-
 def test_resume_mid_log_interval_reports_the_same_losses(tmp_path):
-    straight = run_trainer(tmp_path, "straight.pt")
-    with pytest.raises(Crash):
-        run_trainer(tmp_path, "resumed.pt", crash_at=10)  # steps 9, 10 are half of the interval 9..12
+    _, straight = run_trainer(tmp_path, "straight.pt", log_interval=4)
+    with pytest.raises(Interrupt):  # steps 9, 10 are half of the log interval 9..12
+        run_trainer(tmp_path, "resumed.pt", crash_at=10, log_interval=4)
     checkpoint = load_checkpoint(tmp_path / "resumed.pt")
-    resumed = run_trainer(tmp_path, "resumed.pt", train_state=(checkpoint.model, checkpoint.train_state))
+    state = (checkpoint.model, checkpoint.train_state)
+    _, resumed = run_trainer(tmp_path, "resumed.pt", train_state=state, log_interval=4)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     rows = {name: MetricsLog.read(tmp_path / f"{name}.metrics.jsonl") for name in ("straight", "resumed")}
@@ -249,8 +218,8 @@ def test_resume_mid_log_interval_reports_the_same_losses(tmp_path):
 
 
 def test_a_resume_into_another_save_brings_its_history(tmp_path):
-    with pytest.raises(Crash):
-        run_trainer(tmp_path, "a.pt", crash_at=10)
+    with pytest.raises(Interrupt):
+        run_trainer(tmp_path, "a.pt", crash_at=10, log_interval=4)
     checkpoint = load_checkpoint(tmp_path / "a.pt")
     (tmp_path / "b.metrics.jsonl").write_text('{"step": 99}\n')  # another run's
     model, state = checkpoint.model, checkpoint.train_state

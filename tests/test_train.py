@@ -92,12 +92,14 @@ class Interrupt(Exception):
     pass
 
 
-def run_trainer(tmp_path, name, train_state=None, crash_at=None):
+def run_trainer(tmp_path, name, train_state=None, crash_at=None, log_interval=1) -> tuple[dict, RNNModel]:
+    """Train ``tiny_model`` 2 epochs (or resume ``train_state``); ``crash_at``: raise Interrupt right
+    after that step's checkpoint, as kill -9 would. Returns (Trainer.run's result, the model)."""
     model = tiny_model(dropout=0.2) if train_state is None else train_state[0]
     stream = batches(12, -1, rows=3, shards=6)  # persist -1: the carried state matters to resume
     splits = LMSplits(stream, batches(50, 1), None)
     options = TrainOptions(
-        lr=3e-3, epochs=2, log_interval=1, save=str(tmp_path / name), save_iters=5, progress=False
+        lr=3e-3, epochs=2, log_interval=log_interval, save=str(tmp_path / name), save_iters=5, progress=False
     )
     trainer = Trainer(model.train(), splits, options, torch.device("cpu"), train_state and train_state[1])
     if crash_at is not None:
@@ -109,7 +111,7 @@ def run_trainer(tmp_path, name, train_state=None, crash_at=None):
                 raise Interrupt
 
         trainer.save = save_then_crash
-    return trainer.run()
+    return trainer.run(), trainer.model
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
@@ -118,7 +120,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         run_trainer(tmp_path, "resumed.pt", crash_at=10)
     checkpoint = load_checkpoint(tmp_path / "resumed.pt")
     assert checkpoint.train_state["step"] == 10
-    result = run_trainer(tmp_path, "resumed.pt", train_state=(checkpoint.model, checkpoint.train_state))
+    result, _ = run_trainer(tmp_path, "resumed.pt", train_state=(checkpoint.model, checkpoint.train_state))
     straight = MetricsLog.read(tmp_path / "straight.metrics.jsonl")
     resumed = MetricsLog.read(tmp_path / "resumed.metrics.jsonl")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]  # no step logged twice
