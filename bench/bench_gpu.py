@@ -7,8 +7,7 @@ operands from it), float16 with a GradScaler), characters/second of
   Adam step; batch 128 x 256 steps;
 - featurization: embedding -> recurrent layer under inference_mode and parametrize.cached (as
   featurize.py), batch 128 x 256 steps;
-for three variants: ``fused`` (the default fused layer), ``graphs`` (the same replayed as CUDA graphs,
-sentiment_discovery.cuda_graphs; a fallback to eager is reported) and ``nn.LSTM`` (cuDNN, no weight norm).
+for two variants: ``fused`` (the default fused layer) and ``nn.LSTM`` (cuDNN, no weight norm).
 FLOPs per character: mLSTM 2 * (5H^2 + 5EH), LSTM 2 * (4H^2 + 4EH), + 2 * 256H with the decoder;
 training counts 3x. Training is also given per GPU against NVIDIA's 76,000 chars/s on 8 V100s
 (9,500 per GPU, 4096-unit mLSTM, fp16). Timing: CUDA events, one warm-up call, best of ``--reps``.
@@ -30,7 +29,6 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from sentiment_discovery import cuda_graphs
 from sentiment_discovery.data import Batch
 from sentiment_discovery.matmul import autocast
 from sentiment_discovery.model import ModelConfig, RNNModel
@@ -39,7 +37,7 @@ from sentiment_discovery.train import batch_loss
 EMSIZE = 64
 V100_CHARS_PER_S = 76_000 / 8  # NVIDIA's README: 8 V100s, fp16, mLSTM 4096
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-VARIANTS = ("fused", "graphs", "nn.LSTM")
+VARIANTS = ("fused", "nn.LSTM")
 TARGETS = (  # issue 14, on one H100/H200
     "H=4096 float16/bfloat16 training: fused >= 38,000 chars/s (4x a V100) and >= 0.7x nn.LSTM per FLOP",
     "featurization: fused >= 0.8x nn.LSTM per FLOP",
@@ -170,7 +168,7 @@ def environment(device: torch.device) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Per-FLOP ratio to nn.LSTM, graphs over fused, and the V100 ratio, where both sides were measured."""
+    """Per-FLOP ratio to nn.LSTM and the V100 ratio, where both sides were measured."""
     index = {(r["H"], r["precision"], r["mode"], r["variant"]): r for r in rows if r.get("chars_per_s")}
     for r in rows:
         if not r.get("chars_per_s"):
@@ -178,18 +176,15 @@ def add_ratios(rows: list[dict]) -> None:
         lstm = index.get((r["H"], r["precision"], r["mode"], "nn.LSTM"))
         if lstm is not None and r["variant"] != "nn.LSTM":
             r["per_flop_vs_lstm"] = r["tflops"] / lstm["tflops"]
-        fused = index.get((r["H"], r["precision"], r["mode"], "fused"))
-        if fused is not None and r["variant"] == "graphs":
-            r["graphs_vs_fused"] = r["chars_per_s"] / fused["chars_per_s"]
         if r["mode"] == "train":
             r["x_v100"] = r["chars_per_s"] / V100_CHARS_PER_S
 
 
 def check_targets(rows: list[dict]) -> list[str]:
-    """Each target against the measured rows (the faster of fused and graphs); 'not measured' if absent."""
+    """Each target against the measured rows of the fused layer; 'not measured' if absent."""
     def best(H, precision, mode):
         got = [r for r in rows if (r["H"], r["precision"], r["mode"]) == (H, precision, mode)
-               and r["variant"] in ("fused", "graphs") and r.get("chars_per_s")]  # fmt: skip
+               and r["variant"] == "fused" and r.get("chars_per_s")]  # fmt: skip
         return max(got, key=lambda r: r["chars_per_s"]) if got else None
 
     lines = []
@@ -225,9 +220,8 @@ def markdown(result: dict) -> str:
         f"GPU benchmark: {env.get('gpu', env['device'])}, torch {env['torch']}, CUDA {env.get('cuda')}; "
         f"batch {args['batch']} x {args['steps']} steps, best of {args['reps']} after a warm-up.",
         "",
-        "| H | precision | mode | variant | chars/s | TFLOP/s | /nn.LSTM per FLOP | graphs/fused | x V100 "
-        "| note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| H | precision | mode | variant | chars/s | TFLOP/s | /nn.LSTM per FLOP | x V100 | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value, spec):
@@ -237,7 +231,7 @@ def markdown(result: dict) -> str:
         cells = [
             r["H"], r["precision"], r["mode"], r["variant"], fmt(r.get("chars_per_s"), ",.0f"),
             fmt(r.get("tflops"), ".2f"), fmt(r.get("per_flop_vs_lstm"), ".2f"),
-            fmt(r.get("graphs_vs_fused"), ".2f"), fmt(r.get("x_v100"), ".1f"), r.get("note", ""),
+            fmt(r.get("x_v100"), ".1f"), r.get("note", ""),
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if result["kernels"]:
@@ -245,8 +239,6 @@ def markdown(result: dict) -> str:
                   "|---|---|---|"]  # fmt: skip
         lines += [f"| {k['H']} | {k['product']} | {k['tflops']:.1f} |" for k in result["kernels"]]
     lines += ["", "Targets (issue 14):", *[f"- {t}" for t in result["targets"]]]
-    if result["graph_fallbacks"]:
-        lines += ["", "CUDA graph fallbacks:", *[f"- {f}" for f in result["graph_fallbacks"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -270,14 +262,12 @@ def main() -> None:
                          "--device cpu runs a smoke test")  # fmt: skip
     torch.manual_seed(0)
     began = time.perf_counter()
-    result = {"env": environment(device), "args": vars(args), "rows": [], "kernels": [], "targets": [],
-              "graph_fallbacks": []}  # fmt: skip
+    result = {"env": environment(device), "args": vars(args), "rows": [], "kernels": [], "targets": []}
     print(json.dumps(result["env"]))
 
     def save() -> None:  # after every measurement: a run cut short still leaves its numbers
         add_ratios(result["rows"])
         result["targets"] = check_targets(result["rows"])
-        result["graph_fallbacks"] = list(cuda_graphs.fallbacks)
         result["elapsed_s"] = round(time.perf_counter() - began, 1)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         Path(args.markdown).write_text(markdown(result))
@@ -295,11 +285,6 @@ def main() -> None:
                     if time.perf_counter() - began > args.time_budget:
                         row["note"] = "skipped: time budget"
                         continue
-                    if variant == "graphs" and device.type != "cuda":
-                        row["note"] = "n/a: CUDA only"
-                        continue
-                    cuda_graphs.set_enabled(variant == "graphs")
-                    fallbacks, replayed = len(cuda_graphs.fallbacks), cuda_graphs.stats["replayed"]
                     model = None
                     try:
                         model = build_model(variant, hidden, device)
@@ -308,14 +293,9 @@ def main() -> None:
                         )
                         row["chars_per_s"] = rate
                         row["tflops"] = rate * flops_per_char(variant, hidden, mode == "train") / 1e12
-                        if variant == "graphs":
-                            new = cuda_graphs.fallbacks[fallbacks:]
-                            if new or cuda_graphs.stats["replayed"] == replayed:
-                                row["note"] = "FELL BACK to eager: " + ("; ".join(new) or "no replay")
                     except Exception as e:  # out of memory, a kernel error ...: report, go on
                         row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     finally:
-                        cuda_graphs.set_enabled(False)
                         del model
                         release()
                     print(

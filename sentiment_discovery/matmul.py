@@ -15,11 +15,19 @@ are cast to it and the product comes back as float32: the libraries accumulate i
 their output to ``dtype``, then it is widened; everything around the products (bias, sums, gates,
 cell state) stays float32. ``operand_dtype`` reads that dtype from an active ``torch.autocast``, so
 ``--bf16`` is just the autocast context for the whole model.
+
+A CPU without bfloat16 hardware (no AVX-512-BF16 or AMX) multiplies bfloat16 tensors 5-100x slower
+than float32 (an AVX2 EPYC: 0.9-22 GFLOP/s against 80-125). There the same arithmetic is emulated at
+float32 speed: operands rounded to bfloat16 and kept in float32 storage (a product of two bfloat16
+values is exact in float32), multiplied by the float32 libraries (float32 accumulation, as the bf16
+kernels do), the result rounded to bfloat16 and widened. Same numbers as a bfloat16 machine up to
+the order of accumulation; no speed-up, and said once in the log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -70,21 +78,37 @@ def choices() -> list[Choice]:
 # --------------------------------------------------------------------------------------------
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 products run in hardware here (CPU: oneDNN's bf16 kernels, AVX-512-BF16/AMX)."""
-    if device.type == "cuda":
+@functools.cache
+def _native_bf16(device_type: str) -> bool:
+    if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and bool(
+    return device_type == "cpu" and torch.backends.mkldnn.is_available() and bool(
         torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 products run in hardware here (CPU: oneDNN's bf16 kernels, AVX-512-BF16/AMX)."""
+    return _native_bf16(device.type)
+
+
+def emulates_bf16(dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether products in ``dtype`` on ``device`` are bfloat16 emulated in float32 (a CPU without
+    bfloat16 hardware; see the module's docstring)."""
+    return dtype is torch.bfloat16 and device.type == "cpu" and not _native_bf16("cpu")
+
+
+def round_bf16(t: Tensor) -> Tensor:
+    """``t`` rounded to the nearest bfloat16 values, as float32."""
+    return t.to(torch.bfloat16).float()
 
 
 def reduced_dtype(device: torch.device, fp16: bool = False, bf16: bool = False) -> torch.dtype | None:
     """The operand dtype of ``--fp16``/``--bf16`` on ``device`` (None: float32).
 
     ``--fp16`` means float16 on a GPU; a CPU has no fast float16 products, so there it runs as
-    ``--bf16`` (and says so once). A CPU without native bfloat16 runs bfloat16 products emulated,
-    slower than float32 (said once too).
+    ``--bf16`` (and says so once). A CPU without native bfloat16 emulates bfloat16 products at
+    float32 speed (said once too).
     """
     if fp16 and bf16:
         raise ValueError("--fp16 and --bf16 both given: choose one")
@@ -96,8 +120,8 @@ def reduced_dtype(device: torch.device, fp16: bool = False, bf16: bool = False) 
         say_once("--fp16 on a CPU runs as --bf16 (bfloat16 products; float16 needs a GPU)")
     if device.type == "cpu" and not native_bf16(device):
         say_once(
-            "this CPU has no native bfloat16 (AVX-512-BF16 or AMX): bfloat16 products run emulated, "
-            "slower than float32"
+            "this CPU has no native bfloat16 (AVX-512-BF16 or AMX): bfloat16 products are emulated "
+            "(operands and results rounded to bfloat16, multiplied in float32): same results, no speed-up"
         )
     return torch.bfloat16
 
@@ -116,6 +140,12 @@ def operand_dtype(device_type: str) -> torch.dtype | None:
 
 def _low(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t if dtype is None else t.to(dtype)
+
+
+def cast_operand(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``t`` as a product in ``dtype`` takes it (rounded, in float32, where bfloat16 is emulated), for
+    callers that cast an operand once and use it in several products."""
+    return round_bf16(t) if emulates_bf16(dtype, t.device) else _low(t, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,6 +236,10 @@ def linear(
 
     Strided operands (``dz.t()``) are fine: the weight gradients are written ``linear(dz.t(), x.t())``.
     """
+    if emulates_bf16(dtype, a.device):
+        with torch.autocast("cpu", enabled=False):  # else autocast would hand torch.mm bfloat16 tensors
+            out = round_bf16(linear(round_bf16(a), round_bf16(weight), None, None, name))
+        return out if bias is None else out.add_(bias)
     a, weight = _low(a, dtype), _low(weight, dtype)
     names = _candidates(a)
     if len(names) == 1:
@@ -238,12 +272,16 @@ class StepWeight:
         lay_out: bool = True,
         name: str = "",
     ):
+        self.emulated = emulates_bf16(dtype, weight.device)
+        if self.emulated:
+            weight, dtype = round_bf16(weight), None
         self.dtype = dtype
         weight = _low(weight, dtype)
         names = _candidates(weight) if lay_out else ("mm",)
         self.onednn = False
         if len(names) > 1:
-            self.onednn = self._choose(weight, batch, name) == "onednn"
+            with torch.autocast("cpu", enabled=False) if self.emulated else contextlib.nullcontext():
+                self.onednn = self._choose(weight, batch, name) == "onednn"
         elif names == ("onednn",):
             self.onednn = True
         if self.onednn:
@@ -269,12 +307,15 @@ class StepWeight:
         return choice.chosen
 
     def __call__(self, a: Tensor) -> Tensor:
-        a = _low(a, self.dtype)
+        if self.emulated:
+            with torch.autocast("cpu", enabled=False):
+                return round_bf16(self._product(round_bf16(a)))
+        return _widen(self._product(_low(a, self.dtype)))
+
+    def _product(self, a: Tensor) -> Tensor:
         if self.onednn:
-            out = torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
-        else:
-            out = torch.mm(a, self.weight_t)
-        return _widen(out)
+            return torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
+        return torch.mm(a, self.weight_t)
 
 
 class _Linear(torch.autograd.Function):
@@ -291,7 +332,7 @@ class _Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         x, weight = ctx.saved_tensors
-        dy = _low(d_out.reshape(-1, d_out.shape[-1]), ctx.dtype)
+        dy = d_out.reshape(-1, d_out.shape[-1])
         need = ctx.needs_input_grad
         dx = dw = db = None
         if need[0]:

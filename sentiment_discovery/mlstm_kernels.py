@@ -32,17 +32,10 @@ State = tuple[Tensor, Tensor]
 _MIN_STEPS_TO_PACK = 8
 
 
-def _capturing(like: Tensor) -> bool:
-    """True while a CUDA graph is being captured (cuda_graphs.py): nothing may be read back then."""
-    return like.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, frozenset[int]]:
     """``[T, B, 1]`` float mask (0 where a row resets) and the steps where any row resets."""
     if reset is None:
         return None, frozenset()
-    if _capturing(like):  # the reset steps of later replays are unknown: apply the mask at every step
-        return (~reset).to(like.dtype).unsqueeze(2), frozenset(range(reset.shape[0]))
     steps = frozenset(torch.nonzero(reset.any(dim=1)).flatten().tolist())
     if not steps:
         return None, steps
@@ -199,7 +192,9 @@ class _MLSTMFunction(torch.autograd.Function):
                 dc.mul_(keep[t])
         # Weight gradients: one product over all T*B rows each, written as linear(a.t(), b.t()) = a.T @ b;
         # reduced-precision operands are cast once here (matmul.linear leaves them as they are).
-        low = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        def low(t: Tensor) -> Tensor:
+            return matmul.cast_operand(t, dtype)
+
         x2 = low(x.reshape(T * B, E))
         dz2 = low(dz.view(T * B, 4 * H))
         dmx2 = low(dmx.view(T * B, H))

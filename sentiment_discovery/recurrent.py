@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
-from . import cuda_graphs, matmul
+from . import matmul
 from .mlstm_kernels import State, mlstm_sequence
 
 # --------------------------------------------------------------------------------------------
@@ -63,12 +63,7 @@ class mLSTMLayer(nn.Module):
     ) -> tuple[Tensor, State, Tensor | None]:
         """Fused sequence forward (mlstm_kernels): (out [T, B, H], (h, c), per-step cells or None)."""
         h, c = state if state is not None else self.zero_state(x.shape[1], x)
-        weights = self.weights()
-        if x.is_cuda and cuda_graphs.enabled():  # opt-in; None where it does not apply
-            graphed = cuda_graphs.sequence(self, x, h, c, weights, reset, return_cells)
-            if graphed is not None:
-                return graphed
-        return mlstm_sequence(x, h, c, *weights, reset=reset, return_cells=return_cells)
+        return mlstm_sequence(x, h, c, *self.weights(), reset=reset, return_cells=return_cells)
 
     def reference_forward(
         self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False

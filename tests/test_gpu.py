@@ -1,5 +1,5 @@
 """The GPU path: fused mLSTM on CUDA, mixed precision and loss scaling, the scripts on CUDA, checkpoints
-between devices, torchrun with nccl, CUDA graphs. Run with ``pytest -m gpu``; skipped without a GPU.
+between devices, torchrun with nccl. Run with ``pytest -m gpu``; skipped without a GPU.
 
 Tiny models and data made in tmp_path; the tiny models use the ``openai`` preprocessing, which needs no
 unidecode. Tolerances are relative to the largest absolute value of the float32 reference (``rel_err``).
@@ -20,7 +20,6 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from sentiment_discovery import cuda_graphs
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
 from sentiment_discovery.featurize import featurize
@@ -49,12 +48,6 @@ def _true_float32():
     yield
     torch.set_float32_matmul_precision(precision)
     torch.backends.cudnn.allow_tf32 = cudnn_tf32
-
-
-@pytest.fixture
-def graphs_on(monkeypatch):
-    monkeypatch.setattr(cuda_graphs, "_enabled", True)
-    return len(cuda_graphs.fallbacks), cuda_graphs.stats["replayed"]
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -370,65 +363,3 @@ def test_torchrun_nccl_collectives_and_ddp_gradients(tmp_path):
     result = torchrun(tmp_path, str(script))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "nccl ok" in result.stdout
-
-
-# ---------------------------------------------------------------------------------------------
-# CUDA graphs (opt-in, sentiment_discovery.cuda_graphs)
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("with_reset", [False, True])
-@pytest.mark.parametrize("dtype", [None, torch.float16])
-def test_cuda_graphs_give_the_eager_results(graphs_on, with_reset, dtype):
-    n_fallbacks, replayed = graphs_on
-    layer, x, h0, c0, reset = layer_inputs(24, 4, 8, 32, CUDA, with_reset)
-    tol = FLOAT32_TOL if dtype is None else REDUCED_TOL[dtype] / 10
-
-    def both(inputs):
-        results = []
-        for on in (True, False):
-            cuda_graphs.set_enabled(on)
-            with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
-                results.append(run_layer(layer.forward, layer, *inputs))
-                with torch.no_grad():
-                    out, (h, c), cells = layer(inputs[0], inputs[1:3], inputs[3], return_cells=True)
-                results[-1] += [out, h, c, cells]
-        return results
-
-    for step in range(3):  # capture, then replays with other inputs
-        inputs = [x * (1 + step), h0, c0, reset]
-        graphed, eager = both(inputs)
-        for i, (a, b) in enumerate(zip(graphed, eager)):
-            assert rel_err(a, b) < tol, (step, i)
-    assert cuda_graphs.fallbacks[n_fallbacks:] == []
-    assert cuda_graphs.stats["replayed"] >= replayed + 6  # 3 training + 3 inference replays
-
-
-def test_cuda_graphs_two_forwards_before_backward_stay_correct(graphs_on):
-    """The second forward of a layer whose first still awaits backward must not overwrite its buffers."""
-    layer, x, h0, c0, reset = layer_inputs(24, 4, 8, 32, CUDA, with_reset=True)
-    grads = []
-    for on in (True, False):
-        cuda_graphs.set_enabled(on)
-        first, _, _ = layer(x, (h0, c0), reset)
-        second, _, _ = layer(2 * x, (h0, c0), reset)
-        grads.append(torch.autograd.grad((first * second).sum(), [x, *layer.parameters()]))
-    for a, b in zip(*grads):
-        assert rel_err(a, b) < FLOAT32_TOL
-    assert cuda_graphs.fallbacks[graphs_on[0]:] == []
-
-
-def test_training_and_featurizing_with_cuda_graphs(tmp_path, graphs_on, capsys):
-    n_fallbacks, replayed = graphs_on
-    main = load_script("main")
-    assert main.main(train_args(tmp_path, "graphed")) == 0
-    bpc = train_bpc(tmp_path, "graphed")
-    assert bpc[-1] < bpc[0] - 0.5
-    assert cuda_graphs.stats["replayed"] >= replayed + 29  # 30 steps of 32 bytes; the first captures
-    model = load_checkpoint(tmp_path / "graphed.pt").model
-    texts = sentences(40, seed=9)
-    graphed = featurize(model, texts, device="cuda", chunk_length=16, batch_size=8)
-    cuda_graphs.set_enabled(False)
-    eager = featurize(model, texts, device="cuda", chunk_length=16, batch_size=8)
-    np.testing.assert_allclose(graphed, eager, atol=1e-5)
-    assert cuda_graphs.fallbacks[n_fallbacks:] == []

@@ -42,8 +42,19 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
+def _precision(t: torch.Tensor) -> torch.dtype:
+    """bfloat16 for a bfloat16 tensor and for float32 holding only bfloat16 values (how a CPU without
+    bfloat16 hardware runs --bf16: matmul.py), else the tensor's dtype."""
+    if t.is_mkldnn:  # a weight laid out for oneDNN
+        t = t.to_dense()
+    if t.dtype == torch.float32 and torch.equal(t, t.to(torch.bfloat16).float()):
+        return torch.bfloat16
+    return t.dtype
+
+
 class ProductDtypes(TorchDispatchMode):
-    """Records the operand dtypes of every matrix product that reaches the dispatcher."""
+    """Records the operand precision of every matrix product that reaches the dispatcher: bfloat16
+    where both operands hold bfloat16 values, else their dtypes."""
 
     PRODUCTS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.linear", "mkldnn._linear_pointwise")
 
@@ -55,7 +66,11 @@ class ProductDtypes(TorchDispatchMode):
         name = str(func)
         if name.startswith(self.PRODUCTS):
             # a, weight (and bias, which is added in float32): the first two are the operands
-            self.seen.append((name, tuple(a.dtype for a in args[:2] if isinstance(a, torch.Tensor))))
+            operands = [a for a in args[:2] if isinstance(a, torch.Tensor)]
+            if all(_precision(a) == torch.bfloat16 for a in operands):
+                self.seen.append((name, (torch.bfloat16,)))
+            else:
+                self.seen.append((name, tuple(a.dtype for a in operands)))
         return func(*args, **(kwargs or {}))
 
     def operand_dtypes(self) -> set[torch.dtype]:
@@ -134,6 +149,25 @@ def test_bf16_fused_layer_matches_float32_and_multiplies_in_bf16(T):
     errors = [_rel_err(low, full) for low, full in zip(results["bf16"], results["fp32"])]
     assert max(errors) < BF16_REL_TOL
     assert max(errors) > 1e-5  # and it is not float32 after all
+
+
+def test_emulated_bf16_products_equal_bfloat16_arithmetic(monkeypatch):
+    # a CPU without bfloat16 hardware: operands and result rounded, multiplied in float32
+    monkeypatch.setattr(matmul, "_native_bf16", lambda device_type: False)
+    torch.manual_seed(0)
+    a, weight, bias = torch.randn(8, 256), torch.randn(32, 256), torch.randn(32)
+    reference = torch.mm(a.bfloat16(), weight.bfloat16().t()).float() + bias  # real bfloat16 kernels
+    with ProductDtypes() as record:
+        emulated = matmul.linear(a, weight, bias, torch.bfloat16)
+        step = matmul.StepWeight(weight, 8, torch.bfloat16)(a) + bias
+    assert record.seen and record.operand_dtypes() == {torch.bfloat16}
+    assert all(t.dtype == torch.float32 for t in (emulated, step))
+    # bfloat16 results: at most one rounding step (2^-8 relative) apart where the float32 sums differ
+    # in their last bits; and not float32: far from the full-precision product
+    full = a @ weight.t() + bias
+    for out in (emulated, step):
+        assert torch.allclose(out, reference, rtol=2**-7, atol=1e-2)
+        assert (out - full).abs().max() > 1e-3
 
 
 def test_bf16_model_forward_takes_bf16_operands_everywhere_and_gives_float32_logits():
