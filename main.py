@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bfloat16 operands for every matrix product (parameters, optimizer, gates, cell state and loss "
         "stay float32; no loss scaling). Fast on GPUs since Ampere and CPUs with AVX-512-BF16/AMX; "
-        "other CPUs get the same numbers at float32 speed (operands rounded to bfloat16, multiplied in "
-        "float32)",
+        "other CPUs get the same numbers, somewhat slower than float32 (operands and results rounded to "
+        "bfloat16, multiplied in float32)",
     )
     t.add_argument(
         "--save_dtype",

@@ -17,11 +17,11 @@ cell state) stays float32. ``operand_dtype`` reads that dtype from an active ``t
 ``--bf16`` is just the autocast context for the whole model.
 
 A CPU without bfloat16 hardware (no AVX-512-BF16 or AMX) multiplies bfloat16 tensors 5-100x slower
-than float32 (an AVX2 EPYC: 0.9-22 GFLOP/s against 80-125). There the same arithmetic is emulated at
-float32 speed: operands rounded to bfloat16 and kept in float32 storage (a product of two bfloat16
-values is exact in float32), multiplied by the float32 libraries (float32 accumulation, as the bf16
-kernels do), the result rounded to bfloat16 and widened. Same numbers as a bfloat16 machine up to
-the order of accumulation; no speed-up, and said once in the log.
+than float32 (an AVX2 EPYC: 0.9-22 GFLOP/s against 80-125). There the same arithmetic is emulated with
+the float32 libraries: operands rounded to bfloat16 and widened (a product of two bfloat16 values is
+exact in float32), multiplied with float32 accumulation (as the bf16 kernels do), the result rounded
+to bfloat16 and widened. Same numbers as a bfloat16 machine up to the order of accumulation; slower
+than float32 by the rounding passes (bench/RESULTS.md), and said once in the log.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def reduced_dtype(device: torch.device, fp16: bool = False, bf16: bool = False) 
     """The operand dtype of ``--fp16``/``--bf16`` on ``device`` (None: float32).
 
     ``--fp16`` means float16 on a GPU; a CPU has no fast float16 products, so there it runs as
-    ``--bf16`` (and says so once). A CPU without native bfloat16 emulates bfloat16 products at
-    float32 speed (said once too).
+    ``--bf16`` (and says so once). A CPU without native bfloat16 emulates bfloat16 products with the
+    float32 libraries (said once too).
     """
     if fp16 and bf16:
         raise ValueError("--fp16 and --bf16 both given: choose one")
@@ -120,8 +120,8 @@ def reduced_dtype(device: torch.device, fp16: bool = False, bf16: bool = False) 
         say_once("--fp16 on a CPU runs as --bf16 (bfloat16 products; float16 needs a GPU)")
     if device.type == "cpu" and not native_bf16(device):
         say_once(
-            "this CPU has no native bfloat16 (AVX-512-BF16 or AMX): bfloat16 products are emulated "
-            "(operands and results rounded to bfloat16, multiplied in float32): same results, no speed-up"
+            "this CPU has no native bfloat16 (AVX-512-BF16 or AMX): bfloat16 products are emulated (operands "
+            "and results rounded to bfloat16, multiplied in float32): same results, slower than float32"
         )
     return torch.bfloat16
 
@@ -140,12 +140,6 @@ def operand_dtype(device_type: str) -> torch.dtype | None:
 
 def _low(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t if dtype is None else t.to(dtype)
-
-
-def cast_operand(t: Tensor, dtype: torch.dtype | None) -> Tensor:
-    """``t`` as a product in ``dtype`` takes it (rounded, in float32, where bfloat16 is emulated), for
-    callers that cast an operand once and use it in several products."""
-    return round_bf16(t) if emulates_bf16(dtype, t.device) else _low(t, dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,9 +192,7 @@ class _MLSTMFunction(torch.autograd.Function):
                 dc.mul_(keep[t])
         # Weight gradients: one product over all T*B rows each, written as linear(a.t(), b.t()) = a.T @ b;
         # reduced-precision operands are cast once here (matmul.linear leaves them as they are).
-        def low(t: Tensor) -> Tensor:
-            return matmul.cast_operand(t, dtype)
-
+        low = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
         x2 = low(x.reshape(T * B, E))
         dz2 = low(dz.view(T * B, 4 * H))
         dmx2 = low(dmx.view(T * B, H))

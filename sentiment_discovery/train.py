@@ -553,7 +553,9 @@ class Trainer:
             return None
         # single process: a signal also cuts a long validation short (it is then not recorded)
         stop = self.stop_requested if self.world_size == 1 else None
+        began = time.perf_counter()
         bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress and self.is_main, stop)
+        seconds = time.perf_counter() - began
         if bpc is None:
             return None
         self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, val_bpc=bpc)
@@ -562,8 +564,10 @@ class Trainer:
             self.best_val = bpc
             if self.is_main:
                 save_checkpoint(self.best_path, self.model, dtype=self.save_dtype)
+        speed = self.splits.val.num_targets / max(seconds, 1e-9)
         self.log(
-            f"| step {self.step} | val BPC {bpc:.4f}" + (f" | best, saved {self.best_path}" if better else "")
+            f"| step {self.step} | val BPC {bpc:.4f} | {seconds:.1f} s, {speed:,.0f} chars/s"
+            + (f" | best, saved {self.best_path}" if better else "")
         )
         return bpc
 
