@@ -51,3 +51,21 @@ def test_encoder_with_no_path_is_the_shipped_model_and_reads_obvious_sentiment()
         ["A dull, boring, badly acted waste of time.", "A wonderful, moving and beautifully acted film."]
     )
     assert negative < 0.5 < positive
+
+
+def test_shipped_model_stored_in_bfloat16_gives_the_same_features(shipped, tmp_path):
+    """A trained model's features from a bfloat16-stored copy agree with the float32 ones to 2e-2
+    relative (issue 10), and the bfloat16 product path keeps them as close."""
+    from sentiment_discovery.checkpoint import save_checkpoint
+    from sentiment_discovery.featurize import featurize
+
+    texts = read_records(ROOT / "data" / "binary_sst" / "test.csv", need_labels=True).texts[:40]
+    save_checkpoint(tmp_path / "bf16.safetensors", shipped.model, dtype=torch.bfloat16)
+    stored_bf16 = load_checkpoint(tmp_path / "bf16.safetensors").model
+    full = featurize(shipped.model, texts, device="cpu", pooling="mean,max,last")
+    for features in (
+        featurize(stored_bf16, texts, device="cpu", pooling="mean,max,last"),
+        featurize(shipped.model, texts, device="cpu", pooling="mean,max,last", bf16=True),
+    ):
+        rel = np.abs(features - full).max() / np.abs(full).max()
+        assert 0 < rel < 2e-2, rel
