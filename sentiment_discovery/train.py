@@ -670,9 +670,11 @@ class Trainer:
             if epoch_done:
                 self.epoch, self.batch_index = self.epoch + 1, 0
             if epoch_done or (opt.save_iters and self.step % opt.save_iters == 0):
+                paused = time.perf_counter()
                 self.validate()
                 self.save()
                 last_val_step = last_save_step = self.step
+                interval_start += time.perf_counter() - paused  # the training rate leaves these out
             if self.step < self.total_steps and self.stop_requested():
                 bar.close()
                 self._stop(last_save_step)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -132,6 +133,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
     assert result["step"] == straight[-1]["step"]
     assert (tmp_path / "resumed.bpc.png").stat().st_size > 0
+
+
+def test_training_rate_leaves_out_validation_and_checkpoint_time(tmp_path, monkeypatch):
+    real_validate = Trainer.validate
+
+    def slow_validate(trainer):
+        time.sleep(1.0)
+        return real_validate(trainer)
+
+    monkeypatch.setattr(Trainer, "validate", slow_validate)
+    run_trainer(tmp_path, "rate.pt", log_interval=2)  # validation at step 5: inside the interval 5-6
+    rate = {row["step"]: row["chars_per_s"] for row in MetricsLog.read(tmp_path / "rate.metrics.jsonl")
+            if row["chars_per_s"] is not None}  # fmt: skip
+    # with the second counted, 2 tiny steps would take ~1 s instead of milliseconds
+    assert rate[6] > 0.1 * rate[4], rate
 
 
 @pytest.mark.parametrize("scaling", [["--loss_scale", "128"], ["--dynamic_loss_scale"]])
