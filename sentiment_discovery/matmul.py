@@ -326,7 +326,7 @@ class _Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         x, weight = ctx.saved_tensors
-        dy = d_out.reshape(-1, d_out.shape[-1])
+        dy = _low(d_out.reshape(-1, d_out.shape[-1]), ctx.dtype)  # cast once for both products
         need = ctx.needs_input_grad
         dx = dw = db = None
         if need[0]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,21 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def keep_checkpoint_at_step(monkeypatch, step: int, saved: Path, copy: Path) -> None:
+    """Make ``Trainer.save`` also copy ``saved`` to ``copy`` right after the save at ``step`` (to resume
+    from that point later, as a run killed there would)."""
+    from sentiment_discovery.train import Trainer
+
+    real_save = Trainer.save
+
+    def save_and_keep(trainer, path=None):
+        real_save(trainer, path)
+        if trainer.step == step:
+            shutil.copy(saved, copy)
+
+    monkeypatch.setattr(Trainer, "save", save_and_keep)
 
 
 @pytest.fixture(autouse=True)

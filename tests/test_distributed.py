@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, fixture_path, load_script
+from conftest import ROOT, fixture_path, keep_checkpoint_at_step, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.data import TBPTTBatches, lazy_corpus, load_corpus, shard_starts
-from sentiment_discovery.train import MetricsLog, Trainer
+from sentiment_discovery.train import MetricsLog
 
 main_script, multiproc = load_script("main"), load_script("multiproc")
 
@@ -101,14 +100,7 @@ def test_torchrun_environment_resumes_a_one_process_run_on_two_processes(sst_sli
               "--train_iters", "6", "--log-interval", "3", "--save_iters", "3", "--num_shards", "20",
               "--split", "18,1,1", "--optim", "SGD", "--lr", "1.0", "--seed", "3", "--cpu",
               "--persist_state", "-1"]  # fmt: skip  (-1: the state carried into the resumed steps matters)
-    real_save = Trainer.save
-
-    def save_and_keep_step_3(trainer, path=None):
-        real_save(trainer, path)
-        if trainer.step == 3:
-            shutil.copy(tmp_path / "one.pt", tmp_path / "resumed.pt")
-
-    monkeypatch.setattr(Trainer, "save", save_and_keep_step_3)
+    keep_checkpoint_at_step(monkeypatch, 3, tmp_path / "one.pt", tmp_path / "resumed.pt")
     assert main_script.main([*common, "--batch_size", "4", "--save", str(tmp_path / "one.pt")]) == 0
     assert load_checkpoint(tmp_path / "resumed.pt").train_state["step"] == 3
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, keep_checkpoint_at_step, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
@@ -289,14 +288,7 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu_and_back(tmp_path, suffix):
 
 def test_training_checkpoint_from_cuda_resumes_on_cpu(tmp_path, monkeypatch, capsys):
     main = load_script("main")
-    real_save = Trainer.save
-
-    def save_and_keep_step_3(trainer, path=None):
-        real_save(trainer, path)
-        if trainer.step == 3:
-            shutil.copy(tmp_path / "gpu.pt", tmp_path / "resumed.pt")
-
-    monkeypatch.setattr(Trainer, "save", save_and_keep_step_3)
+    keep_checkpoint_at_step(monkeypatch, 3, tmp_path / "gpu.pt", tmp_path / "resumed.pt")
     args = train_args(tmp_path, "gpu", "--fp16", "--dynamic_loss_scale", "--save_iters", "3", iters=6)
     assert main.main(args) == 0
     state = load_checkpoint(tmp_path / "resumed.pt").train_state
