@@ -28,6 +28,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,11 +73,24 @@ class Checkpoint:
         return self.model.config
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """Prefix and suffix of the temporary files that writes of ``path`` use (``.<name>.*.tmp``)."""
+    return f".{path.name}.", ".tmp"
+
+
+def stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Temporary files of writes of ``path`` (its name may be a glob) that exist: a killed write's."""
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    return list(path.parent.glob(f"{prefix}*{suffix}"))
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write`` a temporary file beside ``path``, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -87,6 +101,17 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """``target`` becomes a copy of the written checkpoint ``source``: a hard link where the file
+    system allows one (checkpoints are only ever replaced by rename, so the link keeps its bytes),
+    else an atomic copy."""
+    Path(target).unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        _atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

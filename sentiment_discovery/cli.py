@@ -9,6 +9,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a resumable checkpoint; exit with ``exit_code``."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def flag_key(flag: str) -> str:
     """What two spellings of one long flag share: no leading dashes, ``-`` read as ``_``."""
     return flag.lstrip("-").replace("-", "_")
@@ -46,7 +54,6 @@ def run_script(
     """
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .train import Interrupted
 
     # a bad flag is one line too, not the usage block (--help shows that)
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")

@@ -37,8 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import SAVE_DTYPES, CheckpointError, save_checkpoint
-from .cli import pick_seed
+from .checkpoint import SAVE_DTYPES, CheckpointError, copy_checkpoint, save_checkpoint, stale_temp_files
+from .cli import Interrupted, pick_seed
 from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
@@ -176,8 +176,8 @@ def remove_stale_temp_files(save: str | Path) -> list[Path]:
     model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
     save = Path(save)
     removed = []
-    for name in (save.name, sibling(save, ".best.pt").name, f"{save.stem}.step*.pt"):
-        for tmp in save.parent.glob(f".{name}.*.tmp"):
+    for path in (save, sibling(save, ".best.pt"), save.with_name(f"{save.stem}.step*.pt")):
+        for tmp in stale_temp_files(path):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -199,14 +199,6 @@ def move_aside(path: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 # Interruption: SIGINT/SIGTERM stop after the current step with a checkpoint
 # --------------------------------------------------------------------------------------------
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after writing a resumable checkpoint; exit with ``exit_code``."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class StopRequest:
@@ -513,7 +505,7 @@ class Trainer:
             int(interval.get("steps", 0)),
         )
 
-    def save(self, path: str | Path | None = None) -> None:
+    def save(self) -> None:
         """Distributed: every process calls it (train_state gathers), rank 0 writes.
 
         With ``keep_checkpoints`` K the checkpoint also goes to ``<stem>.step<N>.pt``, and only the
@@ -521,14 +513,9 @@ class Trainer:
         """
         train_state = self.train_state()
         if self.is_main:
-            save_checkpoint(path or self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
-            if self.opt.keep_checkpoints > 0 and path is None:
-                save_checkpoint(
-                    snapshot_path(self.opt.save, self.step),
-                    self.model,
-                    train_state=train_state,
-                    dtype=self.save_dtype,
-                )
+            save_checkpoint(self.opt.save, self.model, train_state=train_state, dtype=self.save_dtype)
+            if self.opt.keep_checkpoints > 0:
+                copy_checkpoint(self.opt.save, snapshot_path(self.opt.save, self.step))
                 prune_snapshots(self.opt.save, self.step, self.opt.keep_checkpoints)
 
     def log(self, message: str) -> None:
@@ -548,13 +535,16 @@ class Trainer:
             (asked,) = distributed.all_sum(asked)
         return asked > 0
 
+    def evaluate(self, split: TBPTTBatches) -> float | None:
+        """BPC of ``split``; single process: a signal cuts it short (None: then it is not recorded)."""
+        stop = self.stop_requested if self.world_size == 1 else None
+        return evaluate(self.model, split, self.device, self.opt.progress and self.is_main, stop)
+
     def validate(self) -> float | None:
         if self.splits.val is None:
             return None
-        # single process: a signal also cuts a long validation short (it is then not recorded)
-        stop = self.stop_requested if self.world_size == 1 else None
         began = time.perf_counter()
-        bpc = evaluate(self.model, self.splits.val, self.device, self.opt.progress and self.is_main, stop)
+        bpc = self.evaluate(self.splits.val)
         seconds = time.perf_counter() - began
         if bpc is None:
             return None
@@ -689,10 +679,7 @@ class Trainer:
             last_save_step = self.step
         result = {"step": self.step, "bytes_seen": self.bytes_seen, "best_val_bpc": self.best_val_or_none()}
         if self.splits.test is not None:
-            stop = self.stop_requested if self.world_size == 1 else None
-            test_bpc = evaluate(
-                self.model, self.splits.test, self.device, opt.progress and self.is_main, stop
-            )
+            test_bpc = self.evaluate(self.splits.test)
             if test_bpc is None or self.stop_requested():
                 self._stop(last_save_step)
             self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc)
@@ -741,8 +728,6 @@ def pretrain(args) -> dict:
         raise ValueError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
         raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
-    if args.keep_checkpoints < 0:
-        raise ValueError(f"--keep_checkpoints {args.keep_checkpoints}: give a count >= 0")
     if not args.eval_only:
         check_optimizer(args.optim)
         check_save_path(args.save)

@@ -35,8 +35,8 @@ def keep_checkpoint_at_step(monkeypatch, step: int, saved: Path, copy: Path) -> 
 
     real_save = Trainer.save
 
-    def save_and_keep(trainer, path=None):
-        real_save(trainer, path)
+    def save_and_keep(trainer):
+        real_save(trainer)
         if trainer.step == step:
             shutil.copy(saved, copy)
 

@@ -106,8 +106,8 @@ def run_trainer(tmp_path, name, train_state=None, crash_at=None, log_interval=1)
     if crash_at is not None:
         real_save = trainer.save
 
-        def save_then_crash(path=None):
-            real_save(path)
+        def save_then_crash():
+            real_save()
             if trainer.step == crash_at:
                 raise Interrupt
 
