@@ -36,7 +36,6 @@ IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_VAL = 5000
 SEED = 1234
 OPENAI_URL = "https://github.com/openai/generating-reviews-discovering-sentiment/raw/master/model/"
-OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")  # under --root: --load_model openai (checkpoint.py)
 NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plain array file
 
 
@@ -177,7 +176,12 @@ def download_openai(root: Path, url: str = OPENAI_URL, hidden: int | None = None
     """Fetch and check the 15 shards into ``root/openai/shards/``, convert them into ``root/OPENAI_MODEL``
     and delete them. ``hidden`` sets H of the expected shapes (default: the release's 4096)."""
     try:
-        from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+        from sentiment_discovery.checkpoint import (
+            OPENAI_MODEL,
+            CheckpointError,
+            load_checkpoint,
+            save_checkpoint,
+        )
         from sentiment_discovery.formats import OPENAI_HIDDEN, openai_shard_shapes
     except ImportError as e:
         raise DownloadError(f"{e}: install the package first (pip install -e . in the repository)") from None

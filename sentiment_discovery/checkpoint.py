@@ -54,6 +54,8 @@ FORMAT_VERSION = 1
 
 # The model that ships with the package (pretrained/README.md: how it was made, what it scores).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
+# where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
+OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
 # Bounds on a config read from a file, checked before anything is built from it. The released models
 # have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
 MAX_UNITS = 1 << 16
@@ -443,10 +445,8 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
     return classifier
 
 
-TRAIN_STATE_KEYS = (
-    "step", "total_steps", "epoch", "batch", "rows", "batches_per_epoch", "bytes_seen", "best_val_bpc",
-    "optimizer", "scheduler", "hidden", "rng",
-)  # fmt: skip
+TRAIN_STATE_COUNTS = ("step", "total_steps", "epoch", "batch", "rows", "batches_per_epoch", "bytes_seen")
+TRAIN_STATE_KEYS = (*TRAIN_STATE_COUNTS, "best_val_bpc", "optimizer", "scheduler", "hidden", "rng")
 
 
 def check_train_state(state, source: str) -> dict | None:
@@ -458,7 +458,7 @@ def check_train_state(state, source: str) -> dict | None:
     missing = [k for k in TRAIN_STATE_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{source}: train_state lacks {', '.join(missing)}: it cannot resume a run")
-    for key in ("step", "total_steps", "epoch", "batch", "rows", "batches_per_epoch", "bytes_seen"):
+    for key in TRAIN_STATE_COUNTS:
         if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
             raise CheckpointError(f"{source}: train_state {key} = {state[key]!r} is not a count")
     if not isinstance(state["best_val_bpc"], (int, float)):
@@ -501,7 +501,7 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
 # relative to the working directory, as the scripts' data defaults (the repository root).
 MODEL_ALIASES = {
     "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
-    "openai": (Path("data", "openai", "mlstm_openai.safetensors"), "python data/download.py openai"),
+    "openai": (Path("data") / OPENAI_MODEL, "python data/download.py openai"),
 }
 
 

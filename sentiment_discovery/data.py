@@ -329,8 +329,11 @@ def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool)
     return (encode(t, preprocess) for t in bar)
 
 
-def _sample_starts(lengths: np.ndarray) -> np.ndarray:
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
+def _sample_starts(lengths: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Offsets of the samples in the concatenated bytes, ``[0, l0, l0 + l1, ...]`` (into ``out``: a
+    memmap keeps a large corpus's out of memory)."""
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64) if out is None else out
+    starts[0] = 0
     np.cumsum(lengths, out=starts[1:])
     return starts
 
@@ -529,13 +532,13 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     Memory stays bounded whatever the size of the file (tight json aside: one value, read whole):
     it is read a unit at a time (``_work_units``), encoded on ``workers`` processes (default: every
     core for files of LAZY_POOL_MIN_BYTES or more), and the bytes and sample lengths go to disk as
-    they come; the sample offsets are then summed from the lengths file block by block.
+    they come; the sample offsets are then summed from the lengths file, memmap to memmap.
     """
     from tqdm import tqdm
 
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = cores if path.stat().st_size >= LAZY_POOL_MIN_BYTES else 1
+        workers = cores if meta["source_size"] >= LAZY_POOL_MIN_BYTES else 1
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     sizes: deque = deque()  # source bytes of the units handed out, for the progress bar
@@ -548,7 +551,7 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     encode = functools.partial(
         _encode_unit, path=path, text_key=meta["text_key"], preprocess=meta["preprocess"]
     )
-    bar = tqdm(total=path.stat().st_size, desc=f"caching {path.name}", unit="B", unit_scale=True,
+    bar = tqdm(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
                disable=not progress, leave=False)  # fmt: skip
     try:
         samples, invalid = 0, 0
@@ -567,11 +570,7 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
         starts = np.lib.format.open_memmap(
             tmp / "starts.npy", mode="w+", dtype=np.int64, shape=(samples + 1,)
         )
-        starts[0], total, block = 0, 0, 1 << 20
-        for i in range(0, samples, block):
-            part = np.cumsum(lengths[i : i + block]) + total
-            starts[i + 1 : i + 1 + len(part)] = part
-            total = int(part[-1])
+        _sample_starts(lengths, out=starts)
         starts.flush()
         del starts, lengths
         (tmp / "lengths.bin").unlink()

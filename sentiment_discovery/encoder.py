@@ -62,9 +62,7 @@ class Encoder:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Encoder:
         """A checkpoint file: a language model, or a transferred one (``classifier.pt``)."""
-        ckpt = load_checkpoint(path)
-        kwargs.setdefault("default_neuron", ckpt.extra.get("default_neuron"))
-        return cls(ckpt.model, ckpt.classifier, **kwargs)
+        return cls(path, **kwargs)
 
     @property
     def neurons(self) -> np.ndarray | None:

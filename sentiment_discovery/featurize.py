@@ -210,9 +210,7 @@ def byte_states(
             for a in range(0, len(x), chunk_length):
                 hs, cs, hidden = model.forward_states(x[a : a + chunk_length], hidden)
                 per_layer = torch.stack(cs if state == "cell" else hs).float()[:, :, 0]  # [L, steps, H]
-                steps = per_layer.permute(1, 0, 2)  # [steps, L, H]
-                features = steps.reshape(len(steps), -1) if all_layers else steps[:, -1]
-                pieces.append(features.index_select(1, pick).cpu())
+                pieces.append(_layers_to_features(per_layer, all_layers).index_select(1, pick).cpu())
             values = torch.cat(pieces) if pieces else torch.zeros(0, len(columns))
-            out.append(values.numpy().astype(np.float32))
+            out.append(values.numpy())  # float32
     return out

@@ -124,20 +124,11 @@ def openai_weights(shards: Sequence[np.ndarray], source: str) -> RawCheckpoint:
     if bad_blocks:
         raise CheckpointError(f"{source}: Wh column blocks must have {H} rows: {', '.join(bad_blocks)}")
     arrays = [shards[0], shards[1], np.concatenate(wh_blocks, axis=1), *shards[6:]]
-    layout = [  # (file, name, shape) of each merged array, formats.md
-        ("0", "embedding", (256, E)),
-        ("1", "Wx", (E, 4 * H)),
-        ("2-5", "Wh", (H, 4 * H)),
-        ("6", "Wmx", (E, H)),
-        ("7", "Wmh", (H, H)),
-        ("8", "b", (4 * H,)),
-        ("9", "gx", (4 * H,)),
-        ("10", "gh", (4 * H,)),
-        ("11", "gmx", (H,)),
-        ("12", "gmh", (H,)),
-        ("13", "output W", (H, 256)),
-        ("14", "output b", (256,)),
-    ]
+    shapes = openai_shard_shapes(H, E)
+    shapes = [*shapes[:2], (H, 4 * H), *shapes[6:]]  # files 2-5 merged into Wh
+    files = ["0", "1", "2-5", *map(str, range(6, OPENAI_SHARD_COUNT))]
+    names = ["embedding", "Wx", "Wh", "Wmx", "Wmh", "b", "gx", "gh", "gmx", "gmh", "output W", "output b"]
+    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, formats.md
     wrong = [
         f"{file}.npy ({name}): {tuple(np.shape(a))} vs expected {shape}"
         for (file, name, shape), a in zip(layout, arrays)

@@ -400,6 +400,15 @@ def given_path(value: str | None) -> str | None:
     return None if value is None or value.strip().lower() in ("", "none") else value
 
 
+def _choose_model(given: str, *outputs: str) -> str:
+    """``--load_model``, else the first existing output of an earlier script, else the shipped model
+    (said, so that a user knows whose model answered)."""
+    chosen = given or first_existing_model(*outputs)
+    if chosen == "default":
+        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
+    return chosen
+
+
 def run_transfer(args: argparse.Namespace) -> dict:
     """Run transfer.py with its parsed options; returns the results dict also written to results.json."""
     from .plots import plot_neuron_histograms, plot_weights
@@ -409,9 +418,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     if args.write_results and not given_path(args.test):
         raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
     Cs = c_sweep(*args.log2_C)
-    args.load_model = args.load_model or first_existing_model("lang_model.pt")
-    if args.load_model == "default":
-        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
+    args.load_model = _choose_model(args.load_model, "lang_model.pt")
     ckpt = load_checkpoint(args.load_model)
     _check_architecture(ckpt, args)
     model = ckpt.model
@@ -509,16 +516,15 @@ def run_transfer(args: argparse.Namespace) -> dict:
         },
         "neurons": {"indices": neurons.tolist(), "weights": full.weight[neurons].tolist()},
     }
-    top_probs = {split: np.full(len(f), np.nan) for split, f in features.items()}
-    if len(neurons):
-        top = fit_on(neurons)
-        top_probs = {split: top.probs(x[:, neurons]) for split, x in std.items()}
-        top_acc = accuracies(top_probs)
-        print(_report(f"top {len(neurons)} neuron(s) {neurons.tolist()}", top, top_acc, len(neurons)))
-        results["neurons"].update(
-            {"accuracy": top_acc, "C": top.C, "refit_weights": top.weight.tolist(), "refit_bias": top.bias}
-        )
-    if args.drop_neurons and len(neurons):
+    # --neurons >= 1 and top_neurons keeps at least one feature: there is always a top set
+    top = fit_on(neurons)
+    top_probs = {split: top.probs(x[:, neurons]) for split, x in std.items()}
+    top_acc = accuracies(top_probs)
+    print(_report(f"top {len(neurons)} neuron(s) {neurons.tolist()}", top, top_acc, len(neurons)))
+    results["neurons"].update(
+        {"accuracy": top_acc, "C": top.C, "refit_weights": top.weight.tolist(), "refit_bias": top.bias}
+    )
+    if args.drop_neurons:
         rest = np.setdiff1d(np.arange(n_features), neurons)
         dropped = fit_on(rest)
         dropped_acc = accuracies({split: dropped.probs(x[:, rest]) for split, x in std.items()})
@@ -534,17 +540,16 @@ def run_transfer(args: argparse.Namespace) -> dict:
     for split, y in labels.items():  # beside features_<split>.npy: the saved features stand on their own
         np.save(out_dir / f"labels_{split}.npy", y)
     shown = next(split for split in ("test", "val", "train") if split in records)
-    if len(neurons):
-        top_values = features[shown][:, neurons[0]]
-        results["extreme_samples_split"] = shown
-        (out_dir / "extreme_samples.json").write_text(
-            json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False)
-        )
-        hist_split = next(split for split in ("test", "val", "train") if split in labels)
-        results["histogram_split"] = hist_split
-        plot_neuron_histograms(
-            features[hist_split], labels[hist_split], neurons, out_dir / "logit_vis", f" ({hist_split})"
-        )
+    top_values = features[shown][:, neurons[0]]
+    results["extreme_samples_split"] = shown
+    (out_dir / "extreme_samples.json").write_text(
+        json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False)
+    )
+    hist_split = next(split for split in ("test", "val", "train") if split in labels)
+    results["histogram_split"] = hist_split
+    plot_neuron_histograms(
+        features[hist_split], labels[hist_split], neurons, out_dir / "logit_vis", f" ({hist_split})"
+    )
     plot_weights(full.weight, neurons, out_dir / "weights.png")
     (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
@@ -583,9 +588,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
     from .encoder import Encoder
 
-    args.load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt")
-    if args.load_model == "default":
-        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
+    args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
     encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
         raise CheckpointError(
@@ -629,8 +632,8 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         write_predictions(
             args.write_results,
             records,
-            classifier_probs(features, encoder.classifier),
-            classifier_probs(features, encoder.classifier, len(neurons)),
+            probs if args.neurons < 0 else classifier_probs(features, encoder.classifier),
+            probs if args.neurons >= 0 else classifier_probs(features, encoder.classifier, len(neurons)),
             neurons,
             features,
             args.text_key,
