@@ -10,7 +10,10 @@ per sequence instead of once per step:
   recurrence, which itself only does the two per-step products it must (``dz @ w_hh`` and
   ``dhm @ w_mhh``) and in-place elementwise work on preallocated [T, B, *] buffers.
 
-Every product goes through ``matmul`` (the faster of MKL and oneDNN on CPU, per shape). Under a
+Every product goes through ``matmul`` (the faster of MKL and oneDNN on CPU, per shape). Between the
+products, the element-wise work of a float32 CPU step (gates, cell update, and their derivatives) is
+one pass of the C++ kernels in ``csrc/mlstm_cpu.cpp`` (``native``); elsewhere (GPU, float64, no
+compiler) it is the same math as PyTorch calls. Under a
 reduced-precision autocast (``--bf16``; ``--fp16`` on a GPU) the products take bfloat16/float16
 operands and give float32; the gates, cell state and all sums stay float32.
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import matmul
+from . import matmul, native
 from .matmul import StepWeight
 
 State = tuple[Tensor, Tensor]
@@ -72,6 +75,11 @@ def _activate_(z: Tensor, H: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return z[:, :H], z[:, H : 2 * H], g, z[:, 3 * H :]
 
 
+def _step_kernels(x: Tensor):
+    """The C++ step kernels where they apply (float32 on CPU, compiled), else None."""
+    return native.ops() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+
+
 def _tanh_into(x: Tensor, out: Tensor) -> Tensor:
     """``out = tanh(x)``, computed as ``2 * sigmoid(2x) - 1`` (see ``_activate_``); the two differ by
     float32 rounding (~1e-7 absolute)."""
@@ -92,6 +100,7 @@ def mlstm_inference(
     zx, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype)
     out = x.new_empty(T, B, H)
     cells = x.new_empty(T, B, H) if return_cells else None
+    kernels = _step_kernels(x)
     h = h0
     c = c0 if return_cells else c0.clone()  # without return_cells, c is updated in place
     for t in range(T):
@@ -100,6 +109,11 @@ def mlstm_inference(
             c = c * keep[t] if return_cells else c.mul_(keep[t])
         m = times_w_mhh(h).mul_(mx[t])
         z = zx[t]
+        if kernels is not None:
+            c_out = cells[t] if return_cells else c
+            kernels.mlstm_forward_step(z, times_w_hh(m), c, c_out, None, out[t])
+            h, c = out[t], c_out
+            continue
         i, f, g2, o = _activate_(z.add_(times_w_hh(m)), H)  # g2 = sigmoid(2g)
         # c' = f * c + i * tanh(g) = f * c + 2 * i * g2 - i
         c = torch.mul(f, c, out=cells[t]) if return_cells else c.mul_(f)
@@ -125,7 +139,8 @@ class _MLSTMFunction(torch.autograd.Function):
         tanh_cells = x.new_empty(T, B, H)
         ms = x.new_empty(T, B, H)
         hms = []  # h @ w_mhh.T per step
-        h, c = h0, c0
+        kernels = _step_kernels(x)
+        h, c = h0, c0.contiguous()
         for t in range(T):
             if t in reset_steps:
                 h, c = h * keep[t], c * keep[t]
@@ -133,6 +148,10 @@ class _MLSTMFunction(torch.autograd.Function):
             hms.append(hm)
             m = torch.mul(hm, mx[t], out=ms[t])
             z = gates[t]
+            if kernels is not None:  # writes the activated gates into z, as the lines below do
+                kernels.mlstm_forward_step(z, times_w_hh(m), c, cells[t], tanh_cells[t], out[t])
+                h, c = out[t], cells[t]
+                continue
             i, f, g, o = _activate_(z.add_(times_w_hh(m)), H)
             g.mul_(2).sub_(1)  # tanh(g), kept for backward
             c = torch.mul(f, c, out=cells[t]).addcmul_(i, g)
@@ -149,8 +168,7 @@ class _MLSTMFunction(torch.autograd.Function):
         gates, mx, ms, hms, tanh_cells, keep, reset_steps = ctx.intermediates
         T, B, E = x.shape
         H = w_mhh.shape[0]
-        # dh -> dc through h = o * tanh(c).
-        o_dtanh = torch.rsub(tanh_cells * tanh_cells, 1).mul_(gates[..., 3 * H :])
+        kernels = _step_kernels(x)
         dz = x.new_empty(T, B, 4 * H)
         dmx = x.new_empty(T, B, H)
         dhm = x.new_empty(T, B, H)
@@ -160,9 +178,35 @@ class _MLSTMFunction(torch.autograd.Function):
         w_mhh_t = StepWeight(w_mhh.t(), B, dtype, pack, "backward step: dhm @ w_mhh")
         dh = x.new_zeros(B, H)
         dc = x.new_zeros(B, H)
-        ones = x.new_ones(B, H)
-        d_act = x.new_empty(B, 4 * H)  # local derivatives of the activations at one step
+        if kernels is not None:
+            c0 = c0.contiguous()
+            # the kernel reads rows: a gradient autograd hands over expanded (out.sum()) is copied once
+            d_out = d_out.contiguous() if d_out is not None else None
+            d_cells = d_cells.contiguous() if d_cells is not None else None
+        else:
+            # dh -> dc through h = o * tanh(c).
+            o_dtanh = torch.rsub(tanh_cells * tanh_cells, 1).mul_(gates[..., 3 * H :])
+            ones = x.new_ones(B, H)
+            d_act = x.new_empty(B, 4 * H)  # local derivatives of the activations at one step
         for t in range(T - 1, -1, -1):
+            if kernels is not None:
+                c_prev = cells[t - 1] if t > 0 else c0
+                if t in reset_steps:
+                    c_prev = c_prev * keep[t]
+                # dz[t] from dh (+ d_out[t]) and dc (+ d_cells[t]); dc becomes dc * f in place
+                d_out_t = None if d_out is None else d_out[t]
+                d_cells_t = None if d_cells is None else d_cells[t]
+                kernels.mlstm_backward_step(
+                    gates[t], dh, d_out_t, d_cells_t, dc, c_prev, tanh_cells[t], dz[t]
+                )
+                dm = w_hh_t(dz[t])
+                torch.mul(dm, hms[t], out=dmx[t])
+                torch.mul(dm, mx[t], out=dhm[t])
+                dh = w_mhh_t(dhm[t])
+                if t in reset_steps:
+                    dh.mul_(keep[t])
+                    dc.mul_(keep[t])
+                continue
             if d_out is not None:
                 dh = dh + d_out[t]
             dc = torch.addcmul(dc, dh, o_dtanh[t])
