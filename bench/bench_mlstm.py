@@ -8,9 +8,12 @@ Each rate is also given per FLOP (GFLOP/s), against nn.LSTM per FLOP, and as a f
 "GEMM peak / FLOPs per character". FLOPs per character: mLSTM 2 * (5H^2 + 5EH), LSTM 2 * (4H^2 + 4EH),
 plus 2 * 256H with the decoder; training counts 3x (forward, and backward's two products).
 ``fused-bf16`` is the fused mLSTM with bfloat16 operands (``--bf16``: the model under bfloat16
-autocast). After the training runs at each H, every matrix product of the step is listed with the
-GFLOP/s that ``sentiment_discovery.matmul`` measured through MKL (``torch.mm``) and oneDNN when it
-first met that shape, and the library it chose.
+autocast); ``fused-torch`` is the fused mLSTM with its element-wise step work as PyTorch calls instead
+of the C++ kernels (what those kernels buy). The variants of one measurement take turns (each timed
+once per round, best of ``--reps`` rounds kept), so a slow spell of a shared machine falls on all of
+them and the ratios, measured in one run, hold. After the training runs at each H, every matrix
+product of the step is listed with the GFLOP/s that ``sentiment_discovery.matmul`` measured through
+MKL (``torch.mm``) and oneDNN when it first met that shape, and the library it chose.
 
     .venv/bin/python bench/bench_mlstm.py            # the full run recorded in bench/RESULTS.md
     .venv/bin/python bench/bench_mlstm.py --quick    # H=512 only, one repetition
@@ -19,6 +22,7 @@ first met that shape, and the library it chose.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import time
 from collections.abc import Callable
@@ -28,14 +32,28 @@ import pandas as pd
 import torch
 from torch import nn
 
-from sentiment_discovery import matmul
+from sentiment_discovery import matmul, mlstm_kernels
 from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
 
 SST_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binary_sst" / "test.csv"
 EMSIZE = 64
-VARIANTS = ("fused", "fused-bf16", "reference", "nn.LSTM")
+VARIANTS = ("fused", "fused-torch", "fused-bf16", "reference", "nn.LSTM")
+
+
+def interleaved_best_seconds(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Best of ``reps`` rounds per run after one warm-up call each; in each round every run is timed
+    once, in turn."""
+    for fn in runs.values():
+        fn()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(reps):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -55,9 +73,19 @@ def gemm_peak_gflops(reps: int, n: int = 2048, dtype: torch.dtype = torch.float3
     return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), reps) / 1e9
 
 
+@contextlib.contextmanager
 def precision(variant: str):
-    """The autocast of a variant: bfloat16 for ``fused-bf16`` (what ``--bf16`` does), else none."""
-    return matmul.autocast(torch.device("cpu"), torch.bfloat16 if variant.endswith("bf16") else None)
+    """How a variant runs: bfloat16 autocast for ``fused-bf16`` (what ``--bf16`` does); without the C++
+    step kernels for ``fused-torch``."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            matmul.autocast(torch.device("cpu"), torch.bfloat16 if variant.endswith("bf16") else None)
+        )
+        if variant == "fused-torch":
+            kernels = mlstm_kernels._step_kernels
+            mlstm_kernels._step_kernels = lambda x: None
+            stack.callback(setattr, mlstm_kernels, "_step_kernels", kernels)
+        yield
 
 
 def step_kernels(batch: int, hidden: int, reps: int) -> None:
@@ -105,7 +133,7 @@ def flops_per_char(variant: str, hidden: int, decoder: bool, training: bool) -> 
     return 2 * macs * (3 if training else 1)
 
 
-def train_rate(model: RNNModel, steps: int, batch: int, reps: int, variant: str) -> float:
+def train_step(model: RNNModel, steps: int, batch: int, variant: str) -> Callable[[], None]:
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 256, (steps + 1, batch))
@@ -119,10 +147,10 @@ def train_rate(model: RNNModel, steps: int, batch: int, reps: int, variant: str)
         loss.backward()
         opt.step()
 
-    return steps * batch / best_seconds(step, reps)
+    return step
 
 
-def featurize_rate(model: RNNModel, steps: int, batch: int, reps: int, variant: str) -> float:
+def featurize_step(model: RNNModel, steps: int, batch: int, variant: str) -> Callable[[], None]:
     model.eval()
     tokens = torch.randint(0, 256, (steps, batch))
 
@@ -130,7 +158,13 @@ def featurize_rate(model: RNNModel, steps: int, batch: int, reps: int, variant: 
         with torch.inference_mode(), precision(variant):
             model.rnn(model.encoder(tokens))
 
-    return steps * batch / best_seconds(run, reps)
+    return run
+
+
+def rates(make_step, hidden: int, steps: int, batch: int, reps: int, variants: list[str]) -> dict[str, float]:
+    """chars/s of each variant, measured in turns (``interleaved_best_seconds``)."""
+    runs = {v: make_step(build_model(v, hidden), steps, batch, v) for v in variants}
+    return {v: steps * batch / seconds for v, seconds in interleaved_best_seconds(runs, reps).items()}
 
 
 def real_text_rate(
@@ -153,8 +187,9 @@ def report(kind: str, hidden: int, batch: int, rates: dict[str, float], peak: fl
         x_ref = r / rates["reference"] if "reference" in rates else float("nan")
         per_flop = gflops[v] / gflops["nn.LSTM"] if "nn.LSTM" in gflops else float("nan")
         print(f"  {v:10s} {r:10.0f} {x_ref:7.2f} {gflops[v]:8.1f} {per_flop:7.2f} {gflops[v] / peak:9.2f}")
-    if "fused" in rates and "fused-bf16" in rates:
-        print(f"  fused-bf16 / fused chars/s: {rates['fused-bf16'] / rates['fused']:.2f}")
+    for other in ("fused-bf16", "fused-torch"):
+        if "fused" in rates and other in rates:
+            print(f"  {other} / fused chars/s: {rates[other] / rates['fused']:.2f}")
 
 
 def report_choices(seen: int) -> int:
@@ -203,20 +238,14 @@ def main() -> None:
 
     seen = 0
     for hidden in args.sizes:
-        rates = {
-            v: train_rate(build_model(v, hidden), args.steps, args.train_batch, args.reps, v)
-            for v in args.variants
-        }
-        report("train", hidden, args.train_batch, rates, peak, decoder=True)
+        measured = rates(train_step, hidden, args.steps, args.train_batch, args.reps, args.variants)
+        report("train", hidden, args.train_batch, measured, peak, decoder=True)
         seen = report_choices(seen)
     fixed_rates = {}
     for hidden in args.sizes + args.featurize_sizes:
-        rates = {
-            v: featurize_rate(build_model(v, hidden), args.steps, args.featurize_batch, args.reps, v)
-            for v in args.variants
-        }
-        fixed_rates[hidden] = rates
-        report("featurize", hidden, args.featurize_batch, rates, peak, decoder=False)
+        measured = rates(featurize_step, hidden, args.steps, args.featurize_batch, args.reps, args.variants)
+        fixed_rates[hidden] = measured
+        report("featurize", hidden, args.featurize_batch, measured, peak, decoder=False)
         seen = report_choices(seen)
     if not args.no_real_text:
         hidden = args.real_hidden

@@ -40,9 +40,9 @@ from torch import Tensor
 BACKEND_ENV = "SENTIMENT_DISCOVERY_MATMUL"
 BACKENDS = ("mm", "onednn")
 
-# Below this many FLOPs a product is timed best-of-3 after a warm-up call; above it, once after the
-# warm-up (always one: a library's first call of a shape includes its setup, e.g. oneDNN's JIT).
+# Calibration rounds (each candidate timed once per round, best kept): 5 below this many FLOPs, 2 above.
 _SMALL_PRODUCT_FLOPS = 2e9
+_ROUNDS_SMALL, _ROUNDS_LARGE = 5, 2
 
 
 @dataclass
@@ -167,32 +167,32 @@ def _candidates(t: Tensor) -> tuple[str, ...]:
     return BACKENDS
 
 
-def _time(fn: Callable[[], Tensor], reps: int) -> tuple[float, Tensor]:
-    """Best time of ``reps`` calls after a warm-up call, and the last result."""
-    out = fn()
-    best = float("inf")
-    for _ in range(reps):
-        out = None  # one result alive at a time: at full scale a product's output is gigabytes
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def _calibrate(
     key: tuple, kind: str, name: str, shape: str, flops: float, runs: dict[str, Callable[[], Tensor]],
     dtype: torch.dtype,
 ) -> tuple[str, Tensor]:
-    """Time every candidate, remember the fastest for ``key``; returns it and its result."""
-    reps = 3 if flops < _SMALL_PRODUCT_FLOPS else 1
-    gflops: dict[str, float] = {}
-    chosen, result = "", None
-    for backend, run in runs.items():
-        seconds, out = _time(run, reps)
-        gflops[backend] = flops / max(seconds, 1e-9) / 1e9
-        if not chosen or gflops[backend] > gflops[chosen]:
-            chosen, result = backend, out
-        del out
+    """Time every candidate, remember the fastest for ``key``; returns it and its result.
+
+    Each candidate is called once untimed (a library's first call of a shape includes its setup, e.g.
+    oneDNN's JIT), then the candidates take turns, best time kept: a slow spell of a shared machine
+    falls on all of them, not on whichever happened to run during it.
+    """
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    result, result_of = None, ""
+    for _ in range(_ROUNDS_SMALL if flops < _SMALL_PRODUCT_FLOPS else _ROUNDS_LARGE):
+        for backend, run in runs.items():
+            start = time.perf_counter()
+            out = run()
+            best[backend] = min(best[backend], time.perf_counter() - start)
+            if backend == min(best, key=best.__getitem__):
+                result, result_of = out, backend
+            del out  # one spare result alive at a time: at full scale a product's output is gigabytes
+    chosen = min(best, key=best.__getitem__)
+    if result_of != chosen:
+        result = runs[chosen]()
+    gflops = {backend: flops / max(seconds, 1e-9) / 1e9 for backend, seconds in best.items()}
     _choices[key] = Choice(kind, name, shape, dtype, gflops, chosen)
     return chosen, result
 
@@ -250,7 +250,8 @@ def linear(
 
 
 class StepWeight:
-    """``a [B, K] -> a @ weight.T`` (float32) for a weight ``[N, K]`` reused at every step of a sequence.
+    """``a [B, K] -> a @ weight.T (+ bias)`` (float32) for a weight ``[N, K]`` reused at every step of a
+    sequence. A bias is added in float32 (by the library, for float32 operands).
 
     The weight is cast to ``dtype`` once, and (with ``lay_out``, where it is chosen) laid out once in
     oneDNN's blocked format for this batch size (``torch.ops.mkldnn._reorder_linear_weight``, as
@@ -265,7 +266,9 @@ class StepWeight:
         dtype: torch.dtype | None = None,
         lay_out: bool = True,
         name: str = "",
+        bias: Tensor | None = None,
     ):
+        self.bias = bias
         self.emulated = emulates_bf16(dtype, weight.device)
         if self.emulated:
             weight, dtype = round_bf16(weight), None
@@ -303,13 +306,17 @@ class StepWeight:
     def __call__(self, a: Tensor) -> Tensor:
         if self.emulated:
             with torch.autocast("cpu", enabled=False):
-                return round_bf16(self._product(round_bf16(a)))
-        return _widen(self._product(_low(a, self.dtype)))
+                out = round_bf16(self._product(round_bf16(a), None))
+        elif self.dtype is None:
+            return self._product(a, self.bias)
+        else:
+            out = _widen(self._product(_low(a, self.dtype), None))
+        return out if self.bias is None else out.add_(self.bias)
 
-    def _product(self, a: Tensor) -> Tensor:
+    def _product(self, a: Tensor, bias: Tensor | None) -> Tensor:
         if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(a, self.packed, None, "none", [], "")
-        return torch.mm(a, self.weight_t)
+            return torch.ops.mkldnn._linear_pointwise(a, self.packed, bias, "none", [], "")
+        return torch.mm(a, self.weight_t) if bias is None else torch.addmm(bias, a, self.weight_t)
 
 
 class _Linear(torch.autograd.Function):

@@ -1,14 +1,18 @@
 """Fused mLSTM recurrence: one layer over a whole sequence, forward and hand-written backward.
 
-The math is that of ``recurrent.mlstm_step`` (formats.md), gate order i, f, g, o. What is done once
-per sequence instead of once per step:
+The math is that of ``recurrent.mlstm_step`` (formats.md), gate order i, f, g, o. Each step does two
+dependent products: ``hm = h @ w_mhh.T``, then, with ``m = hm * (x_t @ w_mih.T)``, the gates'
+pre-activations ``z = [x_t, m] @ [w_ih, w_hh].T + bias``: the input's share of the gates rides along
+in the step's product (K = E + H instead of H) rather than being a separate product over all T steps,
+whose [T, B, 4H] output costs more in memory traffic than its FLOPs (bench/RESULTS.md). What is done
+once per sequence instead of once per step:
 
-- the input projections of all T steps, ``x @ [w_ih; w_mih].T + [bias; 0]``, in one matrix product;
-- the recurrent weights are cast and laid out for the per-step products once (``matmul.StepWeight``:
-  on CPU, oneDNN's blocked layout for a fixed batch where that measures faster than ``torch.mm``);
-- in training, the weight gradients are four large products over all T*B rows after the backward
-  recurrence, which itself only does the two per-step products it must (``dz @ w_hh`` and
-  ``dhm @ w_mhh``) and in-place elementwise work on preallocated [T, B, *] buffers.
+- the m-side input projection of all T steps, ``x @ w_mih.T``, in one product;
+- the weights are cast and laid out for the per-step products once (``matmul.StepWeight``: on CPU,
+  oneDNN's blocked layout for a fixed batch where that measures faster than ``torch.mm``);
+- in training, the weight gradients are three large products over all T*B rows after the backward
+  recurrence (``[w_ih, w_hh]`` in one, against the saved ``[x_t, m]`` rows), which itself only does
+  the two per-step products it must (``dz @ w_hh`` and ``dhm @ w_mhh``).
 
 Every product goes through ``matmul`` (the faster of MKL and oneDNN on CPU, per shape). Between the
 products, the element-wise work of a float32 CPU step (gates, cell update, and their derivatives) is
@@ -47,20 +51,21 @@ def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, froze
 
 def _prepare(
     x: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None, steps_kept: int,
 ) -> tuple[Tensor, Tensor, StepWeight, StepWeight]:
-    """Once per sequence: the input projections of all T steps in one product, ``z_x`` [T, B, 4H] and
-    ``m_x`` [T, B, H] (float32), and the two recurrent products laid out for the batch."""
+    """Once per sequence: ``xm`` [steps_kept, B, E + H], rows ``[x_t, m_t]`` (x written here, m by the
+    loop; training keeps every step's, inference one), ``mx = x @ w_mih.T`` [T, B, H] (float32), and
+    the two per-step products laid out for the batch."""
     T, B, E = x.shape
     H = w_mhh.shape[0]
-    proj = matmul.linear(
-        x.reshape(T * B, E), torch.cat([w_ih, w_mih]), torch.cat([bias, bias.new_zeros(H)]), dtype,
-        "input projections",
-    ).view(T, B, 5 * H)
+    mx = matmul.linear(x.reshape(T * B, E), w_mih, None, dtype, "input projection: x @ w_mih").view(T, B, H)
+    xm = x.new_empty(steps_kept, B, E + H)
+    if steps_kept == T:
+        xm[..., :E] = x
     pack = T >= _MIN_STEPS_TO_PACK
     times_w_mhh = StepWeight(w_mhh, B, dtype, pack, "step: h @ w_mhh.T")
-    times_w_hh = StepWeight(w_hh, B, dtype, pack, "step: m @ w_hh.T")
-    return proj[..., : 4 * H], proj[..., 4 * H :], times_w_mhh, times_w_hh
+    gates_of = StepWeight(torch.cat([w_ih, w_hh], 1), B, dtype, pack, "step: [x, m] @ [w_ih, w_hh].T", bias)
+    return xm, mx, times_w_mhh, gates_of
 
 
 def _activate_(z: Tensor, H: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -93,28 +98,29 @@ def mlstm_inference(
     """No-autograd forward; call under ``torch.no_grad()``. Returns (out, (h, c), cells or None).
 
     ``dtype``: operand dtype of the matrix products (None: that of ``x``)."""
-    T, B, _ = x.shape
+    T, B, E = x.shape
     H = w_mhh.shape[0]
     keep, reset_steps = _keep_mask(reset, x)
-    # zx becomes the gates, step by step
-    zx, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype)
+    xm, mx, times_w_mhh, gates_of = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype, steps_kept=1)
+    xm = xm[0]  # [x_t, m_t] of the current step
     out = x.new_empty(T, B, H)
     cells = x.new_empty(T, B, H) if return_cells else None
     kernels = _step_kernels(x)
     h = h0
-    c = c0 if return_cells else c0.clone()  # without return_cells, c is updated in place
+    c = c0.contiguous() if return_cells else c0.clone()  # without return_cells, c is updated in place
     for t in range(T):
         if t in reset_steps:
             h = h * keep[t]
             c = c * keep[t] if return_cells else c.mul_(keep[t])
-        m = times_w_mhh(h).mul_(mx[t])
-        z = zx[t]
+        xm[:, :E] = x[t]
+        torch.mul(times_w_mhh(h), mx[t], out=xm[:, E:])
+        z = gates_of(xm)
         if kernels is not None:
             c_out = cells[t] if return_cells else c
-            kernels.mlstm_forward_step(z, times_w_hh(m), c, c_out, None, out[t])
+            kernels.mlstm_forward_step(z, c, c_out, None, out[t])
             h, c = out[t], c_out
             continue
-        i, f, g2, o = _activate_(z.add_(times_w_hh(m)), H)  # g2 = sigmoid(2g)
+        i, f, g2, o = _activate_(z, H)  # g2 = sigmoid(2g)
         # c' = f * c + i * tanh(g) = f * c + 2 * i * g2 - i
         c = torch.mul(f, c, out=cells[t]) if return_cells else c.mul_(f)
         c.addcmul_(i, g2, value=2).sub_(i)
@@ -129,16 +135,15 @@ class _MLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, w_ih, w_hh, w_mih, w_mhh, bias, reset, dtype):
         ctx.set_materialize_grads(False)
-        T, B, _ = x.shape
+        T, B, E = x.shape
         H = w_mhh.shape[0]
         keep, reset_steps = _keep_mask(reset, x)
-        # gates: activated in place, per step
-        gates, mx, times_w_mhh, times_w_hh = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype)
+        xm, mx, times_w_mhh, gates_of = _prepare(x, w_ih, w_hh, w_mih, w_mhh, bias, dtype, steps_kept=T)
         out = x.new_empty(T, B, H)
         cells = x.new_empty(T, B, H)
         tanh_cells = x.new_empty(T, B, H)
-        ms = x.new_empty(T, B, H)
         hms = []  # h @ w_mhh.T per step
+        gates = []  # activated gates per step: i, f, tanh(g), o
         kernels = _step_kernels(x)
         h, c = h0, c0.contiguous()
         for t in range(T):
@@ -146,18 +151,19 @@ class _MLSTMFunction(torch.autograd.Function):
                 h, c = h * keep[t], c * keep[t]
             hm = times_w_mhh(h)
             hms.append(hm)
-            m = torch.mul(hm, mx[t], out=ms[t])
-            z = gates[t]
-            if kernels is not None:  # writes the activated gates into z, as the lines below do
-                kernels.mlstm_forward_step(z, times_w_hh(m), c, cells[t], tanh_cells[t], out[t])
+            torch.mul(hm, mx[t], out=xm[t, :, E:])
+            z = gates_of(xm[t])
+            gates.append(z)
+            if kernels is not None:  # activates the gates in z, as the lines below do
+                kernels.mlstm_forward_step(z, c, cells[t], tanh_cells[t], out[t])
                 h, c = out[t], cells[t]
                 continue
-            i, f, g, o = _activate_(z.add_(times_w_hh(m)), H)
+            i, f, g, o = _activate_(z, H)
             g.mul_(2).sub_(1)  # tanh(g), kept for backward
             c = torch.mul(f, c, out=cells[t]).addcmul_(i, g)
             h = torch.mul(_tanh_into(c, tanh_cells[t]), o, out=out[t])
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, w_mih, w_mhh, out, cells)
-        ctx.intermediates = (gates, mx, ms, hms, tanh_cells, keep, reset_steps)
+        ctx.intermediates = (gates, xm, mx, hms, tanh_cells, keep, reset_steps)
         ctx.dtype = dtype
         return out, cells
 
@@ -165,7 +171,7 @@ class _MLSTMFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_cells):
         x, h0, c0, w_ih, w_hh, w_mih, w_mhh, out, cells = ctx.saved_tensors
-        gates, mx, ms, hms, tanh_cells, keep, reset_steps = ctx.intermediates
+        gates, xm, mx, hms, tanh_cells, keep, reset_steps = ctx.intermediates
         T, B, E = x.shape
         H = w_mhh.shape[0]
         kernels = _step_kernels(x)
@@ -178,66 +184,53 @@ class _MLSTMFunction(torch.autograd.Function):
         w_mhh_t = StepWeight(w_mhh.t(), B, dtype, pack, "backward step: dhm @ w_mhh")
         dh = x.new_zeros(B, H)
         dc = x.new_zeros(B, H)
+        c0 = c0.contiguous()
         if kernels is not None:
-            c0 = c0.contiguous()
             # the kernel reads rows: a gradient autograd hands over expanded (out.sum()) is copied once
             d_out = d_out.contiguous() if d_out is not None else None
             d_cells = d_cells.contiguous() if d_cells is not None else None
         else:
-            # dh -> dc through h = o * tanh(c).
-            o_dtanh = torch.rsub(tanh_cells * tanh_cells, 1).mul_(gates[..., 3 * H :])
             ones = x.new_ones(B, H)
             d_act = x.new_empty(B, 4 * H)  # local derivatives of the activations at one step
         for t in range(T - 1, -1, -1):
-            if kernels is not None:
-                c_prev = cells[t - 1] if t > 0 else c0
-                if t in reset_steps:
-                    c_prev = c_prev * keep[t]
-                # dz[t] from dh (+ d_out[t]) and dc (+ d_cells[t]); dc becomes dc * f in place
-                d_out_t = None if d_out is None else d_out[t]
-                d_cells_t = None if d_cells is None else d_cells[t]
-                kernels.mlstm_backward_step(
-                    gates[t], dh, d_out_t, d_cells_t, dc, c_prev, tanh_cells[t], dz[t]
-                )
-                dm = w_hh_t(dz[t])
-                torch.mul(dm, hms[t], out=dmx[t])
-                torch.mul(dm, mx[t], out=dhm[t])
-                dh = w_mhh_t(dhm[t])
-                if t in reset_steps:
-                    dh.mul_(keep[t])
-                    dc.mul_(keep[t])
-                continue
-            if d_out is not None:
-                dh = dh + d_out[t]
-            dc = torch.addcmul(dc, dh, o_dtanh[t])
-            if d_cells is not None:
-                dc.add_(d_cells[t])
             g_t = gates[t]
-            # s(1 - s) for the sigmoid gates, 1 - tanh^2 for g.
-            torch.addcmul(g_t, g_t, g_t, value=-1, out=d_act)
-            g_tanh = g_t[:, 2 * H : 3 * H]
-            torch.addcmul(ones, g_tanh, g_tanh, value=-1, out=d_act[:, 2 * H : 3 * H])
             c_prev = cells[t - 1] if t > 0 else c0
             if t in reset_steps:
                 c_prev = c_prev * keep[t]
             dz_t = dz[t]
-            torch.mul(dc, g_tanh, out=dz_t[:, :H])
-            torch.mul(dc, c_prev, out=dz_t[:, H : 2 * H])
-            torch.mul(dc, g_t[:, :H], out=dz_t[:, 2 * H : 3 * H])
-            torch.mul(dh, tanh_cells[t], out=dz_t[:, 3 * H :])
-            dz_t.mul_(d_act)
+            if kernels is not None:
+                # dz[t] from dh (+ d_out[t]) and dc (+ d_cells[t]); dc becomes dc * f in place
+                d_out_t = None if d_out is None else d_out[t]
+                d_cells_t = None if d_cells is None else d_cells[t]
+                kernels.mlstm_backward_step(g_t, dh, d_out_t, d_cells_t, dc, c_prev, tanh_cells[t], dz_t)
+            else:
+                if d_out is not None:
+                    dh = dh + d_out[t]
+                # dh -> dc through h = o * tanh(c)
+                o_dtanh = torch.addcmul(ones, tanh_cells[t], tanh_cells[t], value=-1).mul_(g_t[:, 3 * H :])
+                dc = torch.addcmul(dc, dh, o_dtanh)
+                if d_cells is not None:
+                    dc.add_(d_cells[t])
+                # s(1 - s) for the sigmoid gates, 1 - tanh^2 for g.
+                torch.addcmul(g_t, g_t, g_t, value=-1, out=d_act)
+                g_tanh = g_t[:, 2 * H : 3 * H]
+                torch.addcmul(ones, g_tanh, g_tanh, value=-1, out=d_act[:, 2 * H : 3 * H])
+                torch.mul(dc, g_tanh, out=dz_t[:, :H])
+                torch.mul(dc, c_prev, out=dz_t[:, H : 2 * H])
+                torch.mul(dc, g_t[:, :H], out=dz_t[:, 2 * H : 3 * H])
+                torch.mul(dh, tanh_cells[t], out=dz_t[:, 3 * H :])
+                dz_t.mul_(d_act)
+                dc = dc * g_t[:, H : 2 * H]
             dm = w_hh_t(dz_t)
             torch.mul(dm, hms[t], out=dmx[t])
             torch.mul(dm, mx[t], out=dhm[t])
             dh = w_mhh_t(dhm[t])
-            dc = dc * g_t[:, H : 2 * H]
             if t in reset_steps:
                 dh.mul_(keep[t])
                 dc.mul_(keep[t])
         # Weight gradients: one product over all T*B rows each, written as linear(a.t(), b.t()) = a.T @ b;
         # reduced-precision operands are cast once here (matmul.linear leaves them as they are).
         low = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-        x2 = low(x.reshape(T * B, E))
         dz2 = low(dz.view(T * B, 4 * H))
         dmx2 = low(dmx.view(T * B, H))
         need = ctx.needs_input_grad
@@ -246,11 +239,12 @@ class _MLSTMFunction(torch.autograd.Function):
             dx = matmul.linear(dz2, w_ih.t(), None, dtype, "input gradient: dz @ w_ih")
             dx.add_(matmul.linear(dmx2, w_mih.t(), None, dtype, "input gradient: dmx @ w_mih"))
             dx = dx.view(T, B, E)
-        if need[3]:
-            dw_ih = matmul.linear(dz2.t(), x2.t(), None, dtype, "weight gradient: w_ih")
-        if need[4]:
-            dw_hh = matmul.linear(dz2.t(), low(ms.view(T * B, H)).t(), None, dtype, "weight gradient: w_hh")
+        if need[3] or need[4]:  # [w_ih, w_hh] in one product against the [x_t, m_t] rows
+            dw_gates = matmul.linear(dz2.t(), low(xm.view(T * B, E + H)).t(), None, dtype,
+                                     "weight gradient: [w_ih, w_hh]")
+            dw_ih, dw_hh = dw_gates[:, :E], dw_gates[:, E:]
         if need[5]:
+            x2 = low(x.reshape(T * B, E))
             dw_mih = matmul.linear(dmx2.t(), x2.t(), None, dtype, "weight gradient: w_mih")
         if need[6]:
             h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])

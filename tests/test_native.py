@@ -67,10 +67,9 @@ def test_forward_kernel_saturates_and_keeps_nan_like_torch():
     z[0] = 1e4  # every gate saturated at 1
     z[1] = -1e4  # at 0 (tanh(g) at -1)
     z[2, 0] = float("nan")  # one NaN pre-activation of the i gate, column 0
-    product = torch.zeros(B, 4 * H)
     c_prev = torch.full((B, H), 0.5)
     c_out, tanh_c, h_out = torch.empty(B, H), torch.empty(B, H), torch.empty(B, H)
-    ops.mlstm_forward_step(z, product, c_prev, c_out, tanh_c, h_out)
+    ops.mlstm_forward_step(z, c_prev, c_out, tanh_c, h_out)
     torch.testing.assert_close(c_out[0], torch.full((H,), 1.5))  # f * c + i * tanh(g) = 0.5 + 1
     torch.testing.assert_close(h_out[0], torch.full((H,), 1.5).tanh())
     torch.testing.assert_close(c_out[1], torch.zeros(H))
@@ -83,11 +82,10 @@ def test_kernels_refuse_wrong_shapes_and_dtypes():
     ops = native.ops()
     B, H = 2, 4
     c = torch.zeros(B, H)
-    with pytest.raises(RuntimeError, match="product"):
-        ops.mlstm_forward_step(torch.zeros(B, 4 * H), torch.zeros(B, 3 * H), c, c, None, torch.empty(B, H))
+    with pytest.raises(RuntimeError, match="c_prev"):
+        ops.mlstm_forward_step(torch.zeros(B, 4 * H), torch.zeros(B, H + 1), c, None, torch.empty(B, H))
     with pytest.raises(RuntimeError, match="float32"):
-        z64 = torch.zeros(B, 4 * H, dtype=torch.float64)
-        ops.mlstm_forward_step(z64, torch.zeros(B, 4 * H), c, c, None, c)
+        ops.mlstm_forward_step(torch.zeros(B, 4 * H, dtype=torch.float64), c, c, None, c)
 
 
 def test_build_without_compiler_says_why(monkeypatch, tmp_path):

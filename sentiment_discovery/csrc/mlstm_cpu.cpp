@@ -49,27 +49,24 @@ void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const char* nam
 // Rows per task: enough work per thread to pay for the split.
 int64_t grain(int64_t hidden) { return std::max<int64_t>(1, 16384 / (4 * hidden)); }
 
-// One step forward. z: pre-activations from the input [B, 4H] (rows may be strided);
-// product: m @ w_hh.T [B, 4H]. Writes c_out = f * c_prev + i * tanh(g), h_out = o * tanh(c_out); with
+// One step forward. z: the pre-activations [B, 4H] (rows may be strided). Writes c_out = f * c_prev + i * tanh(g), h_out = o * tanh(c_out); with
 // `training`, also the activated gates (i, f, tanh(g), o) into z and tanh(c_out) into tanh_c_out.
 // c_out may be c_prev (in place).
 template <bool kTraining>
-void forward_rows(int64_t begin, int64_t end, int64_t H, float* z, int64_t sz, const float* p, int64_t sp,
-                  const float* cp, int64_t scp, float* co, int64_t sco, float* tco, int64_t stco, float* ho,
+void forward_rows(int64_t begin, int64_t end, int64_t H, float* z, int64_t sz, const float* cp, int64_t scp, float* co, int64_t sco, float* tco, int64_t stco, float* ho,
                   int64_t sho) {
   for (int64_t b = begin; b < end; ++b) {
     float* zr = z + b * sz;
-    const float* pr = p + b * sp;
     const float* cpr = cp + b * scp;
     float* cor = co + b * sco;
     float* hor = ho + b * sho;
     float* tcor = kTraining ? tco + b * stco : nullptr;
 #pragma GCC ivdep
     for (int64_t j = 0; j < H; ++j) {
-      const float i = sigmoid(zr[j] + pr[j]);
-      const float f = sigmoid(zr[H + j] + pr[H + j]);
-      const float g = tanh_(zr[2 * H + j] + pr[2 * H + j]);
-      const float o = sigmoid(zr[3 * H + j] + pr[3 * H + j]);
+      const float i = sigmoid(zr[j]);
+      const float f = sigmoid(zr[H + j]);
+      const float g = tanh_(zr[2 * H + j]);
+      const float o = sigmoid(zr[3 * H + j]);
       const float c = f * cpr[j] + i * g;
       const float tc = tanh_(c);
       cor[j] = c;
@@ -85,20 +82,18 @@ void forward_rows(int64_t begin, int64_t end, int64_t H, float* z, int64_t sz, c
   }
 }
 
-void forward_step(at::Tensor z, const at::Tensor& product, const at::Tensor& c_prev, at::Tensor c_out,
+void forward_step(at::Tensor z, const at::Tensor& c_prev, at::Tensor c_out,
                   const c10::optional<at::Tensor>& tanh_c_out, at::Tensor h_out) {
   const int64_t B = z.size(0), H = z.size(1) / 4;
   check_rows(z, B, 4 * H, "z");
-  check_rows(product, B, 4 * H, "product");
   check_rows(c_prev, B, H, "c_prev");
   check_rows(c_out, B, H, "c_out");
   check_rows(h_out, B, H, "h_out");
   float* zp = z.data_ptr<float>();
-  const float* pp = product.data_ptr<float>();
   const float* cpp = c_prev.data_ptr<float>();
   float* cop = c_out.data_ptr<float>();
   float* hop = h_out.data_ptr<float>();
-  const int64_t sz = z.stride(0), sp = product.stride(0), scp = c_prev.stride(0), sco = c_out.stride(0),
+  const int64_t sz = z.stride(0), scp = c_prev.stride(0), sco = c_out.stride(0),
                 sho = h_out.stride(0);
   if (tanh_c_out.has_value()) {
     const at::Tensor& tc = *tanh_c_out;
@@ -106,11 +101,11 @@ void forward_step(at::Tensor z, const at::Tensor& product, const at::Tensor& c_p
     float* tcp = tc.data_ptr<float>();
     const int64_t stc = tc.stride(0);
     at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
-      forward_rows<true>(begin, end, H, zp, sz, pp, sp, cpp, scp, cop, sco, tcp, stc, hop, sho);
+      forward_rows<true>(begin, end, H, zp, sz, cpp, scp, cop, sco, tcp, stc, hop, sho);
     });
   } else {
     at::parallel_for(0, B, grain(H), [&](int64_t begin, int64_t end) {
-      forward_rows<false>(begin, end, H, zp, sz, pp, sp, cpp, scp, cop, sco, nullptr, 0, hop, sho);
+      forward_rows<false>(begin, end, H, zp, sz, cpp, scp, cop, sco, nullptr, 0, hop, sho);
     });
   }
 }
@@ -192,7 +187,7 @@ void backward_step(const at::Tensor& gates, const at::Tensor& dh, const c10::opt
 }  // namespace
 
 TORCH_LIBRARY(sentiment_discovery, m) {
-  m.def("mlstm_forward_step(Tensor(a!) z, Tensor product, Tensor c_prev, Tensor(b!) c_out, "
+  m.def("mlstm_forward_step(Tensor(a!) z, Tensor c_prev, Tensor(b!) c_out, "
         "Tensor(c!)? tanh_c_out, Tensor(d!) h_out) -> ()");
   m.def("mlstm_backward_step(Tensor gates, Tensor dh, Tensor? d_out, Tensor? d_cell, Tensor(a!) dc, "
         "Tensor c_prev, Tensor tanh_c, Tensor(b!) dz) -> ()");
