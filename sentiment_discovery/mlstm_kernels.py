@@ -26,6 +26,8 @@ Inference (no gradient needed) runs the same loop without saving anything for ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -52,7 +54,7 @@ def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, froze
 def _prepare(
     x: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor,
     dtype: torch.dtype | None, steps_kept: int,
-) -> tuple[Tensor, Tensor, StepWeight, StepWeight]:
+) -> tuple[Tensor, Tensor, StepWeight, Callable[[Tensor], Tensor]]:
     """Once per sequence: ``xm`` [steps_kept, B, E + H], rows ``[x_t, m_t]`` (x written here, m by the
     loop; training keeps every step's, inference one), ``mx = x @ w_mih.T`` [T, B, H] (float32), and
     the two per-step products laid out for the batch."""
@@ -64,7 +66,13 @@ def _prepare(
         xm[..., :E] = x
     pack = T >= _MIN_STEPS_TO_PACK
     times_w_mhh = StepWeight(w_mhh, B, dtype, pack, "step: h @ w_mhh.T")
-    gates_of = StepWeight(torch.cat([w_ih, w_hh], 1), B, dtype, pack, "step: [x, m] @ [w_ih, w_hh].T", bias)
+    if pack:
+        w_gates = torch.cat([w_ih, w_hh], 1)
+        gates_of = StepWeight(w_gates, B, dtype, True, "step: [x, m] @ [w_ih, w_hh].T", bias)
+    else:  # a few steps (sampling: one): joining the weights would cost more than the steps themselves
+        x_share = StepWeight(w_ih, B, dtype, False, bias=bias)
+        m_share = StepWeight(w_hh, B, dtype, False)
+        gates_of = lambda rows: x_share(rows[:, :E]).add_(m_share(rows[:, E:]))
     return xm, mx, times_w_mhh, gates_of
 
 
