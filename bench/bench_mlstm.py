@@ -6,7 +6,9 @@ Measures the float32 and bfloat16 matrix-multiply peaks, then characters/second 
 - featurization of real text (first 256 sentences of binary_sst/test.csv, real bytes only).
 Each rate is also given per FLOP (GFLOP/s), against nn.LSTM per FLOP, and as a fraction of the bound
 "GEMM peak / FLOPs per character". FLOPs per character: mLSTM 2 * (5H^2 + 5EH), LSTM 2 * (4H^2 + 4EH),
-plus 2 * 256H with the decoder; training counts 3x (forward, and backward's two products).
+plus 2 * 256H with the decoder; training counts 3x (forward, and backward's two products). One more,
+profiled run of the fused variant gives the share of its time spent in matrix products, and so the
+rate it would reach if everything between the products took no time (its floor set by the libraries).
 ``fused-bf16`` is the fused mLSTM with bfloat16 operands (``--bf16``: the model under bfloat16
 autocast); ``fused-torch`` is the fused mLSTM with its element-wise step work as PyTorch calls instead
 of the C++ kernels (what those kernels buy). The variants of one measurement take turns (each timed
@@ -54,6 +56,19 @@ def interleaved_best_seconds(runs: dict[str, Callable[[], object]], reps: int) -
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+PRODUCT_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
+
+
+def product_share(fn: Callable[[], object]) -> float:
+    """The fraction of one run of ``fn`` spent in matrix products (torch.profiler, self CPU time)."""
+    with torch.profiler.profile() as prof:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    products = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS) / 1e6
+    return products / seconds
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -161,10 +176,14 @@ def featurize_step(model: RNNModel, steps: int, batch: int, variant: str) -> Cal
     return run
 
 
-def rates(make_step, hidden: int, steps: int, batch: int, reps: int, variants: list[str]) -> dict[str, float]:
-    """chars/s of each variant, measured in turns (``interleaved_best_seconds``)."""
+def rates(
+    make_step, hidden: int, steps: int, batch: int, reps: int, variants: list[str]
+) -> tuple[dict[str, float], float | None]:
+    """chars/s of each variant, measured in turns (``interleaved_best_seconds``), and the share of the
+    fused variant's time spent in matrix products (one more, profiled run; None without it)."""
     runs = {v: make_step(build_model(v, hidden), steps, batch, v) for v in variants}
-    return {v: steps * batch / seconds for v, seconds in interleaved_best_seconds(runs, reps).items()}
+    measured = {v: steps * batch / seconds for v, seconds in interleaved_best_seconds(runs, reps).items()}
+    return measured, (product_share(runs["fused"]) if "fused" in runs else None)
 
 
 def real_text_rate(
@@ -178,7 +197,10 @@ def real_text_rate(
     return real_bytes / best_seconds(run, reps), real_bytes, how
 
 
-def report(kind: str, hidden: int, batch: int, rates: dict[str, float], peak: float, decoder: bool) -> None:
+def report(
+    kind: str, hidden: int, batch: int, rates: dict[str, float], peak: float, decoder: bool,
+    products: float | None,
+) -> None:
     training = kind == "train"
     gflops = {v: r * flops_per_char(v, hidden, decoder, training) / 1e9 for v, r in rates.items()}
     print(f"\n{kind} H={hidden} batch={batch}")
@@ -190,6 +212,12 @@ def report(kind: str, hidden: int, batch: int, rates: dict[str, float], peak: fl
     for other in ("fused-bf16", "fused-torch"):
         if "fused" in rates and other in rates:
             print(f"  {other} / fused chars/s: {rates[other] / rates['fused']:.2f}")
+    if products is not None:
+        line = f"  fused: {100 * products:.0f}% of its time in matrix products (profiled run)"
+        if "nn.LSTM" in gflops:
+            floor = gflops["fused"] / gflops["nn.LSTM"] / products
+            line += f"; with everything else free it would run at {floor:.2f}x nn.LSTM per FLOP"
+        print(line)
 
 
 def report_choices(seen: int) -> int:
@@ -238,14 +266,16 @@ def main() -> None:
 
     seen = 0
     for hidden in args.sizes:
-        measured = rates(train_step, hidden, args.steps, args.train_batch, args.reps, args.variants)
-        report("train", hidden, args.train_batch, measured, peak, decoder=True)
+        measured, products = rates(train_step, hidden, args.steps, args.train_batch, args.reps, args.variants)
+        report("train", hidden, args.train_batch, measured, peak, decoder=True, products=products)
         seen = report_choices(seen)
     fixed_rates = {}
     for hidden in args.sizes + args.featurize_sizes:
-        measured = rates(featurize_step, hidden, args.steps, args.featurize_batch, args.reps, args.variants)
+        measured, products = rates(
+            featurize_step, hidden, args.steps, args.featurize_batch, args.reps, args.variants
+        )
         fixed_rates[hidden] = measured
-        report("featurize", hidden, args.featurize_batch, measured, peak, decoder=False)
+        report("featurize", hidden, args.featurize_batch, measured, peak, decoder=False, products=products)
         seen = report_choices(seen)
     if not args.no_real_text:
         hidden = args.real_hidden
