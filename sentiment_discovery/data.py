@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import functools
 import hashlib
@@ -60,9 +61,14 @@ def decode_utf8(data: bytes) -> tuple[str, int]:
     return text, _INVALID_UTF8["bytes"] - before
 
 
-def open_text(path: Path) -> TextIO:
-    """``path`` as UTF-8 text: BOM dropped, invalid bytes replaced and counted, newlines as they are."""
-    return open(path, encoding="utf-8-sig", errors="sentiment-discovery-replace", newline="")
+@contextlib.contextmanager
+def open_text(path: Path) -> Iterator[TextIO]:
+    """``path`` as UTF-8 text: BOM dropped, newlines as they are, invalid bytes replaced by U+FFFD and,
+    once the file has been read through, counted in a warning."""
+    before = _INVALID_UTF8["bytes"]
+    with open(path, encoding="utf-8-sig", errors="sentiment-discovery-replace", newline="") as f:
+        yield f
+    warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
 
 
 def warn_invalid_utf8(path: str | Path, count: int) -> None:
@@ -191,13 +197,11 @@ def read_text_lines(path: str | Path) -> Iterator[str]:
     read one at a time.
     """
     path = check_path(path)
-    before = _INVALID_UTF8["bytes"]
     with open_text(path) as f:
         for line in f:
             line = line.rstrip("\r\n")
             if line.strip():
                 yield line
-    warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
 
 
 def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
@@ -247,9 +251,7 @@ def read_records(
                     raise DataError(f"{path}: {_where(n, loose)}: missing label key {label_key!r}")
             raw_labels = [row[label_key] for _, row in rows]
     else:
-        before = _INVALID_UTF8["bytes"]
-        (frame,) = _csv_frames(path, delim, text_key)
-        warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
+        (frame,) = _csv_frames(path, delim, text_key)  # read through: open_text has warned
         if frame.empty:
             raise DataError(f"{path}: no records (only a header)")
         texts = frame[text_key].tolist()
@@ -483,11 +485,9 @@ def _work_units(path: Path, meta: dict) -> Iterator[tuple[tuple, int]]:
             chunk = texts[i : i + LAZY_CHUNK_ROWS]
             yield ("texts", None, chunk), sum(map(len, chunk))
     else:
-        before = _INVALID_UTF8["bytes"]
         for frame in _csv_frames(path, meta["delim"], meta["text_key"], chunksize=LAZY_CHUNK_ROWS):
             texts = frame[meta["text_key"]].tolist()
             yield ("texts", None, texts), sum(map(len, texts))
-        warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
 
 
 def _encode_unit(unit: tuple, path: Path, text_key: str, preprocess: str) -> tuple[bytes, np.ndarray, int]:
