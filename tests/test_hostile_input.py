@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from unidecode import unidecode
 
 from sentiment_discovery.checkpoint import CheckpointError, checkpoint_dict, load_checkpoint, save_checkpoint
-from sentiment_discovery.data import DataError, lm_splits, read_records
+from sentiment_discovery.data import DataError, lm_splits, read_records, read_text_lines
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode, nvidia_preprocess, strip_tags, transliterate
 
@@ -339,6 +339,16 @@ def test_invalid_utf8_is_replaced_with_a_one_line_warning(tmp_path, capsys, name
     assert err == f"warning: {path}: 3 invalid UTF-8 byte(s) replaced by U+FFFD\n"
     read_records(path)  # the count is per read, not cumulative
     assert "3 invalid" in capsys.readouterr().err
+
+
+def test_invalid_utf8_in_a_text_corpus_is_warned_once_read_through(tmp_path, capsys):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"good \xff movie\n\nbad \xc3\n")
+    lines = read_text_lines(path)
+    assert next(lines) == "good \ufffd movie"
+    assert capsys.readouterr().err == ""  # not before the file is read through
+    assert list(lines) == ["bad \ufffd"]
+    assert capsys.readouterr().err == f"warning: {path}: 2 invalid UTF-8 byte(s) replaced by U+FFFD\n"
 
 
 def test_an_empty_path_is_not_the_current_folder(tmp_path):
