@@ -27,14 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_mlstm import build_model, flops_per_char  # this folder: python bench/bench_gpu.py
 from torch.nn.utils import parametrize
 
 from sentiment_discovery.data import Batch
 from sentiment_discovery.matmul import autocast
-from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.train import batch_loss
 
-EMSIZE = 64
 V100_CHARS_PER_S = 76_000 / 8  # NVIDIA's README: 8 V100s, fp16, mLSTM 4096
 PRECISIONS = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VARIANTS = ("fused", "nn.LSTM")
@@ -42,12 +41,6 @@ TARGETS = (  # issue 14, on one H100/H200
     "H=4096 float16/bfloat16 training: fused >= 38,000 chars/s (4x a V100) and >= 0.7x nn.LSTM per FLOP",
     "featurization: fused >= 0.8x nn.LSTM per FLOP",
 )
-
-
-def flops_per_char(variant: str, hidden: int, training: bool) -> float:
-    gates = 4 if variant == "nn.LSTM" else 5
-    macs = gates * hidden * hidden + gates * EMSIZE * hidden + (256 * hidden if training else 0)
-    return 2 * macs * (3 if training else 1)
 
 
 def synchronize(device: torch.device) -> None:
@@ -73,12 +66,6 @@ def best_seconds(fn, reps: int, device: torch.device) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def build_model(variant: str, hidden: int, device: torch.device) -> RNNModel:
-    kind = "LSTM" if variant == "nn.LSTM" else "mLSTM"
-    with torch.device(device):  # weights made on the device: no 4096-unit initialisation on the CPU
-        return RNNModel(ModelConfig(model=kind, emsize=EMSIZE, nhid=hidden, weight_norm=kind == "mLSTM"))
 
 
 def inputs(steps: int, batch: int, device: torch.device) -> Batch:
@@ -292,7 +279,8 @@ def main() -> None:
                             model, PRECISIONS[precision], args.steps, args.batch, args.reps, device
                         )
                         row["chars_per_s"] = rate
-                        row["tflops"] = rate * flops_per_char(variant, hidden, mode == "train") / 1e12
+                        training = mode == "train"  # the decoder is timed in training only
+                        row["tflops"] = rate * flops_per_char(variant, hidden, training, training) / 1e12
                     except Exception as e:  # out of memory, a kernel error ...: report, go on
                         row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     finally:

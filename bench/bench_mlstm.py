@@ -131,11 +131,12 @@ def step_kernels(batch: int, hidden: int, reps: int) -> None:
           f"2*sigmoid(2x)-1 {via_sigmoid * 1e6:.0f} us")
 
 
-def build_model(variant: str, hidden: int) -> RNNModel:
+def build_model(variant: str, hidden: int, device: torch.device | str = "cpu") -> RNNModel:
     kind = "LSTM" if variant == "nn.LSTM" else "mLSTM"  # fused-bf16: the fused model, run under autocast
     # nn.LSTM without weight norm: the plain fused PyTorch kernel is the yardstick. The mLSTMs keep
     # weight norm (the model as trained), which only adds work on their side.
-    model = RNNModel(ModelConfig(model=kind, emsize=EMSIZE, nhid=hidden, weight_norm=kind == "mLSTM"))
+    with torch.device(device):  # weights made on the device: no 4096-unit initialisation on the CPU
+        model = RNNModel(ModelConfig(model=kind, emsize=EMSIZE, nhid=hidden, weight_norm=kind == "mLSTM"))
     if variant == "reference":
         for layer in model.rnn.layers:
             layer.forward = layer.reference_forward
