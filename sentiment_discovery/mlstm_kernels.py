@@ -17,9 +17,9 @@ once per sequence instead of once per step:
 Every product goes through ``matmul`` (the faster of MKL and oneDNN on CPU, per shape). Between the
 products, the element-wise work of a float32 CPU step (gates, cell update, and their derivatives) is
 one pass of the C++ kernels in ``csrc/mlstm_cpu.cpp`` (``native``); elsewhere (GPU, float64, no
-compiler) it is the same math as PyTorch calls. Under a
-reduced-precision autocast (``--bf16``; ``--fp16`` on a GPU) the products take bfloat16/float16
-operands and give float32; the gates, cell state and all sums stay float32.
+compiler) it is the same math as PyTorch calls. Under a reduced-precision autocast (``--bf16``;
+``--fp16`` on a GPU) the products take bfloat16/float16 operands and give float32; the gates, cell
+state and all sums stay float32.
 
 Inference (no gradient needed) runs the same loop without saving anything for backward.
 """
