@@ -39,7 +39,7 @@ import safetensors.torch
 import torch
 
 from . import formats
-from .featurize import STATES, parse_pooling
+from .featurize import STATES, num_features, parse_pooling
 from .formats import CheckpointError, RawCheckpoint
 from .model import ModelConfig, RNNModel
 from .preprocess import PREPROCESSORS
@@ -416,8 +416,9 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
         raise CheckpointError(f"{source}: classifier lacks {' and '.join(absent)}")
     classifier = dict(classifier)
     pooling, state = classifier.get("pooling"), classifier.get("state")
+    pooling = pooling if pooling is not None else "last"
     try:
-        poolings = parse_pooling(pooling if pooling is not None else "last")
+        parse_pooling(pooling)
     except ValueError as e:
         raise CheckpointError(f"{source}: classifier {e}") from None
     if state is not None and state not in STATES:
@@ -425,7 +426,7 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
     all_layers = classifier.get("all_layers")
     if all_layers is not None and not isinstance(all_layers, bool):
         raise CheckpointError(f"{source}: classifier all_layers = {all_layers!r} is not a bool")
-    features = config.nhid * (config.nlayers if all_layers else 1) * len(poolings)
+    features = num_features(config, bool(all_layers), pooling)
     weight = _numbers(classifier["weight"], "weight", source, features).float().reshape(-1)
     classifier["weight"] = weight
     classifier["bias"] = _numbers(classifier["bias"], "bias", source, 1).float().reshape(())

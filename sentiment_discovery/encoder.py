@@ -99,8 +99,8 @@ class Encoder:
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         tokens = [encode(text, self.model.config.preprocess) for text in texts]
-        block = num_features(self.model, self.all_layers)  # features of one pooling
-        n_features = num_features(self.model, self.all_layers, self.pooling)
+        block = num_features(self.model.config, self.all_layers)  # features of one pooling
+        n_features = num_features(self.model.config, self.all_layers, self.pooling)
         chosen = np.arange(block) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
         if len(chosen) and not (0 <= chosen.min() and chosen.max() < n_features):
             raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {chosen.tolist()}")

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from .matmul import autocast, reduced_dtype
-from .model import RNNModel
+from .model import ModelConfig, RNNModel
 from .preprocess import encode
 
 POOLINGS = ("last", "mean", "max")
@@ -42,9 +42,9 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def num_features(model: RNNModel, all_layers: bool = False, pooling: str = "last") -> int:
+def num_features(config: ModelConfig, all_layers: bool = False, pooling: str = "last") -> int:
     """Features per text: ``nhid`` per layer used, per pooling (a list: see ``parse_pooling``)."""
-    return model.config.nhid * (model.config.nlayers if all_layers else 1) * len(parse_pooling(pooling))
+    return config.nhid * (config.nlayers if all_layers else 1) * len(parse_pooling(pooling))
 
 
 def _layers_to_features(per_layer: torch.Tensor, all_layers: bool) -> torch.Tensor:
@@ -158,7 +158,7 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
     model.to(device).eval()
 
     tokens = [encode(text, preprocess) for text in texts]
-    out = np.zeros((len(tokens), num_features(model, all_layers, pooling)), dtype=np.float32)
+    out = np.zeros((len(tokens), num_features(model.config, all_layers, pooling)), dtype=np.float32)
     order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
     with (
         torch.inference_mode(),
@@ -195,7 +195,7 @@ def byte_states(
     """
     if state not in STATES:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
-    n_features = num_features(model, all_layers)
+    n_features = num_features(model.config, all_layers)
     columns = np.arange(n_features) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
     if len(columns) and not (0 <= columns.min() and columns.max() < n_features):
         raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {columns.tolist()}")

@@ -73,8 +73,9 @@ def sibling(save: str | Path, suffix: str) -> Path:
     return save.with_name(save.stem + suffix)
 
 
-def snapshot_path(save: str | Path, step: int) -> Path:
-    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series."""
+def snapshot_path(save: str | Path, step: int | str) -> Path:
+    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series
+    (step ``"*"``: the glob pattern of them all)."""
     return sibling(save, f".step{step}.pt")
 
 
@@ -82,7 +83,7 @@ def snapshots(save: str | Path) -> list[tuple[int, Path]]:
     """The snapshot series of ``save`` that exists, as (step, path) by step."""
     save = Path(save)
     pattern = re.compile(re.escape(save.stem) + r"\.step(\d+)\.pt")
-    found = ((pattern.fullmatch(p.name), p) for p in save.parent.glob(f"{save.stem}.step*.pt"))
+    found = ((pattern.fullmatch(p.name), p) for p in save.parent.glob(snapshot_path(save, "*").name))
     return sorted((int(m.group(1)), p) for m, p in found if m)
 
 
@@ -176,7 +177,7 @@ def remove_stale_temp_files(save: str | Path) -> list[Path]:
     model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
     save = Path(save)
     removed = []
-    for path in (save, sibling(save, ".best.pt"), save.with_name(f"{save.stem}.step*.pt")):
+    for path in (save, sibling(save, ".best.pt"), snapshot_path(save, "*")):
         for tmp in stale_temp_files(path):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
