@@ -44,20 +44,6 @@ EMSIZE = 64
 VARIANTS = ("fused", "fused-torch", "fused-bf16", "reference", "nn.LSTM")
 
 
-def interleaved_best_seconds(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Best of ``reps`` rounds per run after one warm-up call each; in each round every run is timed
-    once, in turn."""
-    for fn in runs.values():
-        fn()
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(reps):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
 PRODUCT_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
 
 
@@ -180,10 +166,10 @@ def featurize_step(model: RNNModel, steps: int, batch: int, variant: str) -> Cal
 def rates(
     make_step, hidden: int, steps: int, batch: int, reps: int, variants: list[str]
 ) -> tuple[dict[str, float], float | None]:
-    """chars/s of each variant, measured in turns (``interleaved_best_seconds``), and the share of the
+    """chars/s of each variant, measured in turns (``matmul.best_seconds_in_turns``), and the share of the
     fused variant's time spent in matrix products (one more, profiled run; None without it)."""
     runs = {v: make_step(build_model(v, hidden), steps, batch, v) for v in variants}
-    measured = {v: steps * batch / seconds for v, seconds in interleaved_best_seconds(runs, reps).items()}
+    measured = {v: steps * batch / seconds for v, seconds in matmul.best_seconds_in_turns(runs, reps).items()}
     return measured, (product_share(runs["fused"]) if "fused" in runs else None)
 
 

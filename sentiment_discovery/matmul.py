@@ -167,43 +167,38 @@ def _candidates(t: Tensor) -> tuple[str, ...]:
     return BACKENDS
 
 
+def best_seconds_in_turns(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best time of each run: one untimed call each (a library's first call of a shape includes its
+    setup, e.g. oneDNN's JIT), then ``rounds`` rounds in which every run is timed once, in turn, so that
+    a slow spell of a shared machine falls on all of them. Results are dropped as they come: at full
+    scale a product's output is gigabytes."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def _calibrate(
     key: tuple, kind: str, name: str, shape: str, flops: float, runs: dict[str, Callable[[], Tensor]],
     dtype: torch.dtype,
 ) -> tuple[str, Tensor]:
-    """Time every candidate, remember the fastest for ``key``; returns it and its result.
-
-    Each candidate is called once untimed (a library's first call of a shape includes its setup, e.g.
-    oneDNN's JIT), then the candidates take turns, best time kept: a slow spell of a shared machine
-    falls on all of them, not on whichever happened to run during it.
-    """
-    for run in runs.values():
-        run()
-    best = dict.fromkeys(runs, float("inf"))
-    result, result_of = None, ""
-    for _ in range(_ROUNDS_SMALL if flops < _SMALL_PRODUCT_FLOPS else _ROUNDS_LARGE):
-        for backend, run in runs.items():
-            start = time.perf_counter()
-            out = run()
-            best[backend] = min(best[backend], time.perf_counter() - start)
-            if backend == min(best, key=best.__getitem__):
-                result, result_of = out, backend
-            del out  # one spare result alive at a time: at full scale a product's output is gigabytes
+    """Time every candidate (``best_seconds_in_turns``), remember the fastest for ``key``; returns it
+    and its result (one more call of it)."""
+    best = best_seconds_in_turns(runs, _ROUNDS_SMALL if flops < _SMALL_PRODUCT_FLOPS else _ROUNDS_LARGE)
     chosen = min(best, key=best.__getitem__)
-    if result_of != chosen:
-        result = runs[chosen]()
     gflops = {backend: flops / max(seconds, 1e-9) / 1e9 for backend, seconds in best.items()}
     _choices[key] = Choice(kind, name, shape, dtype, gflops, chosen)
-    return chosen, result
+    return chosen, runs[chosen]()
 
 
 # --------------------------------------------------------------------------------------------
 # Products
 # --------------------------------------------------------------------------------------------
-
-
-def _widen(out: Tensor) -> Tensor:
-    return out if out.dtype == torch.float32 or out.dtype == torch.float64 else out.float()
 
 
 def _linear_by(backend: str, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -275,16 +270,14 @@ class StepWeight:
         self.dtype = dtype
         weight = _low(weight, dtype)
         names = _candidates(weight) if lay_out else ("mm",)
-        self.onednn = False
+        self.backend = names[0]
         if len(names) > 1:
             with torch.autocast("cpu", enabled=False) if self.emulated else contextlib.nullcontext():
-                self.onednn = self._choose(weight, batch, name) == "onednn"
-        elif names == ("onednn",):
-            self.onednn = True
-        if self.onednn:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
-        else:
-            self.weight_t = weight.t()
+                self.backend = self._choose(weight, batch, name)
+        # what _linear_by multiplies by: oneDNN's blocked layout, or the [N, K] weight itself
+        if self.backend == "onednn":
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
+        self.weight = weight
 
     @staticmethod
     def _choose(weight: Tensor, batch: int, name: str) -> str:
@@ -294,29 +287,20 @@ class StepWeight:
         if choice is None:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
             a = weight.new_full((batch, K), 0.5)
-            weight_t = weight.t()
             runs = {
-                "mm": lambda: torch.mm(a, weight_t),
-                "onednn": lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
+                "mm": lambda: _linear_by("mm", a, weight, None),
+                "onednn": lambda: _linear_by("onednn", a, packed, None),
             }
             shape = f"{batch}x{K} @ {K}x{N} (N{'T' if weight.is_contiguous() else 'N'})"
             return _calibrate(key, "step", name, shape, 2.0 * batch * K * N, runs, weight.dtype)[0]
         return choice.chosen
 
     def __call__(self, a: Tensor) -> Tensor:
-        if self.emulated:
-            with torch.autocast("cpu", enabled=False):
-                out = round_bf16(self._product(round_bf16(a), None))
-        elif self.dtype is None:
-            return self._product(a, self.bias)
-        else:
-            out = _widen(self._product(_low(a, self.dtype), None))
+        if not self.emulated:
+            return _linear_by(self.backend, _low(a, self.dtype), self.weight, self.bias)
+        with torch.autocast("cpu", enabled=False):
+            out = round_bf16(_linear_by(self.backend, round_bf16(a), self.weight, None))
         return out if self.bias is None else out.add_(self.bias)
-
-    def _product(self, a: Tensor, bias: Tensor | None) -> Tensor:
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(a, self.packed, bias, "none", [], "")
-        return torch.mm(a, self.weight_t) if bias is None else torch.addmm(bias, a, self.weight_t)
 
 
 class _Linear(torch.autograd.Function):

@@ -198,6 +198,7 @@ class _MLSTMFunction(torch.autograd.Function):
             d_out = d_out.contiguous() if d_out is not None else None
             d_cells = d_cells.contiguous() if d_cells is not None else None
         else:
+            dtanh = torch.rsub(tanh_cells * tanh_cells, 1)  # 1 - tanh(c)^2, all steps at once
             ones = x.new_ones(B, H)
             d_act = x.new_empty(B, 4 * H)  # local derivatives of the activations at one step
         for t in range(T - 1, -1, -1):
@@ -214,9 +215,7 @@ class _MLSTMFunction(torch.autograd.Function):
             else:
                 if d_out is not None:
                     dh = dh + d_out[t]
-                # dh -> dc through h = o * tanh(c)
-                o_dtanh = torch.addcmul(ones, tanh_cells[t], tanh_cells[t], value=-1).mul_(g_t[:, 3 * H :])
-                dc = torch.addcmul(dc, dh, o_dtanh)
+                dc = torch.addcmul(dc, dh * g_t[:, 3 * H :], dtanh[t])  # dh -> dc through h = o * tanh(c)
                 if d_cells is not None:
                     dc.add_(d_cells[t])
                 # s(1 - s) for the sigmoid gates, 1 - tanh^2 for g.
