@@ -29,8 +29,7 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
-from collections.abc import Callable
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +40,10 @@ import torch
 from . import formats
 from .featurize import STATES, num_features, parse_pooling
 from .formats import CheckpointError, RawCheckpoint
-from .model import ModelConfig, RNNModel
+from .model import MAX_LAYERS, MAX_UNITS, ModelConfig, RNNModel
 from .preprocess import PREPROCESSORS
 from .recurrent import RNN_TYPES
+from .safe_io import atomic_write, refuse_symlink, temp_affixes
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -56,10 +56,6 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
 # where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
 OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
-# Bounds on a config read from a file, checked before anything is built from it. The released models
-# have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
-MAX_UNITS = 1 << 16
-MAX_LAYERS = 64
 
 
 @dataclass
@@ -75,50 +71,28 @@ class Checkpoint:
         return self.model.config
 
 
-def _temp_affixes(path: Path) -> tuple[str, str]:
-    """Prefix and suffix of the temporary files that writes of ``path`` use (``.<name>.*.tmp``)."""
-    return f".{path.name}.", ".tmp"
-
-
 def stale_temp_files(path: str | os.PathLike) -> list[Path]:
     """Temporary files of writes of ``path`` (its name may be a glob) that exist: a killed write's."""
     path = Path(path)
-    prefix, suffix = _temp_affixes(path)
+    prefix, suffix = temp_affixes(path)
     return list(path.parent.glob(f"{prefix}*{suffix}"))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = _temp_affixes(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a checkpoint is an ordinary file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """``target`` becomes a copy of the written checkpoint ``source``: a hard link where the file
     system allows one (checkpoints are only ever replaced by rename, so the link keeps its bytes),
     else an atomic copy."""
+    refuse_symlink(target)
     Path(target).unlink(missing_ok=True)
     try:
         os.link(source, target)
     except OSError:
-        _atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_dict(
@@ -183,7 +157,7 @@ def _save_safetensors(path: str | os.PathLike, ckpt: dict) -> None:
         "classifier": json.dumps(classifier),
         "extra": json.dumps(ckpt["extra"]),
     }
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def is_safetensors_file(path: Path) -> bool:
@@ -220,6 +194,124 @@ def read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable safetensors checkpoint ({reason})") from None
 
 
+# Bytes per element of the storage classes a torch file names (persistent ids); an unknown one counts
+# as the widest, so that a file can only claim more, never less, than it holds.
+_STORAGE_BYTES = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "QUInt8Storage": 1,
+    "QInt8Storage": 1, "ShortStorage": 2, "HalfStorage": 2, "BFloat16Storage": 2, "IntStorage": 4,
+    "FloatStorage": 4, "QInt32Storage": 4, "LongStorage": 8, "DoubleStorage": 8,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+}  # fmt: skip
+MAX_ZIP_ENTRIES = 100_000  # a checkpoint has a handful per tensor
+
+
+class _Stub:
+    """Stands for every class a pickle names while ``_claimed_storage_bytes`` reads it (a subclass per
+    name): creating, calling, building or filling one does nothing, so no code of the file runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a torch pickle without running anything; adds up the bytes its storages claim."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.claimed: dict[str, int] = {}
+
+    def find_class(self, module, name):
+        return type(str(name), (_Stub,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+            storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise CheckpointError(f"a storage of {numel!r} elements")
+            width = _STORAGE_BYTES.get(getattr(storage_type, "__name__", ""), 16)
+            self.claimed[key] = max(self.claimed.get(key, 0), numel * width)
+        return _Stub()
+
+
+def _claimed_storage_bytes(pickled) -> int:
+    """The bytes the storages of one torch pickle (a file object at its start) claim, all together."""
+    scan = _StorageScan(pickled)
+    scan.load()
+    return sum(scan.claimed.values())
+
+
+def check_torch_file_sizes(path: Path) -> None:
+    """Every size a torch file declares fits in the file, before torch allocates anything from them.
+
+    A zip checkpoint's entries must be stored, not compressed (torch.save never compresses; a small
+    compressed entry can unpack to gigabytes), and lie within the file; in either format, the storages
+    the pickle declares may not add up to more bytes than the file holds. (Tensor views on those
+    storages are checked in ``check_tensors``.)"""
+    size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.infolist()
+                if len(entries) > MAX_ZIP_ENTRIES:
+                    raise CheckpointError(f"{path}: a zip of {len(entries):,} entries is not a checkpoint")
+                packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+                if packed:
+                    raise CheckpointError(
+                        f"{path}: compressed entries ({', '.join(packed[:3])}): torch.save writes none, and "
+                        "their unpacked size is not bounded by the file's; refused"
+                    )
+                outside = [
+                    e.filename
+                    for e in entries
+                    if e.file_size != e.compress_size or e.header_offset + e.file_size > size
+                ]
+                if outside or sum(e.file_size for e in entries) > size:
+                    raise CheckpointError(f"{path}: zip entries claim more bytes than the file holds")
+                pickles = [
+                    e.filename
+                    for e in entries
+                    if e.filename.endswith("/data.pkl") or e.filename == "data.pkl"
+                ]
+                if len(pickles) != 1:
+                    raise CheckpointError(
+                        f"{path}: a zip without exactly one data.pkl is not a torch checkpoint"
+                    )
+                with archive.open(pickles[0]) as f:
+                    claimed = _claimed_storage_bytes(f)
+        else:  # the legacy format: magic number, protocol, system info, then the object's pickle
+            with open(path, "rb") as f:
+                for _ in range(3):
+                    _StorageScan(f).load()
+                claimed = _claimed_storage_bytes(f)
+    except CheckpointError as e:
+        message = str(e)
+        raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except Exception as e:  # not readable without running it: torch.load must not try either
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {first})"
+        ) from None
+    if claimed > size:
+        raise CheckpointError(
+            f"{path}: its tensors claim {claimed:,} bytes but the file holds {size:,} (crafted or corrupt)"
+        )
+
+
 def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     """``torch.load`` with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
 
@@ -238,6 +330,7 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointError(
             f"{path}: not a checkpoint (neither a torch file, a safetensors file nor an OpenAI shard folder)"
         )
+    check_torch_file_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -389,6 +482,36 @@ def check_tensors(config: ModelConfig, tensors, source: str, file_keys: dict[str
         )
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` owns its elements: no stride repeats one (stride 0) or overlaps another, and they all lie
+    in its storage. Only then does its shape say how many bytes it stands for."""
+    dims = sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size > 1)
+    span = 1
+    for stride, size in dims:
+        if stride < span:
+            return False
+        span = stride * size
+    last = t.storage_offset() + sum((size - 1) * stride for stride, size in dims)
+    return t.numel() == 0 or (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def check_views(obj, source: str, where: str = "") -> None:
+    """Every tensor anywhere in ``obj`` (weights, classifier, training state) owns its elements: a file
+    whose tiny storage a stride-0 view spreads over a huge shape is refused before anything copies it."""
+    if isinstance(obj, torch.Tensor):
+        if not _dense(obj):
+            raise CheckpointError(
+                f"{source}: tensor {where or '?'} of shape {tuple(obj.shape)} repeats or overlaps its "
+                f"elements (strides {obj.stride()}): not a saved tensor, a crafted file"
+            )
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            check_views(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_views(value, source, f"{where}[{i}]")
+
+
 def _numbers(value, name: str, source: str, size: int | None = None) -> torch.Tensor:
     """A stored numeric array (tensor or list) as a float tensor of ``size`` values."""
     try:
@@ -450,8 +573,56 @@ TRAIN_STATE_COUNTS = ("step", "total_steps", "epoch", "batch", "rows", "batches_
 TRAIN_STATE_KEYS = (*TRAIN_STATE_COUNTS, "best_val_bpc", "optimizer", "scheduler", "hidden", "rng")
 
 
-def check_train_state(state, source: str) -> dict | None:
-    """A stored training state holds every part a resume needs, of the right kinds."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_rng(rng, source: str, name: str) -> None:
+    """A generator state as ``torch.get_rng_state`` gives it (``torch.set_rng_state`` takes no other)."""
+    reference = torch.get_rng_state()
+    generator = rng.get("torch") if isinstance(rng, dict) else None
+    if not (
+        isinstance(generator, torch.Tensor)
+        and generator.dtype == reference.dtype
+        and tuple(generator.shape) == tuple(reference.shape)
+    ):
+        raise CheckpointError(
+            f"{source}: train_state {name} lacks the torch generator state (a uint8 tensor of "
+            f"{reference.numel()} bytes)"
+        )
+
+
+def _check_optimizer(optimizer, config: ModelConfig, source: str) -> None:
+    """An optimizer state dict of the model of ``config``: its groups name each parameter once, and every
+    per-parameter tensor (Adam's moments ...) has the shape of its parameter."""
+    bad = f"{source}: train_state optimizer"
+    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+        raise CheckpointError(f"{bad} is not an optimizer state dict")
+    groups, per_param = optimizer["param_groups"], optimizer["state"]
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        raise CheckpointError(f"{bad} param_groups is not a list of groups")
+    if not isinstance(per_param, dict):
+        raise CheckpointError(f"{bad} state is not a dict")
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for p in RNNModel(config).parameters()]
+    ids = [i for g in groups for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
+    if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(shapes))):
+        raise CheckpointError(f"{bad} does not list the model's {len(shapes)} parameters once each")
+    if not all(_finite(g.get("lr")) and g["lr"] >= 0 for g in groups):
+        raise CheckpointError(f"{bad} has a group without a finite learning rate 'lr'")
+    for key, values in per_param.items():
+        if key not in range(len(shapes)) or not isinstance(values, dict):
+            raise CheckpointError(f"{bad} state has an entry {key!r} that is no parameter's")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[key]:
+                raise CheckpointError(
+                    f"{bad} state {key}.{name} has shape {tuple(value.shape)}, its parameter {shapes[key]}"
+                )
+
+
+def check_train_state(state, source: str, config: ModelConfig | None = None) -> dict | None:
+    """A stored training state holds every part a resume needs, of the right kinds and, given the model's
+    ``config``, the right shapes: a resume never fails halfway with a traceback."""
     if state is None:
         return None
     if not isinstance(state, dict):
@@ -462,33 +633,62 @@ def check_train_state(state, source: str) -> dict | None:
     for key in TRAIN_STATE_COUNTS:
         if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
             raise CheckpointError(f"{source}: train_state {key} = {state[key]!r} is not a count")
-    if not isinstance(state["best_val_bpc"], (int, float)):
-        raise CheckpointError(
-            f"{source}: train_state best_val_bpc = {state['best_val_bpc']!r} is not a number"
-        )
-    optimizer = state["optimizer"]
-    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+    best = state["best_val_bpc"]
+    if not (_finite(best) or best == math.inf):
+        raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
+    if config is not None:
+        _check_optimizer(state["optimizer"], config, source)
+    elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
-    if not isinstance(state["scheduler"], dict):
-        raise CheckpointError(f"{source}: train_state scheduler is not a scheduler state dict")
+    scheduler = state["scheduler"]
+    if not (
+        isinstance(scheduler, dict)
+        and isinstance(scheduler.get("lr_lambdas"), list)
+        and isinstance(scheduler.get("base_lrs"), list)
+        and all(_finite(lr) for lr in scheduler["base_lrs"])
+        and isinstance(scheduler.get("last_epoch"), int)
+    ):
+        raise CheckpointError(
+            f"{source}: train_state scheduler is not the linear decay's state dict (lr_lambdas, base_lrs, "
+            "last_epoch)"
+        )
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise CheckpointError(f"{source}: train_state scaler is not a GradScaler state dict")
     hidden = state["hidden"]
     if hidden is not None and not (
         isinstance(hidden, (list, tuple))
         and len(hidden) == 2
-        and all(isinstance(t, torch.Tensor) for t in hidden)
+        and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in hidden)
     ):
         raise CheckpointError(f"{source}: train_state hidden is not a (hidden, cell) pair of tensors")
-    if not (isinstance(state["rng"], dict) and isinstance(state["rng"].get("torch"), torch.Tensor)):
-        raise CheckpointError(f"{source}: train_state rng lacks the torch generator state")
+    if hidden is not None and config is not None:
+        want = (config.nlayers, state["rows"], config.nhid)
+        if any(tuple(t.shape) != want for t in hidden):
+            shapes = ", ".join(str(tuple(t.shape)) for t in hidden)
+            raise CheckpointError(f"{source}: train_state hidden has shapes {shapes}, expected {want} each")
+    _check_rng(state["rng"], source, "rng")
+    rank_rng = state.get("rank_rng")
+    if rank_rng is not None:
+        if not isinstance(rank_rng, list):
+            raise CheckpointError(f"{source}: train_state rank_rng is not a list of generator states")
+        for i, rng in enumerate(rank_rng):
+            _check_rng(rng, source, f"rank_rng[{i}]")
+    interval = state.get("interval")
+    if interval is not None and not (
+        isinstance(interval, dict) and all(_finite(interval.get(k, 0)) for k in ("nats", "bytes", "steps"))
+    ):
+        raise CheckpointError(f"{source}: train_state interval is not a dict of finite numbers")
     return state
 
 
 def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     """Check everything ``raw`` holds, then build its model (allocation bounded by the file's tensors)."""
     config = check_config(raw.config, raw.source)
+    for part in ("tensors", "classifier", "train_state"):
+        check_views(getattr(raw, part), raw.source, "" if part == "tensors" else part)
     check_tensors(config, raw.tensors, raw.source, raw.file_keys)
     classifier = check_classifier(raw.classifier, config, raw.source)
-    train_state = check_train_state(raw.train_state, raw.source)
+    train_state = check_train_state(raw.train_state, raw.source, config)
     extra = raw.extra if isinstance(raw.extra, dict) else {}
     neuron = extra.get("default_neuron")
     if neuron is not None and not (isinstance(neuron, int) and 0 <= neuron < config.nhid * config.nlayers):

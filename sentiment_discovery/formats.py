@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .model import ModelConfig
+from .model import MAX_UNITS, ModelConfig
 
 OPENAI_FORMAT = "openai-shards"
 NVIDIA_FORMAT = "nvidia-2018"
@@ -33,6 +33,7 @@ OPENAI_EMBED = 64
 OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
+NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plain array file
 
 
 class CheckpointError(Exception):
@@ -94,13 +95,81 @@ def openai_shard_dir(path: str | Path) -> Path | None:
     return None
 
 
+def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, from its header alone (bounded in size)."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read(f, max_header_size=NPY_HEADER_MAX)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{path}: not a plain .npy array ({e})") from None
+        if fortran_order:
+            raise CheckpointError(f"{path}: a Fortran-ordered array; OpenAI's shards are C-ordered")
+        return tuple(shape), dtype.str, f.tell()
+
+
+_SHARD_NAMES = (
+    "embedding",
+    "Wx",
+    *["Wh block"] * 4,
+    "Wmx",
+    "Wmh",
+    "b",
+    "gx",
+    "gh",
+    "gmx",
+    "gmh",
+    "output W",
+    "output b",
+)
+
+
+def check_openai_headers(files: Sequence[Path]) -> None:
+    """The 15 shard headers against OpenAI's layout (E and H from ``6.npy``, Wmx ``[E, H]``) and each
+    file's size, before a byte of data is read: a header cannot make us allocate what the file lacks."""
+    headers = [npy_header(f) for f in files]
+    wmx = headers[6][0]
+    if len(wmx) != 2 or not all(1 <= n <= MAX_UNITS for n in wmx):
+        raise CheckpointError(f"{files[6]}: Wmx shape {wmx}, expected [E, H] with E, H in 1 .. {MAX_UNITS}")
+    E, H = wmx
+    expected = openai_shard_shapes(H, E)
+    block_columns = 0
+    for index, (f, (shape, dtype, offset), want) in enumerate(zip(files, headers, expected)):
+        if 2 <= index <= 5:  # column blocks of Wh [H, 4H]
+            fits = len(shape) == 2 and shape[0] == H and 1 <= shape[1] <= 4 * H
+            block_columns += shape[1] if fits else 0
+            want = f"({H}, <= {4 * H})"
+        else:
+            fits = shape == want
+        if not fits or dtype != "<f4":
+            raise CheckpointError(
+                f"{f.parent}: shards do not fit an mLSTM with E={E}, H={H}: "
+                f"{f.name} ({_SHARD_NAMES[index]}): "
+                f"{shape} vs expected {want} ({dtype}; float32 <f4 needed)"
+            )
+        size, needed = f.stat().st_size, offset + 4 * int(np.prod(shape))
+        if size != needed:
+            raise CheckpointError(f"{f}: {size:,} bytes where its header announces {needed:,}")
+    if block_columns != 4 * H:
+        raise CheckpointError(
+            f"{files[2].parent}: 2.npy ... 5.npy hold {block_columns} columns of Wh, expected {4 * H}"
+        )
+
+
 def read_openai_shards(directory: str | Path) -> list[np.ndarray]:
-    """The 15 arrays ``0.npy`` ... ``14.npy`` (``allow_pickle=False``: plain numbers only)."""
+    """The 15 arrays ``0.npy`` ... ``14.npy`` (``allow_pickle=False``: plain numbers only), each header
+    checked against the layout and its file's size first."""
     directory = Path(directory)
     files = [directory / f"{i}.npy" for i in range(OPENAI_SHARD_COUNT)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{directory}: OpenAI shard directory lacks {', '.join(missing)}")
+    check_openai_headers(files)
     shards = []
     for f in files:
         try:

@@ -763,7 +763,7 @@ def _lock_save(lock: SaveLock) -> None:
 def _pretrain(args, device: torch.device) -> dict:
     from .checkpoint import load_checkpoint
     from .data import lm_splits
-    from .model import ModelConfig
+    from .model import ModelConfig, check_size_flags
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
     # Bars redraw with carriage returns: on a terminal only; a log file gets the plain log lines.
@@ -774,23 +774,24 @@ def _pretrain(args, device: torch.device) -> dict:
     train_state = None
     if args.load:
         checkpoint = load_checkpoint(args.load)
+        check_size_flags(checkpoint.config, args.batch_size, args.seq_length, loaded=True)
         model, train_state = checkpoint.model, checkpoint.train_state
         main_print(
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
         )
     else:
-        model = RNNModel(
-            ModelConfig(
-                model=args.model,
-                emsize=args.emsize,
-                nhid=args.nhid,
-                nlayers=args.nlayers,
-                dropout=args.dropout,
-                tied=args.tied,
-                weight_norm=not args.no_weight_norm,
-                preprocess=args.preprocess_variant,
-            )
+        config = ModelConfig(
+            model=args.model,
+            emsize=args.emsize,
+            nhid=args.nhid,
+            nlayers=args.nlayers,
+            dropout=args.dropout,
+            tied=args.tied,
+            weight_norm=not args.no_weight_norm,
+            preprocess=args.preprocess_variant,
         )
+        check_size_flags(config, args.batch_size, args.seq_length)
+        model = RNNModel(config)
     # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
     with distributed.main_process_first() if args.lazy else nullcontext():
         splits = lm_splits(
