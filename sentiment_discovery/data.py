@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .safe_io import short_name
+
 
 class DataError(Exception):
     """Bad input data: the message names the file and, where it applies, the line and key."""
@@ -375,7 +377,7 @@ def lazy_cache_dir(path: str | Path, text_key: str, delim: str, loose_json: bool
     variant = f"{preprocess}-{hashlib.sha1(options).hexdigest()[:10]}"
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    return user_cache / "sentiment-discovery" / "lazy" / f"{path.name}-{digest}" / variant
+    return user_cache / "sentiment-discovery" / "lazy" / short_name(f"{path.name}-{digest}") / variant
 
 
 def lazy_corpus(

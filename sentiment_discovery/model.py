@@ -111,6 +111,14 @@ def machine_memory() -> int | None:
         return None
 
 
+def device_memory(device: torch.device | str) -> int | None:
+    """Bytes of memory training on ``device`` can use: a GPU's own, else the machine's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return machine_memory()
+
+
 def training_memory(config: ModelConfig, batch_size: int, seq_length: int) -> int:
     """A lower estimate of the bytes training ``config`` takes: float32 parameters with their gradients and
     two optimizer moments, and per step and row of a batch the activations backpropagation keeps (the
@@ -136,7 +144,7 @@ def check_size_flags(
         ):
             if value > high:
                 raise ValueError(f"{flag} {value} is above the limit of {high} (the same as for checkpoints)")
-    memory = machine_memory() if memory is None else memory
+    memory = machine_memory() if memory is None else memory  # (device_memory(device) for a GPU)
     needed = training_memory(config, batch_size, seq_length)
     if memory is not None and needed > memory:
         what = "the model of --load" if loaded else f"--nhid {config.nhid} x --nlayers {config.nlayers}"

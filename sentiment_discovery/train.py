@@ -43,6 +43,7 @@ from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .recurrent import State
+from .safe_io import refuse_symlink, save_figure, sibling_name
 
 LN2 = math.log(2.0)
 
@@ -136,7 +137,7 @@ class SaveLock:
 
     def __init__(self, save: str | Path):
         save = Path(save)
-        self.save, self.path = save, save.with_name(f".{save.name}.lock")
+        self.save, self.path = save, sibling_name(save, ".", ".lock")
         self.file = None
 
     def acquire(self) -> None:
@@ -335,6 +336,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(path)  # appended to line by line: never through a planted link
         kept = []
         if resume_step is not None and path.exists():
             # a resumed run keeps what was logged up to its checkpoint, not what came after it
@@ -374,7 +376,7 @@ def plot_bpc(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_figure(fig, png_path, dpi=100)
     plt.close(fig)
 
 
@@ -763,7 +765,7 @@ def _lock_save(lock: SaveLock) -> None:
 def _pretrain(args, device: torch.device) -> dict:
     from .checkpoint import load_checkpoint
     from .data import lm_splits
-    from .model import ModelConfig, check_size_flags
+    from .model import ModelConfig, check_size_flags, device_memory
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
     # Bars redraw with carriage returns: on a terminal only; a log file gets the plain log lines.
@@ -774,7 +776,9 @@ def _pretrain(args, device: torch.device) -> dict:
     train_state = None
     if args.load:
         checkpoint = load_checkpoint(args.load)
-        check_size_flags(checkpoint.config, args.batch_size, args.seq_length, loaded=True)
+        if not args.eval_only:
+            memory = device_memory(device)
+            check_size_flags(checkpoint.config, args.batch_size, args.seq_length, memory, loaded=True)
         model, train_state = checkpoint.model, checkpoint.train_state
         main_print(
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
@@ -790,7 +794,7 @@ def _pretrain(args, device: torch.device) -> dict:
             weight_norm=not args.no_weight_norm,
             preprocess=args.preprocess_variant,
         )
-        check_size_flags(config, args.batch_size, args.seq_length)
+        check_size_flags(config, args.batch_size, args.seq_length, device_memory(device))
         model = RNNModel(config)
     # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
     with distributed.main_process_first() if args.lazy else nullcontext():
