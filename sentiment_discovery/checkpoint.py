@@ -566,6 +566,13 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
     if neurons.numel() and not 0 <= int(neurons.min()) <= int(neurons.max()) < features:
         raise CheckpointError(f"{source}: classifier neurons has indices outside 0 .. {features - 1}")
     classifier["neurons"] = neurons
+    for key in ("weight", "bias", "mean", "scale"):
+        value = classifier.get(key)
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: classifier {key} holds NaN or infinite values")
+    scale = classifier.get("scale")
+    if scale is not None and not bool((scale > 0).all()):
+        raise CheckpointError(f"{source}: classifier scale has values <= 0 (standardizing divides by them)")
     return classifier
 
 
@@ -687,6 +694,15 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     for part in ("tensors", "classifier", "train_state"):
         check_views(getattr(raw, part), raw.source, "" if part == "tensors" else part)
     check_tensors(config, raw.tensors, raw.source, raw.file_keys)
+    not_finite = [
+        raw.file_keys.get(k, k)
+        for k, t in raw.tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if not_finite:
+        raise CheckpointError(
+            f"{raw.source}: weights hold NaN or infinite values: {', '.join(not_finite[:5])}"
+        )
     classifier = check_classifier(raw.classifier, config, raw.source)
     train_state = check_train_state(raw.train_state, raw.source, config)
     extra = raw.extra if isinstance(raw.extra, dict) else {}

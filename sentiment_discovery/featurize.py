@@ -87,7 +87,9 @@ class _BatchRunner:
         to = lambda x: torch.from_numpy(x).to(self.device)
         return to(chunk), to(reset), to(real)
 
-    def run(self, chunk_length: int, all_layers: bool) -> torch.Tensor:
+    def run(self, chunk_length: int, all_layers: bool, on_chunk=None) -> torch.Tensor:
+        """The pooled features of the batch; ``on_chunk(n)`` after each chunk of steps with the number of
+        real (non-padding) bytes it read, for progress within long texts."""
         cfg = self.model.config
         B = len(self.tokens)
         h = torch.zeros(cfg.nlayers, B, cfg.nhid, device=self.device)
@@ -113,6 +115,8 @@ class _BatchRunner:
                     peak[:, :rows] = torch.maximum(peak[:, :rows], chunk_peak)
             h[:, :rows] = h_new.float()
             c[:, :rows] = c_new.float()
+            if on_chunk is not None:
+                on_chunk(int(real.sum()))
         lengths = torch.from_numpy(self.lengths).to(self.device, torch.float32)[None, :, None]
         pooled = {
             "last": lambda: c if self.state == "cell" else h,
@@ -164,13 +168,19 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
         autocast(device, dtype),
-        tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
+        # counted in bytes, so that one long text shows progress too
+        tqdm(
+            total=sum(len(t) for t in tokens),
+            disable=not progress,
+            unit="B",
+            unit_scale=True,
+            desc="featurizing",
+        ) as bar,
     ):
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]
             runner = _BatchRunner(model, [tokens[i] for i in idx], device, poolings, state)
-            out[idx] = runner.run(chunk_length, all_layers).float().cpu().numpy()
-            bar.update(len(idx))
+            out[idx] = runner.run(chunk_length, all_layers, bar.update).float().cpu().numpy()
     return out
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,22 @@ GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax
 
 class GenerationError(ValueError):
     """A request that cannot be carried out (no neuron to show or force, neuron out of range ...)."""
+
+
+def check_generation_flags(
+    temperature: float = 1.0, gen_length: int = 0, overwrite: float | None = None, log_interval: int = 0
+) -> None:
+    """The sampling settings (generate.py's flags of the same names), each a GenerationError naming it."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(
+            f"--temperature {temperature} must be a finite number >= 0 (0: always the likeliest)"
+        )
+    if gen_length < -1:
+        raise GenerationError(f"--gen_length {gen_length} must be >= 0, or -1 to analyse --text only")
+    if overwrite is not None and not math.isfinite(overwrite):
+        raise GenerationError(f"--overwrite {overwrite} must be a finite number (+1 positive, -1 negative)")
+    if log_interval < 0:
+        raise GenerationError(f"--log-interval {log_interval} must be >= 0 (0: no progress lines)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +245,7 @@ def generate(
     Analysis (``gen_length`` -1) takes the values from ``featurize.byte_states``, as
     ``Encoder.cell_transform`` does.
     """
+    check_generation_flags(temperature, gen_length, overwrite, log_interval)
     if overwrite is not None and neuron is None:
         raise GenerationError(
             "--overwrite needs a neuron: give --neuron, or load a checkpoint with a classifier"
@@ -536,6 +554,7 @@ def classifier_probability(
 
 def run_generate(args) -> Generation:
     """generate.py: load, pick the neuron, generate or analyse, print and save text, heatmap, values."""
+    check_generation_flags(args.temperature, args.gen_length, args.overwrite, args.log_interval)
     load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt", "lang_model.pt")
     print(f"model: {resolve_model_path(load_model)}")
     ckpt = load_checkpoint(load_model)
