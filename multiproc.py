@@ -5,7 +5,10 @@ free local port, in its environment). N is ``--nproc`` (or torchrun's name, ``--
 when given, else the number of visible GPUs, else 1 (on a CPU-only machine pass ``--nproc`` for
 several processes). ``pip install .`` installs this module, so it runs from any directory.
 Rank 0 writes to this terminal; rank i > 0 to ``distributed_logs/<--save stem>/<i>.log``, as the
-original. When a worker fails the others are stopped; the exit status is the first failure's.
+original (each log starts with the command it ran and ends with its exit status). When a worker
+fails the others are stopped; the exit status is the first failure's. SIGINT/SIGTERM to the launcher
+(Ctrl-C, kill) are forwarded to every worker, which writes its checkpoint and exits; the launcher
+waits for them and exits with their status (130 or 143). A second signal makes them abort at once.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,16 +59,21 @@ def refuse_symlink(path: str | os.PathLike) -> None:
         )
 
 
-def _reason(error: BaseException) -> str:
-    """The cause of a failed write in words; torch.save's C++ stream reports a full disk only as
-    ``basic_ios::clear: iostream error``."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    """The cause of a failed write in words; torch.save's C++ writer reports a full disk only as
+    ``basic_ios::clear: iostream error`` or ``unexpected pos``."""
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or _disk_full(folder):
         return "no space left on the device"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "iostream error" in text or "file write failed" in text:
-        return f"write failed ({text}): is the disk full?"
     return text
 
 
@@ -84,7 +90,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
         prefix, suffix = temp_affixes(path)
         fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     except OSError as e:
-        raise OutputError(f"{path}: cannot write it ({_reason(e)})") from None
+        raise OutputError(f"{path}: cannot write it ({_reason(e, path.parent)})") from None
     os.close(fd)
     try:
         umask = os.umask(0)
@@ -98,7 +104,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, OutputError):
-            raise OutputError(f"{path}: writing it failed ({_reason(e)})") from None
+            raise OutputError(f"{path}: writing it failed ({_reason(e, path.parent)})") from None
         raise
 
 
