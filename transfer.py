@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from sentiment_discovery.cli import add_inference_precision_flags, int_at_least, run_script
-from sentiment_discovery.featurize import POOLINGS, STATES
+from sentiment_discovery.readout import POOLINGS, STATES
 
 
 def build_parser() -> argparse.ArgumentParser:

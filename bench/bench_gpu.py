@@ -103,7 +103,7 @@ def featurize_rate(model, dtype, steps, batch, reps, device) -> float:
 
     def run():
         with torch.inference_mode(), parametrize.cached(), autocast(device, dtype):
-            model.rnn(model.encoder(data.input), None, data.reset)
+            model.final_state(data.input, None, data.reset)
 
     return steps * batch / best_seconds(run, reps, device)
 

@@ -6,13 +6,14 @@ Native layout (a plain dict; every value is a tensor, number, string, list, dict
     {"format": "sentiment-discovery", "version": 1,
      "config": ModelConfig as a dict (architecture + preprocessing),
      "model": RNNModel.state_dict(),
-     "classifier": None | dict (transfer.py: weight, bias, neurons, pooling, state, scaling ...),
+     "classifier": None | Readout.to_dict() (readout.py: weight, bias, neurons, pooling, state, scaling ...),
      "train_state": None | dict (optimizer, scaler, schedule, data position, RNG ...),
      "extra": dict (e.g. ``default_neuron`` of an imported release)}
 
 The same content may be a ``.safetensors`` file (weights only, no ``train_state``): tensors
 ``model.<key>`` and ``classifier.<key>``, the rest as JSON in the safetensors metadata.
-``load_checkpoint`` also reads the released formats (formats.py); the format is detected, not flagged.
+``load_checkpoint`` also reads the released formats (formats.py, docs/formats.md); the format is
+detected, not flagged.
 
 Loading flows one way: a reader (``read_native`` here, formats.py for the released formats) returns
 a ``RawCheckpoint`` (config, tensors, the rest as stored); ``build_checkpoint`` checks the config
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pickle
 import shutil
@@ -39,11 +39,10 @@ import safetensors.torch
 import torch
 
 from . import formats
-from .featurize import STATES, num_features, parse_pooling
-from .formats import CheckpointError, RawCheckpoint
+from .errors import CheckpointError, UsageError
+from .formats import RawCheckpoint
 from .model import ModelConfig, RNNModel
-from .preprocess import PREPROCESSORS
-from .recurrent import RNN_TYPES
+from .readout import Readout
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -56,16 +55,12 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
 # where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
 OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
-# Bounds on a config read from a file, checked before anything is built from it. The released models
-# have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
-MAX_UNITS = 1 << 16
-MAX_LAYERS = 64
 
 
 @dataclass
 class Checkpoint:
     model: RNNModel
-    classifier: dict | None = None
+    classifier: Readout | None = None
     train_state: dict | None = None
     source_format: str = FORMAT_NAME
     extra: dict = field(default_factory=dict)
@@ -123,7 +118,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 def checkpoint_dict(
     model: RNNModel,
-    classifier: dict | None = None,
+    classifier: Readout | dict | None = None,
     train_state: dict | None = None,
     extra: dict | None = None,
     dtype: torch.dtype | None = None,
@@ -138,7 +133,7 @@ def checkpoint_dict(
         "version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "model": weights,
-        "classifier": classifier,
+        "classifier": classifier.to_dict() if isinstance(classifier, Readout) else classifier,
         "train_state": train_state,
         "extra": dict(extra or {}),
     }
@@ -147,7 +142,7 @@ def checkpoint_dict(
 def save_checkpoint(
     path: str | os.PathLike,
     model: RNNModel,
-    classifier: dict | None = None,
+    classifier: Readout | dict | None = None,
     train_state: dict | None = None,
     extra: dict | None = None,
     *,
@@ -156,14 +151,15 @@ def save_checkpoint(
 ) -> None:
     """Write a native checkpoint, its weights in ``dtype`` if given (float16/bfloat16: about half the
     bytes); as safetensors when ``safetensors_file`` (default: for a ``.safetensors`` path), which holds
-    no ``train_state``."""
+    no ``train_state``. A classifier given as its stored dict is checked first (``Readout.from_dict``)."""
+    classifier = Readout.of(classifier, model.config)
     ckpt = checkpoint_dict(model, classifier, train_state, extra, dtype)
     if safetensors_file is None:
         safetensors_file = Path(path).suffix == ".safetensors"
     if not safetensors_file:
         atomic_save(ckpt, path)
     elif train_state is not None:
-        raise ValueError(f"{path}: a safetensors checkpoint holds weights only; save training state as .pt")
+        raise UsageError(f"{path}: a safetensors checkpoint holds weights only; save training state as .pt")
     else:
         _save_safetensors(path, ckpt)
 
@@ -301,62 +297,12 @@ def read_checkpoint_file(path: str | os.PathLike | None) -> RawCheckpoint:
 # Checks: everything read from a file, before the model is built
 # --------------------------------------------------------------------------------------------
 
-_CONFIG_TYPES = {  # ModelConfig field -> accepted types (bool is an int to Python: refused for numbers)
-    "model": (str,),
-    "emsize": (int,),
-    "nhid": (int,),
-    "nlayers": (int,),
-    "dropout": (int, float),
-    "tied": (bool,),
-    "weight_norm": (bool,),
-    "ntoken": (int,),
-    "preprocess": (str,),
-}
-
-
 def check_config(config, source: str) -> ModelConfig:
     """The ModelConfig of a stored config dict, its values within type and limits (nothing allocated)."""
-    if not isinstance(config, dict):
-        raise CheckpointError(
-            f"{source}: config is {type(config).__name__}, expected the model's settings dict"
-        )
-    for key, types in _CONFIG_TYPES.items():
-        value = config.get(key)
-        if key in config and (
-            not isinstance(value, types) or (bool not in types and isinstance(value, bool))
-        ):
-            expected = " or ".join(t.__name__ for t in types)
-            raise CheckpointError(f"{source}: config {key} = {value!r} is not a {expected}")
-    cfg = ModelConfig.from_dict(config)
-    limits = [
-        ("emsize", 1, MAX_UNITS),
-        ("nhid", 1, MAX_UNITS),
-        ("nlayers", 1, MAX_LAYERS),
-        ("ntoken", 256, 256),
-    ]
-    for key, low, high in limits:
-        value = getattr(cfg, key)
-        if not low <= value <= high:
-            raise CheckpointError(f"{source}: config {key} = {value} is outside {low} .. {high}")
-    if not (math.isfinite(cfg.dropout) and 0 <= cfg.dropout < 1):
-        raise CheckpointError(f"{source}: config dropout = {cfg.dropout} is outside [0, 1)")
-    if cfg.model not in RNN_TYPES:
-        raise CheckpointError(f"{source}: config model = {cfg.model!r} is not one of {', '.join(RNN_TYPES)}")
-    if cfg.preprocess not in PREPROCESSORS:
-        raise CheckpointError(
-            f"{source}: config preprocess = {cfg.preprocess!r} is not one of {sorted(PREPROCESSORS)}"
-        )
-    if cfg.tied and cfg.nhid != cfg.emsize:
-        raise CheckpointError(
-            f"{source}: config tied needs nhid == emsize (nhid {cfg.nhid}, emsize {cfg.emsize})"
-        )
-    return cfg
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """State-dict shapes of the model of ``config``, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in RNNModel(config).state_dict().items()}
+    try:
+        return ModelConfig.checked(config)
+    except UsageError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def check_tensors(config: ModelConfig, tensors, source: str, file_keys: dict[str, str] | None = None) -> None:
@@ -368,7 +314,7 @@ def check_tensors(config: ModelConfig, tensors, source: str, file_keys: dict[str
     if not_tensors:
         raise CheckpointError(f"{source}: model weights that are not tensors: {', '.join(not_tensors[:5])}")
     file_keys = file_keys or {}
-    own = expected_shapes(config)
+    own = RNNModel.state_shapes(config)
     missing = [k for k in own if k not in tensors]
     unexpected = [str(k) for k in tensors if k not in own]
     wrong = [
@@ -387,63 +333,6 @@ def check_tensors(config: ModelConfig, tensors, source: str, file_keys: dict[str
         raise CheckpointError(
             f"{source}: weights do not fit the {config.model} architecture ({' | '.join(parts)})"
         )
-
-
-def _numbers(value, name: str, source: str, size: int | None = None) -> torch.Tensor:
-    """A stored numeric array (tensor or list) as a float tensor of ``size`` values."""
-    try:
-        tensor = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise CheckpointError(
-            f"{source}: classifier {name} is {type(value).__name__}, expected numbers"
-        ) from None
-    if not (tensor.dtype.is_floating_point or tensor.dtype in (torch.int64, torch.int32)):
-        raise CheckpointError(f"{source}: classifier {name} holds {tensor.dtype}, expected numbers")
-    if size is not None and tensor.numel() != size:
-        raise CheckpointError(f"{source}: classifier {name} has {tensor.numel()} values, expected {size}")
-    return tensor
-
-
-def check_classifier(classifier, config: ModelConfig, source: str) -> dict | None:
-    """A stored classifier dict checked against the model (features per layer, neuron indices, settings);
-    ``neurons`` filled in (largest |weight| first) where it is absent."""
-    if classifier is None:
-        return None
-    if not isinstance(classifier, dict):
-        raise CheckpointError(f"{source}: classifier is {type(classifier).__name__}, expected a dict")
-    if "weight" not in classifier or "bias" not in classifier:
-        absent = [k for k in ("weight", "bias") if k not in classifier]
-        raise CheckpointError(f"{source}: classifier lacks {' and '.join(absent)}")
-    classifier = dict(classifier)
-    pooling, state = classifier.get("pooling"), classifier.get("state")
-    pooling = pooling if pooling is not None else "last"
-    try:
-        parse_pooling(pooling)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: classifier {e}") from None
-    if state is not None and state not in STATES:
-        raise CheckpointError(f"{source}: classifier state = {state!r} is not one of {', '.join(STATES)}")
-    all_layers = classifier.get("all_layers")
-    if all_layers is not None and not isinstance(all_layers, bool):
-        raise CheckpointError(f"{source}: classifier all_layers = {all_layers!r} is not a bool")
-    features = num_features(config, bool(all_layers), pooling)
-    weight = _numbers(classifier["weight"], "weight", source, features).float().reshape(-1)
-    classifier["weight"] = weight
-    classifier["bias"] = _numbers(classifier["bias"], "bias", source, 1).float().reshape(())
-    for key in ("mean", "scale"):
-        if classifier.get(key) is not None:
-            classifier[key] = _numbers(classifier[key], key, source, features).float().reshape(-1)
-    neurons = classifier.get("neurons")
-    if neurons is None:
-        neurons = torch.argsort(weight.abs(), descending=True, stable=True)
-    neurons = _numbers(neurons, "neurons", source)
-    if neurons.dtype.is_floating_point or neurons.dim() > 1:
-        raise CheckpointError(f"{source}: classifier neurons must be a list of feature indices")
-    neurons = neurons.long().reshape(-1)
-    if neurons.numel() and not 0 <= int(neurons.min()) <= int(neurons.max()) < features:
-        raise CheckpointError(f"{source}: classifier neurons has indices outside 0 .. {features - 1}")
-    classifier["neurons"] = neurons
-    return classifier
 
 
 TRAIN_STATE_COUNTS = ("step", "total_steps", "epoch", "batch", "rows", "batches_per_epoch", "bytes_seen")
@@ -487,7 +376,7 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     """Check everything ``raw`` holds, then build its model (allocation bounded by the file's tensors)."""
     config = check_config(raw.config, raw.source)
     check_tensors(config, raw.tensors, raw.source, raw.file_keys)
-    classifier = check_classifier(raw.classifier, config, raw.source)
+    classifier = None if raw.classifier is None else Readout.from_dict(raw.classifier, config, raw.source)
     train_state = check_train_state(raw.train_state, raw.source)
     extra = raw.extra if isinstance(raw.extra, dict) else {}
     neuron = extra.get("default_neuron")

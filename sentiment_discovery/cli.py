@@ -8,6 +8,8 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 
+from .errors import INPUT_ERRORS
+
 
 class Interrupted(Exception):
     """Training stopped on a signal after writing a resumable checkpoint; exit with ``exit_code``."""
@@ -49,18 +51,18 @@ def run_script(
 ) -> int:
     """Parse ``argv`` (``normalize_argv`` spellings), call ``run(args)``; bad input -> ``error: ...``, 2.
 
-    Bad input (a data file, a checkpoint, a value, a path that cannot be read or written) is reported
-    in one line, never as a traceback.
+    The project's own input errors (``errors.INPUT_ERRORS``: a data file, a checkpoint, a value) and an
+    ``OSError`` about a named path (a file that cannot be read or written) are reported in one line;
+    anything else is a bug and keeps its traceback.
     """
-    from .checkpoint import CheckpointError
-    from .data import DataError
-
     # a bad flag is one line too, not the usage block (--help shows that)
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     try:
         run(args)
-    except (DataError, CheckpointError, ValueError, OSError) as e:
+    except (*INPUT_ERRORS, OSError) as e:
+        if isinstance(e, OSError) and e.filename is None:  # not about a path the user gave: a bug
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:  # training stopped on a signal, after saving a checkpoint

@@ -25,9 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-
-class DataError(Exception):
-    """Bad input data: the message names the file and, where it applies, the line and key."""
+from .errors import DataError
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Read the released weights (formats.md): OpenAI's ``.npy`` shard directory and NVIDIA's 2018 checkpoints.
+"""Read the released weights (docs/formats.md): OpenAI's ``.npy`` shards and NVIDIA's 2018 checkpoints.
 
 Each reader returns a ``RawCheckpoint``: a config dict, the tensors under the project's state-dict
 keys, and the rest (for NVIDIA files after transfer, the project's classifier dict), so that the
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import CheckpointError
 from .model import ModelConfig
 
 OPENAI_FORMAT = "openai-shards"
@@ -33,10 +34,6 @@ OPENAI_EMBED = 64
 OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit its architecture."""
 
 
 @dataclass
@@ -67,7 +64,7 @@ def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
 
 
 def openai_shard_shapes(H: int = OPENAI_HIDDEN, E: int = OPENAI_EMBED) -> list[tuple[int, ...]]:
-    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (formats.md). Files 2-5 are
+    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (docs/formats.md). Files 2-5 are
     column blocks of Wh ``[H, 4H]``, listed here as ``(H, 4H)``: the most columns one block may hold."""
     return [
         (256, E),  # embedding
@@ -128,7 +125,7 @@ def openai_weights(shards: Sequence[np.ndarray], source: str) -> RawCheckpoint:
     shapes = [*shapes[:2], (H, 4 * H), *shapes[6:]]  # files 2-5 merged into Wh
     files = ["0", "1", "2-5", *map(str, range(6, OPENAI_SHARD_COUNT))]
     names = ["embedding", "Wx", "Wh", "Wmx", "Wmh", "b", "gx", "gh", "gmx", "gmh", "output W", "output b"]
-    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, formats.md
+    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, docs/formats.md
     wrong = [
         f"{file}.npy ({name}): {tuple(np.shape(a))} vs expected {shape}"
         for (file, name, shape), a in zip(layout, arrays)
@@ -309,7 +306,8 @@ def nvidia_weights(flat: dict, source: str) -> RawCheckpoint:
 
 
 def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | None:
-    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as our dict."""
+    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as the stored
+    form of a ``Readout`` (readout.py checks it)."""
     weight, bias, neurons = (flat.get(f"classifier.{k}") for k in ("weight", "bias", "neurons"))
     if weight is None:
         return None

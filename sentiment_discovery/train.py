@@ -40,6 +40,7 @@ from . import distributed
 from .checkpoint import SAVE_DTYPES, CheckpointError, copy_checkpoint, save_checkpoint, stale_temp_files
 from .cli import Interrupted, pick_seed
 from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
+from .errors import UsageError
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .recurrent import State
@@ -108,25 +109,25 @@ def check_save_path(save: str | Path) -> None:
     """Fail before training, not after it: ``--save`` must be a writable file path of a format that can
     hold a training state (a ``.safetensors`` file holds weights only)."""
     if not str(save):
-        raise ValueError("--save is empty: give the checkpoint's file path")
+        raise UsageError("--save is empty: give the checkpoint's file path")
     save = Path(save)
     if save.suffix == ".safetensors":
-        raise ValueError(
+        raise UsageError(
             f"--save {save}: a .safetensors file holds weights only, not the training state a run "
             "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
         )
     for path in (save, sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
         if path.is_dir():
-            raise ValueError(f"--save {save}: {path} is a directory, expected a file path")
+            raise UsageError(f"--save {save}: {path} is a directory, expected a file path")
     parent = save.parent
     if parent.exists() and not parent.is_dir():
-        raise ValueError(f"--save {save}: {parent} is not a directory")
+        raise UsageError(f"--save {save}: {parent} is not a directory")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"--save {save}: cannot create its folder {parent} ({e.strerror})") from None
+        raise UsageError(f"--save {save}: cannot create its folder {parent} ({e.strerror})") from None
     if not os.access(parent, os.W_OK | os.X_OK) or (save.exists() and not os.access(save, os.W_OK)):
-        raise ValueError(f"--save {save}: not writable")
+        raise UsageError(f"--save {save}: not writable")
 
 
 class SaveLock:
@@ -148,7 +149,7 @@ class SaveLock:
                 file.seek(0)
                 holder = file.read().strip() or "unknown"
                 file.close()
-                raise ValueError(
+                raise UsageError(
                     f"--save {self.save}: another run (pid {holder}) is writing to it (lock {self.path}); "
                     "wait for it to end or choose another --save"
                 ) from None
@@ -254,7 +255,7 @@ def optimizer_names() -> list[str]:
 def check_optimizer(name: str) -> None:
     if name not in optimizer_names():
         why = " (it cannot train on one batch per step)" if name in UNSUITABLE_OPTIMIZERS else ""
-        raise ValueError(f"--optim {name!r}{why}: choose one of {', '.join(optimizer_names())}")
+        raise UsageError(f"--optim {name!r}{why}: choose one of {', '.join(optimizer_names())}")
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -401,7 +402,7 @@ class Trainer:
         self.splits, self.opt, self.device = splits, options, device
         self.train = splits.train
         if self.train is None:
-            raise ValueError("no training split")
+            raise UsageError("no training split")
         self.optimizer = make_optimizer(options.optim, self.model.parameters(), options.lr)
         resume = train_state is not None and train_state["step"] < train_state["total_steps"]
         self.total_steps = (
@@ -722,13 +723,13 @@ def pretrain(args) -> dict:
     One process of a distributed run when torchrun's environment or ``--world_size``/``--rank`` say so.
     """
     if args.preprocess and not args.lazy:
-        raise ValueError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
+        raise UsageError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
     if (args.dynamic_loss_scale or args.loss_scale != 1) and not args.fp16:
-        raise ValueError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
+        raise UsageError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
     if args.fp16 and args.bf16:
-        raise ValueError("--fp16 and --bf16 both given: choose one")
+        raise UsageError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
-        raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
+        raise UsageError("--eval_only evaluates the model of --load: give a checkpoint")
     if not args.eval_only:
         check_optimizer(args.optim)
         check_save_path(args.save)
@@ -757,7 +758,7 @@ def _lock_save(lock: SaveLock) -> None:
                 print(f"removed {tmp}, left by an interrupted checkpoint write")
     refused = distributed.broadcast(refused)
     if refused:
-        raise ValueError(refused)
+        raise UsageError(refused)
 
 
 def _pretrain(args, device: torch.device) -> dict:
@@ -839,7 +840,7 @@ def _pretrain(args, device: torch.device) -> dict:
     )
     if args.eval_only:
         if splits.val is None and splits.test is None:
-            raise ValueError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
+            raise UsageError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
         model.to(device)
         result = {}
         for name in ("val", "test"):

@@ -27,14 +27,16 @@ from sklearn.model_selection import StratifiedKFold
 from .checkpoint import (
     DEFAULT_MODEL,
     Checkpoint,
-    CheckpointError,
     first_existing_model,
     load_checkpoint,
     resolve_model_path,
     save_checkpoint,
 )
-from .data import DataError, Records, is_json_path, read_records
-from .featurize import featurize, parse_pooling
+from .data import Records, is_json_path, read_records
+from .encoder import Encoder
+from .errors import CheckpointError, DataError, UsageError
+from .featurize import featurize
+from .readout import FeatureSpec, Readout, top_neurons
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -86,9 +88,9 @@ LOG2_C_LIMIT = 50  # C = 2^50 is no penalty at all already; 2^1024 is not even a
 def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
     """C = 2^log2_min ... 2^log2_max (OpenAI's sweep is 2^-8 ... 2^0)."""
     if log2_min > log2_max:
-        raise ValueError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
+        raise UsageError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
     if max(abs(log2_min), abs(log2_max)) > LOG2_C_LIMIT:
-        raise ValueError(
+        raise UsageError(
             f"--log2_C {log2_min} {log2_max}: exponents must lie in -{LOG2_C_LIMIT} .. {LOG2_C_LIMIT}"
         )
     return [2.0**e for e in range(log2_min, log2_max + 1)]
@@ -147,23 +149,6 @@ def fit_l1_regression(
     return Regression(model.coef_[0].astype(np.float64), float(model.intercept_[0]), C, scores, converged)
 
 
-def top_neurons(weight: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest |weight| features, largest first (ties: lower index first).
-
-    Only features with a non-zero weight count (a zero-weight feature is no sentiment neuron); an
-    all-zero regression, which transfer reports as such, keeps the first feature so there is one.
-    """
-    w = np.abs(np.asarray(weight, dtype=np.float64).reshape(-1))
-    n = len(w) if n < 0 else n
-    n = min(n, max(1, int(np.count_nonzero(w))))
-    return np.argsort(-w, kind="stable")[:n].astype(np.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# The classifier dict stored in checkpoints (contract in notes: weight, bias, neurons, ...)
-# --------------------------------------------------------------------------------------------
-
-
 def make_classifier(
     regression: Regression,
     mean: np.ndarray | None,
@@ -172,60 +157,18 @@ def make_classifier(
     pooling: str,
     state: str,
     all_layers: bool,
-) -> dict:
+) -> Readout:
+    """The readout of a regression fitted on features standardised by ``mean``/``scale``."""
     f32 = lambda a: None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32)
-    return {
-        "weight": f32(regression.weight),
-        "bias": torch.tensor(regression.bias, dtype=torch.float32),
-        "neurons": torch.as_tensor(neurons, dtype=torch.long),
-        "pooling": pooling,
-        "state": state,
-        "all_layers": all_layers,
-        "mean": f32(mean),
-        "scale": f32(scale),
-        "C": float(regression.C),
-    }
-
-
-def classifier_settings(classifier: dict | None) -> tuple[str, str, bool]:
-    """(pooling, state, all_layers) a classifier was trained with; the original's when unrecorded."""
-    classifier = classifier or {}
-    return (
-        classifier.get("pooling") or "last",
-        classifier.get("state") or "cell",
-        bool(classifier.get("all_layers")),
+    return Readout(
+        weight=f32(regression.weight),
+        bias=torch.tensor(regression.bias, dtype=torch.float32),
+        spec=FeatureSpec.parse(pooling, state, all_layers),
+        neurons=torch.as_tensor(neurons, dtype=torch.long),
+        mean=f32(mean),
+        scale=f32(scale),
+        C=float(regression.C),
     )
-
-
-def classifier_probs(features: np.ndarray, classifier: dict, neurons: int = -1) -> np.ndarray:
-    """P(positive) = sigmoid(((x - mean) / scale) . weight + bias), float64 ``[n]``.
-
-    ``neurons`` >= 0 keeps only that many largest-|weight| weights (masking, no refit), as the
-    original classifier.py did; -1 keeps all.
-    """
-    weight = _numpy(classifier["weight"]).reshape(-1)
-    if features.shape[1] != weight.shape[0]:
-        raise ValueError(
-            f"features have {features.shape[1]} columns but the classifier has {weight.shape[0]} weights"
-        )
-    if neurons >= 0:
-        masked = np.zeros_like(weight)
-        keep = top_neurons(weight, neurons)
-        masked[keep] = weight[keep]
-        weight = masked
-    x = features.astype(np.float64)
-    if classifier.get("mean") is not None:
-        x = x - _numpy(classifier["mean"]).reshape(-1)
-    if classifier.get("scale") is not None:
-        x = x / _numpy(classifier["scale"]).reshape(-1)
-    bias = float(_numpy(classifier["bias"]).reshape(-1)[0])
-    return _sigmoid(x @ weight + bias)
-
-
-def _numpy(value) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,18 +357,18 @@ def run_transfer(args: argparse.Namespace) -> dict:
     from .plots import plot_neuron_histograms, plot_weights
 
     if args.neurons < 1:
-        raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
+        raise UsageError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
     if args.write_results and not given_path(args.test):
-        raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
+        raise UsageError("--write_results writes the test texts' predictions, and there is no --test file")
     Cs = c_sweep(*args.log2_C)
     args.load_model = _choose_model(args.load_model, "lang_model.pt")
     ckpt = load_checkpoint(args.load_model)
     _check_architecture(ckpt, args)
     model = ckpt.model
     # Unset features settings follow a transferred model's own classifier (the original's otherwise).
-    recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
-    args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
-    args.state = args.state or recorded_state
+    recorded = ckpt.classifier.spec if ckpt.classifier is not None else FeatureSpec()
+    args.pooling = FeatureSpec.parse(args.pooling or recorded.pooling).pooling
+    args.state = args.state or recorded.state
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -495,7 +438,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     neurons = top_neurons(full.weight, args.neurons)
     classifier = make_classifier(full, mean, scale, neurons, args.pooling, args.state, args.all_layers)
     # Probabilities come from the stored classifier, exactly as classifier.py computes them.
-    probs = {split: classifier_probs(f, classifier) for split, f in features.items()}
+    probs = {split: classifier.probs(f) for split, f in features.items()}
     full_acc = accuracies(probs)
     print(_report("all features", full, full_acc, n_features))
 
@@ -586,8 +529,6 @@ def _jsonable(obj):
 
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
-    from .encoder import Encoder
-
     args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
     encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
@@ -604,7 +545,8 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     else:
         records = _read_labelled(args, args.data, need_labels=None)
     features = encoder.transform(records.texts, progress=sys.stderr.isatty())
-    probs = classifier_probs(features, encoder.classifier, args.neurons)
+    readout = encoder.classifier
+    probs = readout.probs(features, args.neurons)
 
     save_probs = Path(args.save_probs)
     if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
@@ -627,13 +569,13 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     print(f"probabilities saved to {save_probs}")
     if args.write_results:
         # top N: --neurons, else the neurons transfer.py kept; their probability masks the other weights
-        n_top = args.neurons if args.neurons >= 0 else len(encoder.classifier["neurons"])
-        neurons = top_neurons(encoder.classifier["weight"], n_top)
+        n_top = args.neurons if args.neurons >= 0 else len(readout.neurons)
+        neurons = top_neurons(readout.weight, n_top)
         write_predictions(
             args.write_results,
             records,
-            probs if args.neurons < 0 else classifier_probs(features, encoder.classifier),
-            probs if args.neurons >= 0 else classifier_probs(features, encoder.classifier, len(neurons)),
+            probs if args.neurons < 0 else readout.probs(features),
+            probs if args.neurons >= 0 else readout.probs(features, len(neurons)),
             neurons,
             features,
             args.text_key,

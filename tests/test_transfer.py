@@ -12,9 +12,9 @@ from conftest import fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.readout import classifier_probs
 from sentiment_discovery.transfer import (
     Regression,
-    classifier_probs,
     fit_l1_regression,
     make_classifier,
     standardizer,
