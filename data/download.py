@@ -157,7 +157,7 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
 
 
 def check_openai_shard(path: Path, index: int, expected: tuple[int, ...]) -> None:
-    """``index.npy`` must be float32 of the ``expected`` shape (formats.md) and hold exactly its bytes.
+    """``index.npy`` must be float32 of the ``expected`` shape (docs/formats.md) and hold exactly its bytes.
     Files 2-5 (column blocks of Wh) need the rows and at most the columns of ``expected``."""
     shape, dtype, offset = npy_header(path)
     if 2 <= index <= 5:
