@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument(
         "--pooling",
         default=None,
-        help=f"{'|'.join(POOLINGS)}: state after the last byte, or mean/max over bytes; a comma list "
+        help=f"{'|'.join(POOLINGS)}: state after the last byte, or that pooling over all bytes; a comma list "
         "(mean,max,last) concatenates them. Default: the loaded model's classifier's, else last",
     )
     feat.add_argument(

@@ -32,7 +32,7 @@ from torch import Tensor
 from .errors import CheckpointError, UsageError
 from .model import ModelConfig
 
-POOLINGS = ("last", "mean", "max")
+POOLINGS = ("last", "mean", "max", "min")  # min: the later NVIDIA suite's --concat-min
 STATES = ("cell", "hidden")
 
 
@@ -121,11 +121,12 @@ class Pooler:
         shape = (layers, batch, hidden)
         self.total = torch.zeros(shape, device=device) if "mean" in spec.poolings else None
         self.peak = torch.full(shape, float("-inf"), device=device) if "max" in spec.poolings else None
+        self.trough = torch.full(shape, float("inf"), device=device) if "min" in spec.poolings else None
 
     @property
     def per_step(self) -> bool:
         """Whether any pooling reads every step (else the final state is all it needs)."""
-        return self.total is not None or self.peak is not None
+        return self.total is not None or self.peak is not None or self.trough is not None
 
     def add(self, steps: Tensor, real: Tensor, rows: int | None = None) -> None:
         """Pool ``steps [L, T, rows, H]`` with ``real [T, rows]`` into the first ``rows`` rows (no in-place
@@ -141,6 +142,9 @@ class Pooler:
         if self.peak is not None:
             chunk_peak = steps.masked_fill(~mask, float("-inf")).amax(dim=1)
             self.peak = merge(self.peak, torch.maximum(self.peak[:, :rows], chunk_peak))
+        if self.trough is not None:
+            chunk_trough = steps.masked_fill(~mask, float("inf")).amin(dim=1)
+            self.trough = merge(self.trough, torch.minimum(self.trough[:, :rows], chunk_trough))
 
     def features(self, last: Tensor, lengths: Tensor) -> Tensor:
         """``[B, F]`` from the state after each row's last byte ``[L, B, H]`` and its byte count ``[B]``."""
@@ -148,6 +152,7 @@ class Pooler:
             "last": lambda: last,
             "mean": lambda: self.total / lengths.to(self.total.dtype)[None, :, None],
             "max": lambda: self.peak,
+            "min": lambda: self.trough,
         }
         return torch.cat([self.spec.layers_to_features(pooled[p]()) for p in self.spec.poolings], dim=1)
 

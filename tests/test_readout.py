@@ -82,6 +82,18 @@ def test_pooling_of_per_step_states_is_differentiable_and_matches_featurize(kind
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_min_pooling_is_the_smallest_value_of_each_unit():
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(emsize=4, nhid=6)).eval()
+    text = "not bad at all"
+    from sentiment_discovery.featurize import byte_states
+    from sentiment_discovery.preprocess import encode
+
+    (per_byte,) = byte_states(model, [encode(text, "nvidia")], device="cpu")
+    short = featurize(model, [text, "ok"], pooling="min,max", device="cpu", chunk_length=4)
+    np.testing.assert_allclose(short[0], np.concatenate([per_byte.min(0), per_byte.max(0)]), rtol=1e-5)
+
+
 def test_run_script_keeps_the_traceback_of_a_bug(capsys):
     parser = argparse.ArgumentParser()
 
