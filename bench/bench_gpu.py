@@ -30,7 +30,7 @@ import torch
 from bench_mlstm import build_model, flops_per_char  # this folder: python bench/bench_gpu.py
 from torch.nn.utils import parametrize
 
-from sentiment_discovery.data import Batch
+from sentiment_discovery.batching import Batch
 from sentiment_discovery.matmul import autocast
 from sentiment_discovery.train import batch_loss
 

@@ -64,6 +64,20 @@ class ModelConfig:
         return cls(**known)
 
     @classmethod
+    def from_args(cls, args) -> ModelConfig:
+        """From main.py's model flags (``--no_weight_norm``, ``--preprocess_variant``)."""
+        return cls(
+            model=args.model,
+            emsize=args.emsize,
+            nhid=args.nhid,
+            nlayers=args.nlayers,
+            dropout=args.dropout,
+            tied=args.tied,
+            weight_norm=not args.no_weight_norm,
+            preprocess=args.preprocess_variant,
+        )
+
+    @classmethod
     def checked(cls, stored) -> ModelConfig:
         """The config of a stored dict (a file's), its values within type and limits: a ``UsageError``
         naming the value otherwise. Nothing is allocated."""

@@ -37,9 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
+from .batching import PAD_TARGET, Batch, LMSplits, TBPTTBatches
 from .checkpoint import SAVE_DTYPES, CheckpointError, copy_checkpoint, save_checkpoint, stale_temp_files
 from .cli import Interrupted, pick_seed
-from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
 from .errors import UsageError
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
@@ -66,6 +66,12 @@ class TrainOptions:
     save_dtype: str = "fp32"  # dtype of the weights in the checkpoints written (checkpoint.SAVE_DTYPES)
     dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
     load: str = ""  # the checkpoint a resumed run came from (its best model and metrics continue)
+
+    @classmethod
+    def from_args(cls, args, **settings) -> TrainOptions:
+        """From main.py's flags; ``settings`` give what no flag does (``progress``)."""
+        given = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        return cls(**{**given, **settings})
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -762,8 +768,8 @@ def _lock_save(lock: SaveLock) -> None:
 
 
 def _pretrain(args, device: torch.device) -> dict:
+    from .batching import LMDataOptions, lm_splits
     from .checkpoint import load_checkpoint
-    from .data import lm_splits
     from .model import ModelConfig
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
@@ -780,44 +786,13 @@ def _pretrain(args, device: torch.device) -> dict:
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
         )
     else:
-        model = RNNModel(
-            ModelConfig(
-                model=args.model,
-                emsize=args.emsize,
-                nhid=args.nhid,
-                nlayers=args.nlayers,
-                dropout=args.dropout,
-                tied=args.tied,
-                weight_norm=not args.no_weight_norm,
-                preprocess=args.preprocess_variant,
-            )
-        )
+        model = RNNModel(ModelConfig.from_args(args))
     # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
     with distributed.main_process_first() if args.lazy else nullcontext():
-        splits = lm_splits(
-            args.data,
-            args.valid,
-            args.test,
-            split=args.split,
-            num_shards=args.num_shards,
-            val_shards=args.val_shards,
-            test_shards=args.test_shards,
-            batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size,
-            seq_length=args.seq_length,
-            eval_seq_length=args.eval_seq_length,
-            persist_state=args.persist_state,
-            text_key=args.text_key,
-            eval_text_key=args.eval_text_key,
-            delim=args.delim,
-            loose_json=args.loose_json,
-            preprocess=model.config.preprocess,
-            progress=progress,
-            lazy=args.lazy,
-            rebuild_cache=args.preprocess and rank == 0,
-            world_size=world_size,
-            rank=rank,
+        data = LMDataOptions.from_args(
+            args, preprocess=model.config.preprocess, rebuild_cache=args.preprocess and rank == 0
         )
+        splits = lm_splits(data, progress=progress, world_size=world_size, rank=rank)
     if world_size > 1:
         torch.manual_seed(seed + rank)  # the same initial weights (seeded above), distinct dropout masks
     for name in ("train", "val", "test"):
@@ -849,22 +824,5 @@ def _pretrain(args, device: torch.device) -> dict:
                 result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
                 main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
-    options = TrainOptions(
-        optim=args.optim,
-        lr=args.lr,
-        clip=args.clip,
-        epochs=args.epochs,
-        train_iters=args.train_iters,
-        log_interval=args.log_interval,
-        save=args.save,
-        save_iters=args.save_iters,
-        keep_checkpoints=args.keep_checkpoints,
-        progress=progress,
-        fp16=args.fp16,
-        bf16=args.bf16,
-        loss_scale=args.loss_scale,
-        save_dtype=args.save_dtype,
-        dynamic_loss_scale=args.dynamic_loss_scale,
-        load=args.load,
-    )
+    options = TrainOptions.from_args(args, progress=progress)
     return Trainer(model, splits, options, device, train_state).run()

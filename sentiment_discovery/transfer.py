@@ -32,10 +32,10 @@ from .checkpoint import (
     resolve_model_path,
     save_checkpoint,
 )
-from .data import Records, is_json_path, read_records
 from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
+from .readers import ReadOptions, Records, is_json_path, read_records
 from .readout import FeatureSpec, Readout, top_neurons
 
 SPLITS = ("train", "val", "test")
@@ -298,15 +298,7 @@ def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
 
 def _read_labelled(args: argparse.Namespace, path: str, need_labels: bool | None) -> Records:
     """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
-    return read_records(
-        path,
-        args.text_key,
-        args.label_key,
-        args.delim,
-        args.loose_json,
-        need_labels=need_labels,
-        binarize_labels=args.binarize_labels,
-    )
+    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels)
 
 
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:

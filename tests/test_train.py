@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import ROOT, fixture_path, load_script
 
+from sentiment_discovery.batching import LMSplits, TBPTTBatches, shard_starts
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
-from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
+from sentiment_discovery.readers import encode_corpus
 from sentiment_discovery.train import MetricsLog, Trainer, TrainOptions, evaluate
 
 main_script = load_script("main")
