@@ -233,7 +233,7 @@ def test_txt_corpus_trains_with_plain_log_lines_and_a_checkpoint_series(tmp_path
 
 
 def test_prune_snapshots_keeps_the_last_k_up_to_the_current_step(tmp_path):
-    from sentiment_discovery.train import prune_snapshots, snapshot_path
+    from sentiment_discovery.runfiles import prune_snapshots, snapshot_path
 
     for step in (10, 2, 30, 20, 40):
         snapshot_path(tmp_path / "m.pt", step).write_bytes(b"x")
