@@ -74,6 +74,41 @@ def run_script(
     return 0
 
 
+def script_parser(description: str, example: str, epilog: str = "", **kwargs) -> argparse.ArgumentParser:
+    """A script's parser, its epilog saying how long flags may be spelled (``example``: one of its flags,
+    in underscores), after the script's own ``epilog``."""
+    spellings = (
+        f"Every long flag may be spelled with dashes or underscores (--{example.replace('_', '-')}, "
+        f"--{example}) and with one leading dash (-{example})."
+    )
+    return argparse.ArgumentParser(description=description, epilog=f"{spellings} {epilog}".strip(), **kwargs)
+
+
+def add_load_model_flag(group, holds: str, default: str) -> None:
+    """``--load_model`` of the inference scripts: the checkpoint that ``holds`` what the script needs."""
+    group.add_argument(
+        "--load_model",
+        default=None,
+        help=f"{holds} (default: {default}; 'default' names the shipped one)",
+    )
+
+
+def add_read_flags(group) -> None:
+    """How a labelled csv/json file is read (readers.ReadOptions): transfer.py and classifier.py."""
+    group.add_argument("--text_key", default="sentence", help="csv column / json key of the text")
+    group.add_argument("--label_key", default="label", help="csv column / json key of the 0/1 label")
+    group.add_argument("--delim", default=",", help="csv delimiter")
+    group.add_argument("--loose_json", action="store_true", help="one json object per line")
+    group.add_argument(
+        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
+    )
+
+
+def add_write_results_flag(group, rows: str) -> None:
+    """``--write_results``: one row per text with ``rows``, as csv (json for .json/.jsonl)."""
+    group.add_argument("--write_results", default="", help=f"{rows} (csv, or json for .json/.jsonl)")
+
+
 def add_inference_precision_flags(group) -> None:
     """``--fp16``/``--bf16`` of the inference scripts (transfer.py, classifier.py, generate.py)."""
     group.add_argument(
