@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .checkpoint import first_existing_model, load_checkpoint, resolve_model_path
+from .checkpoint import load_checkpoint
 from .cli import pick_seed
 from .encoder import Encoder
 from .errors import UsageError
 from .featurize import byte_states, default_device
+from .formats import first_existing_model, resolve_model_path
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import decode, encode, text_slice

@@ -189,6 +189,39 @@ class RNNModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def from_state(cls, config, tensors, file_keys: dict[str, str] | None = None) -> RNNModel:
+        """The model of a stored config dict and state dict (a file's): the config within its limits and
+        every tensor of exactly the shape the config implies, key by key (named by the file's own keys
+        where ``file_keys`` maps ours to them), before anything is allocated; a ``UsageError`` else."""
+        config = ModelConfig.checked(config)
+        if not isinstance(tensors, dict):
+            raise UsageError(f"the model weights are {type(tensors).__name__}, expected a dict")
+        not_tensors = [f"{k} ({type(v).__name__})" for k, v in tensors.items() if not isinstance(v, Tensor)]
+        if not_tensors:
+            raise UsageError(f"model weights that are not tensors: {', '.join(not_tensors[:5])}")
+        file_keys = file_keys or {}
+        own = cls.state_shapes(config)
+        missing = [k for k in own if k not in tensors]
+        unexpected = [str(k) for k in tensors if k not in own]
+        wrong = [
+            f"{file_keys.get(k, k)}: file {tuple(tensors[k].shape)} vs model {own[k]}"
+            for k in own
+            if k in tensors and tuple(tensors[k].shape) != own[k]
+        ]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append("missing keys: " + ", ".join(missing))
+            if unexpected:
+                parts.append("unexpected keys: " + ", ".join(unexpected))
+            if wrong:
+                parts.append("wrong shapes: " + "; ".join(wrong))
+            raise UsageError(f"weights do not fit the {config.model} architecture ({' | '.join(parts)})")
+        model = cls(config)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+        return model
+
     @staticmethod
     def state_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         """State-dict shapes of the model of ``config``, built on the meta device (no memory)."""

@@ -15,17 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import (
-    DEFAULT_MODEL,
-    Checkpoint,
-    first_existing_model,
-    load_checkpoint,
-    resolve_model_path,
-    save_checkpoint,
-)
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
+from .formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
 from .readers import ReadOptions, Records, is_json_path, read_records
 from .readout import FeatureSpec, top_neurons
 from .regression import (
