@@ -1,9 +1,13 @@
-"""Read the released weights (formats.md): OpenAI's ``.npy`` shard directory and NVIDIA's 2018 checkpoints.
+"""Read the released weights (docs/formats.md): OpenAI's ``.npy`` shards and NVIDIA's 2018 checkpoints.
+
+Also our own files (``read_native``, ``read_safetensors``; written by checkpoint.py), the aliases of
+the shipped and OpenAI models, and ``read_checkpoint_file``, which detects the format of a path.
 
 Each reader returns a ``RawCheckpoint``: a config dict, the tensors under the project's state-dict
-keys, and the rest (for NVIDIA files after transfer, the project's classifier dict), so that the
+keys, and the rest (for NVIDIA files after transfer, the stored form of a ``Readout``), so that the
 model built from it computes the original math. Loading flows one way: ``checkpoint.load_checkpoint``
-detects the format, calls a reader here, checks what it returned and only then builds the model.
+calls ``read_checkpoint_file`` here, then builds the model (its config and tensor shapes checked
+first, model.py) and checks the classifier against it (readout.py).
 
 Weight norm: a file that stores gain and direction separately (OpenAI always; NVIDIA ``_g``/``_v``)
 loads into a ``weight_norm=True`` model with gain -> ``original0`` ``[out, 1]`` and direction ->
@@ -14,16 +18,24 @@ An NVIDIA file with folded weights loads into a ``weight_norm=False`` model.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import pickle
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import torch
 from torch import Tensor
 
-from .model import MAX_UNITS, ModelConfig
+from .errors import CheckpointError
+from .model import MAX_UNITS, ModelConfig, RNNModel
 
 OPENAI_FORMAT = "openai-shards"
 NVIDIA_FORMAT = "nvidia-2018"
@@ -34,10 +46,6 @@ OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
 NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plain array file
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit its architecture."""
 
 
 @dataclass
@@ -68,7 +76,7 @@ def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
 
 
 def openai_shard_shapes(H: int = OPENAI_HIDDEN, E: int = OPENAI_EMBED) -> list[tuple[int, ...]]:
-    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (formats.md). Files 2-5 are
+    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (docs/formats.md). Files 2-5 are
     column blocks of Wh ``[H, 4H]``, listed here as ``(H, 4H)``: the most columns one block may hold."""
     return [
         (256, E),  # embedding
@@ -197,7 +205,7 @@ def openai_weights(shards: Sequence[np.ndarray], source: str) -> RawCheckpoint:
     shapes = [*shapes[:2], (H, 4 * H), *shapes[6:]]  # files 2-5 merged into Wh
     files = ["0", "1", "2-5", *map(str, range(6, OPENAI_SHARD_COUNT))]
     names = ["embedding", "Wx", "Wh", "Wmx", "Wmh", "b", "gx", "gh", "gmx", "gmh", "output W", "output b"]
-    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, formats.md
+    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, docs/formats.md
     wrong = [
         f"{file}.npy ({name}): {tuple(np.shape(a))} vs expected {shape}"
         for (file, name, shape), a in zip(layout, arrays)
@@ -378,7 +386,8 @@ def nvidia_weights(flat: dict, source: str) -> RawCheckpoint:
 
 
 def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | None:
-    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as our dict."""
+    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as the stored
+    form of a ``Readout`` (readout.py checks it)."""
     weight, bias, neurons = (flat.get(f"classifier.{k}") for k in ("weight", "bias", "neurons"))
     if weight is None:
         return None
@@ -416,3 +425,416 @@ def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | 
         "scale": None,
         "C": None,  # not stored in the released files
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Our own files, and which reader a path needs
+# --------------------------------------------------------------------------------------------
+
+FORMAT_NAME = "sentiment-discovery"
+FORMAT_VERSION = 1
+# The model that ships with the package (pretrained/README.md: how it was made, what it scores).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
+# where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
+OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
+
+
+# Names a user may give instead of a path: the file each stands for, and how to get it. Downloads go
+# relative to the working directory, as the scripts' data defaults (the repository root).
+MODEL_ALIASES = {
+    "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
+    "openai": (Path("data") / OPENAI_MODEL, "python data/download.py openai"),
+}
+
+
+def first_existing_model(*candidates: str) -> str:
+    """The first of the scripts' conventional outputs that exists (a user's own model wins), else
+    ``default``, the shipped model."""
+    return next((path for path in candidates if Path(path).exists()), "default")
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """``path`` itself, or for an alias (``default``, ``openai``) with no file of that name, the file it
+    stands for. None is ``default``, the shipped model."""
+    path = Path("default" if path is None else path)
+    if path.exists() or str(path) not in MODEL_ALIASES:
+        return path
+    file, command = MODEL_ALIASES[str(path)]
+    if not file.exists():
+        raise CheckpointError(
+            f"{path}: no {file} in {Path.cwd()}: run `{command}` in the repository root, then run this "
+            "command from there (or give the checkpoint's path)"
+        )
+    return file
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Detected by content: an 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_safetensors(path: Path) -> dict:
+    """A native checkpoint written as safetensors, back as the native dict."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{path}: a safetensors file, but not a sentiment-discovery checkpoint")
+        classifier = json.loads(metadata["classifier"])
+        if isinstance(classifier, dict):
+            for key, value in tensors.items():
+                if key.startswith("classifier."):
+                    classifier[key.removeprefix("classifier.")] = value
+        return {
+            "format": FORMAT_NAME,
+            "version": int(metadata["version"]),
+            "config": json.loads(metadata["config"]),
+            "model": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+            "classifier": classifier,
+            "train_state": None,
+            "extra": json.loads(metadata["extra"]),
+        }
+    except (safetensors.SafetensorError, KeyError, ValueError) as e:  # JSONDecodeError is a ValueError
+        reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: unreadable safetensors checkpoint ({reason})") from None
+
+
+# Bytes per element of the storage classes a torch file names (persistent ids); an unknown one counts
+# as the widest, so that a file can only claim more, never less, than it holds.
+_STORAGE_BYTES = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "QUInt8Storage": 1,
+    "QInt8Storage": 1, "ShortStorage": 2, "HalfStorage": 2, "BFloat16Storage": 2, "IntStorage": 4,
+    "FloatStorage": 4, "QInt32Storage": 4, "LongStorage": 8, "DoubleStorage": 8,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+}  # fmt: skip
+MAX_ZIP_ENTRIES = 100_000  # a checkpoint has a handful per tensor
+
+
+class _Stub:
+    """Stands for every class a pickle names while ``_claimed_storage_bytes`` reads it (a subclass per
+    name): creating, calling, building or filling one does nothing, so no code of the file runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a torch pickle without running anything; adds up the bytes its storages claim."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.claimed: dict[str, int] = {}
+
+    def find_class(self, module, name):
+        return type(str(name), (_Stub,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+            storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise CheckpointError(f"a storage of {numel!r} elements")
+            width = _STORAGE_BYTES.get(getattr(storage_type, "__name__", ""), 16)
+            self.claimed[key] = max(self.claimed.get(key, 0), numel * width)
+        return _Stub()
+
+
+def _claimed_storage_bytes(pickled) -> int:
+    """The bytes the storages of one torch pickle (a file object at its start) claim, all together."""
+    scan = _StorageScan(pickled)
+    scan.load()
+    return sum(scan.claimed.values())
+
+
+def check_torch_file_sizes(path: Path) -> None:
+    """Every size a torch file declares fits in the file, before torch allocates anything from them.
+
+    A zip checkpoint's entries must be stored, not compressed (torch.save never compresses; a small
+    compressed entry can unpack to gigabytes), and lie within the file; in either format, the storages
+    the pickle declares may not add up to more bytes than the file holds. (Tensor views on those
+    storages are checked in ``check_tensors``.)"""
+    size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.infolist()
+                if len(entries) > MAX_ZIP_ENTRIES:
+                    raise CheckpointError(f"{path}: a zip of {len(entries):,} entries is not a checkpoint")
+                packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+                if packed:
+                    raise CheckpointError(
+                        f"{path}: compressed entries ({', '.join(packed[:3])}): torch.save writes none, and "
+                        "their unpacked size is not bounded by the file's; refused"
+                    )
+                outside = [
+                    e.filename
+                    for e in entries
+                    if e.file_size != e.compress_size or e.header_offset + e.file_size > size
+                ]
+                if outside or sum(e.file_size for e in entries) > size:
+                    raise CheckpointError(f"{path}: zip entries claim more bytes than the file holds")
+                pickles = [
+                    e.filename
+                    for e in entries
+                    if e.filename.endswith("/data.pkl") or e.filename == "data.pkl"
+                ]
+                if len(pickles) != 1:
+                    raise CheckpointError(
+                        f"{path}: a zip without exactly one data.pkl is not a torch checkpoint"
+                    )
+                with archive.open(pickles[0]) as f:
+                    claimed = _claimed_storage_bytes(f)
+        else:  # the legacy format: magic number, protocol, system info, then the object's pickle
+            with open(path, "rb") as f:
+                for _ in range(3):
+                    _StorageScan(f).load()
+                claimed = _claimed_storage_bytes(f)
+    except CheckpointError as e:
+        message = str(e)
+        raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except Exception as e:  # not readable without running it: torch.load must not try either
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {first})"
+        ) from None
+    if claimed > size:
+        raise CheckpointError(
+            f"{path}: its tensors claim {claimed:,} bytes but the file holds {size:,} (crafted or corrupt)"
+        )
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load`` with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
+
+    The one class allowed beyond plain data is ``argparse.Namespace`` (NVIDIA's ``{'sd', 'args'}``
+    files): it only holds attribute values, themselves still restricted to plain data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # a zip archive (torch.save), or a pickle's PROTO opcode (the legacy torch format)
+    if not (head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{path}: not a checkpoint (neither a torch file, a safetensors file nor an OpenAI shard folder)"
+        )
+    check_torch_file_sizes(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only stopped it; whatever it holds never ran
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        code = next((line for line in lines if "global" in line.lower()), None)
+        if code is None:  # an opcode the restricted unpickler does not know: corrupt, not code
+            reason = next((line for line in lines if "Unsupported" in line), lines[0])
+            raise CheckpointError(
+                f"{path}: cannot read it as a checkpoint (corrupt pickle: {reason})"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a plain weights file (weights_only=True rejected it: "
+            f"{code}). Files that need full unpickling can run code and are never loaded."
+        ) from None
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read it as a checkpoint ({first})") from None
+
+
+def read_native(obj, source: str) -> RawCheckpoint | None:
+    """The parts of a native checkpoint dict (``torch.load``-ed or from safetensors); None when ``obj``
+    is not one."""
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT_NAME):
+        return None
+    if "model" not in obj:
+        raise CheckpointError(f"{source}: a {FORMAT_NAME} checkpoint without its 'model' weights")
+    return RawCheckpoint(
+        source,
+        FORMAT_NAME,
+        obj.get("config"),
+        obj["model"],
+        obj.get("classifier"),
+        check_train_state(obj.get("train_state"), source),
+        obj.get("extra") or {},
+    )
+
+
+def read_checkpoint_file(path: str | os.PathLike | None) -> RawCheckpoint:
+    """Detect the format of ``path`` (or of the file an alias stands for) and read it (nothing is
+    checked or built yet)."""
+    if path is not None and not str(path):
+        raise CheckpointError("an empty checkpoint path was given")
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return read_openai(path)
+    obj = read_safetensors(path) if path.is_file() and is_safetensors_file(path) else safe_torch_load(path)
+    raw = read_native(obj, str(path))
+    if raw is not None:
+        return raw
+    nvidia = nvidia_flat_state(obj)
+    if nvidia is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint this suite knows (a sentiment-discovery checkpoint, an NVIDIA 2018 "
+            "state dict with encoder/decoder keys, or a directory of OpenAI .npy shards)"
+        )
+    return nvidia_weights(nvidia, str(path))
+
+
+TRAIN_STATE_COUNTS = ("step", "total_steps", "epoch", "batch", "rows", "batches_per_epoch", "bytes_seen")
+TRAIN_STATE_KEYS = (*TRAIN_STATE_COUNTS, "best_val_bpc", "optimizer", "scheduler", "hidden", "rng")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_rng(rng, source: str, name: str) -> None:
+    """A generator state as ``torch.get_rng_state`` gives it (``torch.set_rng_state`` takes no other)."""
+    reference = torch.get_rng_state()
+    generator = rng.get("torch") if isinstance(rng, dict) else None
+    if not (
+        isinstance(generator, torch.Tensor)
+        and generator.dtype == reference.dtype
+        and tuple(generator.shape) == tuple(reference.shape)
+    ):
+        raise CheckpointError(
+            f"{source}: train_state {name} lacks the torch generator state (a uint8 tensor of "
+            f"{reference.numel()} bytes)"
+        )
+
+
+def _check_optimizer(optimizer, config: ModelConfig, source: str) -> None:
+    """An optimizer state dict of the model of ``config``: its groups name each parameter once, and every
+    per-parameter tensor (Adam's moments ...) has the shape of its parameter."""
+    bad = f"{source}: train_state optimizer"
+    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+        raise CheckpointError(f"{bad} is not an optimizer state dict")
+    groups, per_param = optimizer["param_groups"], optimizer["state"]
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        raise CheckpointError(f"{bad} param_groups is not a list of groups")
+    if not isinstance(per_param, dict):
+        raise CheckpointError(f"{bad} state is not a dict")
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for p in RNNModel(config).parameters()]
+    ids = [i for g in groups for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
+    if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(shapes))):
+        raise CheckpointError(f"{bad} does not list the model's {len(shapes)} parameters once each")
+    if not all(_finite(g.get("lr")) and g["lr"] >= 0 for g in groups):
+        raise CheckpointError(f"{bad} has a group without a finite learning rate 'lr'")
+    for key, values in per_param.items():
+        if key not in range(len(shapes)) or not isinstance(values, dict):
+            raise CheckpointError(f"{bad} state has an entry {key!r} that is no parameter's")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[key]:
+                raise CheckpointError(
+                    f"{bad} state {key}.{name} has shape {tuple(value.shape)}, its parameter {shapes[key]}"
+                )
+
+
+def check_train_state(state, source: str, config: ModelConfig | None = None) -> dict | None:
+    """A stored training state holds every part a resume needs, of the right kinds and, given the model's
+    ``config``, the right shapes: a resume never fails halfway with a traceback."""
+    if state is None:
+        return None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: train_state is {type(state).__name__}, expected a dict")
+    missing = [k for k in TRAIN_STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{source}: train_state lacks {', '.join(missing)}: it cannot resume a run")
+    for key in TRAIN_STATE_COUNTS:
+        if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+            raise CheckpointError(f"{source}: train_state {key} = {state[key]!r} is not a count")
+    best = state["best_val_bpc"]
+    if not (_finite(best) or best == math.inf):
+        raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
+    if config is not None:
+        _check_optimizer(state["optimizer"], config, source)
+    elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
+        raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
+    scheduler = state["scheduler"]
+    if not (
+        isinstance(scheduler, dict)
+        and isinstance(scheduler.get("lr_lambdas"), list)
+        and isinstance(scheduler.get("base_lrs"), list)
+        and all(_finite(lr) for lr in scheduler["base_lrs"])
+        and isinstance(scheduler.get("last_epoch"), int)
+    ):
+        raise CheckpointError(
+            f"{source}: train_state scheduler is not the linear decay's state dict (lr_lambdas, base_lrs, "
+            "last_epoch)"
+        )
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise CheckpointError(f"{source}: train_state scaler is not a GradScaler state dict")
+    hidden = state["hidden"]
+    if hidden is not None and not (
+        isinstance(hidden, (list, tuple))
+        and len(hidden) == 2
+        and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in hidden)
+    ):
+        raise CheckpointError(f"{source}: train_state hidden is not a (hidden, cell) pair of tensors")
+    if hidden is not None and config is not None:
+        want = (config.nlayers, state["rows"], config.nhid)
+        if any(tuple(t.shape) != want for t in hidden):
+            shapes = ", ".join(str(tuple(t.shape)) for t in hidden)
+            raise CheckpointError(f"{source}: train_state hidden has shapes {shapes}, expected {want} each")
+    _check_rng(state["rng"], source, "rng")
+    rank_rng = state.get("rank_rng")
+    if rank_rng is not None:
+        if not isinstance(rank_rng, list):
+            raise CheckpointError(f"{source}: train_state rank_rng is not a list of generator states")
+        for i, rng in enumerate(rank_rng):
+            _check_rng(rng, source, f"rank_rng[{i}]")
+    interval = state.get("interval")
+    if interval is not None and not (
+        isinstance(interval, dict) and all(_finite(interval.get(k, 0)) for k in ("nats", "bytes", "steps"))
+    ):
+        raise CheckpointError(f"{source}: train_state interval is not a dict of finite numbers")
+    return state
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` owns its elements: no stride repeats one (stride 0) or overlaps another, and they all lie
+    in its storage. Only then does its shape say how many bytes it stands for."""
+    dims = sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size > 1)
+    span = 1
+    for stride, size in dims:
+        if stride < span:
+            return False
+        span = stride * size
+    last = t.storage_offset() + sum((size - 1) * stride for stride, size in dims)
+    return t.numel() == 0 or (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def check_views(obj, source: str, where: str = "") -> None:
+    """Every tensor anywhere in ``obj`` (weights, classifier, training state) owns its elements: a file
+    whose tiny storage a stride-0 view spreads over a huge shape is refused before anything copies it."""
+    if isinstance(obj, torch.Tensor):
+        if not _dense(obj):
+            raise CheckpointError(
+                f"{source}: tensor {where or '?'} of shape {tuple(obj.shape)} repeats or overlaps its "
+                f"elements (strides {obj.stride()}): not a saved tensor, a crafted file"
+            )
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            check_views(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_views(value, source, f"{where}[{i}]")

@@ -16,12 +16,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import OutputError
+
+__all__ = ["OutputError", "atomic_write", "save_figure", "save_npy", "write_bytes", "write_text"]
+
 NAME_MAX = 255  # bytes of one file name on Linux, macOS and Windows file systems
 _RANDOM_PART = 8  # the characters tempfile.mkstemp puts between prefix and suffix
-
-
-class OutputError(OSError):
-    """An output that cannot be written, in one line naming it."""
 
 
 def short_name(name: str, reserve: int = 0) -> str:

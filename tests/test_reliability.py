@@ -20,19 +20,15 @@ import torch
 from conftest import ROOT, load_script
 
 from sentiment_discovery import safe_io
-from sentiment_discovery.checkpoint import (
-    CheckpointError,
-    checkpoint_dict,
-    expected_shapes,
-    load_checkpoint,
-    save_checkpoint,
-)
-from sentiment_discovery.data import DataError, lazy_cache_dir, read_records
+from sentiment_discovery.checkpoint import checkpoint_dict, load_checkpoint, save_checkpoint
 from sentiment_discovery.encoder import Encoder
+from sentiment_discovery.errors import CheckpointError, DataError
 from sentiment_discovery.formats import openai_shard_shapes, read_openai
 from sentiment_discovery.generation import GenerationError, check_generation_flags, generate
+from sentiment_discovery.lazycache import lazy_cache_dir
 from sentiment_discovery.model import ModelConfig, RNNModel, check_size_flags, training_memory
 from sentiment_discovery.preprocess import encode
+from sentiment_discovery.readers import read_records
 
 main_script = load_script("main")
 multiproc = load_script("multiproc")
@@ -77,7 +73,7 @@ def stride0_checkpoint(path: Path, nhid: int) -> None:
     """A few-KB file whose tensors are stride-0 views claiming the shapes of an ``nhid``-unit model."""
     obj = checkpoint_dict(tiny_model())
     obj["config"] = dict(obj["config"], nhid=nhid, emsize=64)
-    shapes = expected_shapes(ModelConfig.from_dict(obj["config"]))
+    shapes = RNNModel.state_shapes(ModelConfig.from_dict(obj["config"]))
     obj["model"] = {k: torch.zeros(1).expand(s) for k, s in shapes.items()}
     torch.save(obj, path)
 
@@ -269,7 +265,7 @@ def test_a_failed_write_is_one_line_naming_the_path_and_leaves_no_temp_file(tmp_
 
 
 def test_lock_temp_and_cache_names_fit_name_max_for_any_legal_save(tmp_path):
-    from sentiment_discovery.train import SaveLock
+    from sentiment_discovery.runfiles import SaveLock
 
     save = tmp_path / ("x" * 252 + ".pt")  # 255 bytes: the longest legal name
     lock = SaveLock(save)
