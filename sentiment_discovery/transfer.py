@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_replaceable, load_checkpoint, save_checkpoint
 from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
@@ -31,7 +31,7 @@ from .regression import (
     make_classifier,
     standardizer,
 )
-from .safe_io import atomic_write, save_npy, write_text
+from .safe_io import atomic_write, check_output, check_output_folder, refuse_symlink, save_npy, write_text
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -211,6 +211,23 @@ def _choose_model(given: str, *outputs: str) -> str:
     return chosen
 
 
+# what run_transfer writes in its folder (besides features_<split>.npy/.json and logit_vis/)
+TRANSFER_OUTPUTS = ("results.json", "extreme_samples.json", "weights.png", "classifier.pt")
+
+
+def _check_transfer_outputs(out_dir: Path, write_results: str) -> None:
+    """Before featurizing: the results folder can be written, nothing in it is a planted symlink, and
+    its classifier.pt is new or a checkpoint of this suite (by content)."""
+    check_output_folder(out_dir, "--save_results")
+    names = [*TRANSFER_OUTPUTS, *(f"{kind}_{split}.{ext}" for kind in ("features", "probs", "labels")
+                                  for split in SPLITS for ext in ("npy", "json"))]  # fmt: skip
+    for name in names:
+        refuse_symlink(out_dir / name)
+    check_replaceable(out_dir / "classifier.pt", "--save_results")
+    if write_results:
+        check_output(write_results, "--write_results")
+
+
 def run_transfer(args: argparse.Namespace) -> dict:
     """Run transfer.py with its parsed options; returns the results dict also written to results.json."""
     from .plots import plot_neuron_histograms, plot_weights
@@ -229,7 +246,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     args.pooling = FeatureSpec.parse(args.pooling or recorded.pooling).pooling
     args.state = args.state or recorded.state
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_transfer_outputs(out_dir, args.write_results)
 
     paths = {"train": args.data, "val": given_path(args.valid), "test": given_path(args.test)}
     paths = {split: path for split, path in paths.items() if path is not None}
@@ -400,6 +417,14 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         raise CheckpointError(
             f"{args.load_model}: --all_layers given, but this classifier uses the last layer only"
         )
+    save_probs = Path(args.save_probs)
+    if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
+        save_probs = Path(args.load_model).parent / save_probs
+    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
+        save_probs = save_probs.with_name(save_probs.name + ".npy")
+    check_output(save_probs, "--save_probs")  # before featurizing, not after it
+    if args.write_results:
+        check_output(args.write_results, "--write_results")
     if args.text:
         records = Records("--text", list(args.text))
     else:
@@ -407,13 +432,6 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     features = encoder.transform(records.texts, progress=sys.stderr.isatty())
     readout = encoder.classifier
     probs = readout.probs(features, args.neurons)
-
-    save_probs = Path(args.save_probs)
-    if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
-        save_probs = Path(args.load_model).parent / save_probs
-    save_probs.parent.mkdir(parents=True, exist_ok=True)
-    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
-        save_probs = save_probs.with_name(save_probs.name + ".npy")
     save_npy(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
     print(
