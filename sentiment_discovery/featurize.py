@@ -7,6 +7,10 @@ last byte, whatever the batch. Long batches run in chunks of ``chunk_length`` st
 carried over, and a row enters the computation only at the chunk where its text starts (rows are
 sorted longest first, so the rows running in a chunk are a prefix of the batch); memory therefore
 depends on the chunk length, not on the length of the longest text.
+
+Shapes (``chunk_plan``): rows join in groups of ``ROW_MULTIPLE`` and a chunk ends where the next group
+starts, so a chunk's row count is a multiple of 16 (or the whole batch) and few rows run on padding;
+the products then meet a handful of shape classes however the text lengths fall (matmul.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,37 @@ from .preprocess import encode
 
 POOLINGS = ("last", "mean", "max")
 STATES = ("cell", "hidden")
+ROW_MULTIPLE = 16  # rows join a batch's computation in groups of this many
+
+
+def bucket_length(n: int, multiple: int = 32) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: pad a batch's length (or row count) to it so that
+    only a few distinct product shapes occur (e.g. a fine-tuning loop over sentences of any length)."""
+    return -(-n // multiple) * multiple
+
+
+def chunk_plan(
+    starts: np.ndarray, total: int, chunk_length: int, row_multiple: int = ROW_MULTIPLE
+) -> list[tuple[int, int, int]]:
+    """``(first step, end step, rows)`` of each chunk of a left-padded batch of ``total`` steps whose
+    row ``j`` starts at step ``starts[j]`` (ascending: longest text first).
+
+    Rows join in groups of ``row_multiple``, each group at its first row's start (its other rows run
+    on padding until their own start, where the reset mask zeroes their state), and a chunk ends where
+    the next group joins or after ``chunk_length`` steps. So every chunk runs a multiple of
+    ``row_multiple`` rows (or the whole batch), and rows run on padding only for the spread of starts
+    within their group, not for up to a whole chunk.
+    """
+    rows_in_batch = len(starts)
+    joins = sorted({int(starts[g]) for g in range(0, rows_in_batch, row_multiple)} - {0}) + [total]
+    plan, a = [], 0
+    for join in joins:
+        while a < join:
+            b = min(a + chunk_length, join)
+            started = int(np.searchsorted(starts, b, side="left"))  # rows whose text starts before b
+            plan.append((a, b, min(rows_in_batch, bucket_length(started, row_multiple))))
+            a = b
+    return plan
 
 
 def parse_pooling(pooling: str) -> tuple[str, ...]:
@@ -79,6 +114,8 @@ class _BatchRunner:
         reset = np.zeros((steps, rows), dtype=bool)
         for j in range(rows):
             start = int(self.starts[j])
+            if start >= b:  # joined with its group, its text starts in a later chunk: padding here
+                continue
             first = max(a, start)
             chunk[first - a :, j] = self.tokens[j][first - start : b - start]
             if a <= start < b:
@@ -95,9 +132,7 @@ class _BatchRunner:
         total = torch.zeros_like(h) if "mean" in self.poolings else None
         peak = torch.full_like(h, float("-inf")) if "max" in self.poolings else None
         per_step = total is not None or peak is not None
-        for a in range(0, self.total, chunk_length):
-            b = min(a + chunk_length, self.total)
-            rows = int(np.searchsorted(self.starts, b, side="left"))  # rows whose text has started by b
+        for a, b, rows in chunk_plan(self.starts, self.total, chunk_length):
             x, reset, real = self._chunk_inputs(a, b, rows)
             hidden = (h[:, :rows], c[:, :rows])
             if not per_step:
