@@ -60,6 +60,7 @@ OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
 # have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
 MAX_UNITS = 1 << 16
 MAX_LAYERS = 64
+MAX_CLASSES = 1 << 12  # classes of a stored softmax head
 
 
 @dataclass
@@ -427,9 +428,19 @@ def check_classifier(classifier, config: ModelConfig, source: str) -> dict | Non
     if all_layers is not None and not isinstance(all_layers, bool):
         raise CheckpointError(f"{source}: classifier all_layers = {all_layers!r} is not a bool")
     features = num_features(config, bool(all_layers), pooling)
-    weight = _numbers(classifier["weight"], "weight", source, features).float().reshape(-1)
-    classifier["weight"] = weight
-    classifier["bias"] = _numbers(classifier["bias"], "bias", source, 1).float().reshape(())
+    classes = classifier.get("classes")
+    if classes is not None and not (isinstance(classes, list) and 2 <= len(classes) <= MAX_CLASSES):
+        raise CheckpointError(f"{source}: classifier classes must be a list of 2 .. {MAX_CLASSES} names")
+    if classes is not None and len(classes) > 2:  # a K-way softmax head (finetune.py): weight [K, F]
+        k = len(classes)
+        weight = _numbers(classifier["weight"], "weight", source, k * features).float().reshape(k, features)
+        classifier["weight"] = weight
+        classifier["bias"] = _numbers(classifier["bias"], "bias", source, k).float().reshape(k)
+        weight = weight.abs().amax(dim=0)  # neurons: the features any class leans on most
+    else:
+        weight = _numbers(classifier["weight"], "weight", source, features).float().reshape(-1)
+        classifier["weight"] = weight
+        classifier["bias"] = _numbers(classifier["bias"], "bias", source, 1).float().reshape(())
     for key in ("mean", "scale"):
         if classifier.get(key) is not None:
             classifier[key] = _numbers(classifier[key], key, source, features).float().reshape(-1)

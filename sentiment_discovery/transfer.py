@@ -203,6 +203,11 @@ def classifier_probs(features: np.ndarray, classifier: dict, neurons: int = -1) 
     ``neurons`` >= 0 keeps only that many largest-|weight| weights (masking, no refit), as the
     original classifier.py did; -1 keeps all.
     """
+    if len(classifier.get("classes") or ()) > 2:
+        raise ValueError(
+            f"a {len(classifier['classes'])}-class classifier (classes {classifier['classes']}): only binary "
+            "classifiers are read here so far; finetune.py evaluates its multi-class heads itself"
+        )
     weight = _numpy(classifier["weight"]).reshape(-1)
     if features.shape[1] != weight.shape[0]:
         raise ValueError(
