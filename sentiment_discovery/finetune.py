@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -500,6 +501,13 @@ class Finetuner:
         self.resumed = train_state is not None
         if train_state is not None:
             self._restore(train_state)
+            # resumed into another --save: the best model so far comes along
+            if (
+                load
+                and Path(load).resolve() != Path(opt.save).resolve()
+                and sibling(load, ".best.pt").is_file()
+            ):
+                shutil.copy2(sibling(load, ".best.pt"), self.best_path)
         elif self.best_path.exists():
             moved = move_aside(self.best_path)
             self.log(f"{self.best_path} is another run's: moved it aside to {moved}")
@@ -954,7 +962,9 @@ def _run_finetune(args: argparse.Namespace, opt: FinetuneOptions) -> dict:
     head = Head(num_features(model.config, opt.all_layers, opt.pooling), len(classes), opt.dropout)
     if not resume:
         print(init_head(head, opt, model, splits, device, ckpt.classifier, seed))
-    finetuner = Finetuner(model, head, classes, splits, opt, device, seed, state if resume else None)
+    finetuner = Finetuner(
+        model, head, classes, splits, opt, device, seed, state if resume else None, str(args.load_model)
+    )
     print(
         f"features: {opt.pooling} of the {opt.state} state "
         f"({'all layers' if opt.all_layers else 'last layer'}), "
