@@ -10,20 +10,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import add_inference_precision_flags, finite_float, int_at_least, run_script
-from sentiment_discovery.featurize import POOLINGS, STATES
+from sentiment_discovery.cli import (
+    add_inference_precision_flags,
+    add_read_flags,
+    finite_float,
+    int_at_least,
+    run_script,
+    script_parser,
+)
 from sentiment_discovery.finetune import INIT_HEADS, FinetuneOptions
+from sentiment_discovery.readout import POOLINGS, STATES
 
 DEFAULTS = FinetuneOptions()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__,
+    p = script_parser(
+        __doc__,
+        "head_lr",
+        "--load of a checkpoint this script wrote during a run (it holds train_state) resumes that run "
+        "exactly, with the options it was started with.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every long flag may be spelled with dashes or underscores (--head-lr, --head_lr) and with "
-        "one leading dash (-head_lr). --load of a checkpoint this script wrote during a run (it holds "
-        "train_state) resumes that run exactly, with the options it was started with.",
     )
     p.add_argument(
         "--load_model",
@@ -39,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--valid", default="data/binary_sst/val.csv", help="validation texts ('' or none: none)"
     )
     data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' or none: none)")
-    data.add_argument("--text_key", default="sentence")
-    data.add_argument("--label_key", default="label", help="labels: 0/1, or class numbers for more classes")
-    data.add_argument("--delim", default=",")
-    data.add_argument("--loose_json", action="store_true", help="one json object per line")
-    data.add_argument(
-        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
-    )
+    add_read_flags(data)  # --label_key: 0/1, or class numbers for more classes (without --binarize_labels)
     data.add_argument(
         "--max_bytes",
         type=int_at_least(0),

@@ -1,13 +1,12 @@
 """Fine-tuning: the language model and a classifier head trained together on labelled texts (ULMFiT).
 
-The head reads the same features as transfer.py (pooling mean/max/last of the cell or hidden state,
-last layer or all layers), computed differentiably from the per-step states of the model:
-standardise ``(x - mean) / scale`` (mean and scale of the training split's features under the
-initial model, then frozen) -> dropout -> linear. Two classes: one logit and a sigmoid, stored as
-transfer.py's classifier dict (weight [F], bias, mean, scale, pooling, state, all_layers, neurons),
-so classifier.py, generate.py and ``Encoder.predict_proba`` read a fine-tuned checkpoint as they read
-a transferred one. More classes: a softmax over K logits, stored as weight [K, F], bias [K] and the
-``classes`` list.
+The head reads the same features as transfer.py (``readout.FeatureSpec``: pooling of the cell or
+hidden state, last layer or all layers), computed differentiably from the model's per-step states
+(``FeatureSpec.pool``): standardise ``(x - mean) / scale`` (mean and scale of the training split's
+features under the initial model, then frozen) -> dropout -> linear. Two classes: one logit and a
+sigmoid; more: a softmax over K logits. The head is stored as a ``readout.Readout`` (K > 2: weight
+[K, F], bias [K] and the class names), so classifier.py, generate.py and ``Encoder.predict_proba``
+read a fine-tuned checkpoint as they read a transferred one.
 
 Batches: texts are padded on the right to a multiple of ``SEQ_MULTIPLE`` steps (few distinct product
 shapes: each new shape costs a library calibration, matmul.py); each epoch sorts them into length
@@ -36,24 +35,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import SAVE_DTYPES, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import SAVE_DTYPES, load_checkpoint, save_checkpoint
 from .cli import Interrupted, pick_seed
-from .data import DataError, read_records
-from .featurize import STATES, default_device, num_features, parse_pooling
+from .errors import CheckpointError, DataError, UsageError
+from .featurize import default_device
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
-from .train import (
-    SaveLock,
-    StopRequest,
-    check_save_path,
-    move_aside,
-    remove_stale_temp_files,
-    rng_state,
-    set_rng_state,
-    sibling,
-)
-from .transfer import c_sweep, fit_l1_regression, given_path, standardizer, top_neurons
+from .readers import ReadOptions, read_records
+from .readout import FeatureSpec, Readout, check_state, parse_pooling, top_neurons
+from .regression import c_sweep, fit_l1_regression, standardizer
+from .runfiles import SaveLock, check_save_path, move_aside, remove_stale_temp_files, sibling
+from .train import StopRequest, rng_state, set_rng_state
+from .transfer import given_path
 
 SEQ_MULTIPLE = 32  # batches are padded to a multiple of this many steps
 INIT_HEADS = ("random", "zero", "transfer", "checkpoint")
@@ -98,26 +92,31 @@ class FinetuneOptions:
     def from_args(cls, args: argparse.Namespace) -> FinetuneOptions:
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
 
+    @property
+    def spec(self) -> FeatureSpec:
+        """The features the head reads (pooling and state resolved: ``_resolve_features``)."""
+        return FeatureSpec.parse(self.pooling, self.state, self.all_layers)
+
     def check(self) -> None:
         """Values that argparse cannot check alone (pooling and state may still be unset: None)."""
         if self.pooling is not None:
             parse_pooling(self.pooling)
-        if self.state is not None and self.state not in STATES:
-            raise ValueError(f"--state must be one of {', '.join(STATES)}, got {self.state!r}")
+        if self.state is not None:
+            check_state(self.state)
         if self.init_head not in INIT_HEADS:
-            raise ValueError(f"--init_head must be one of {', '.join(INIT_HEADS)}, got {self.init_head!r}")
+            raise UsageError(f"--init_head must be one of {', '.join(INIT_HEADS)}, got {self.init_head!r}")
         if self.unfreeze_unit not in ("steps", "epochs"):
-            raise ValueError(f"--unfreeze_unit must be steps or epochs, got {self.unfreeze_unit!r}")
+            raise UsageError(f"--unfreeze_unit must be steps or epochs, got {self.unfreeze_unit!r}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"--warmup {self.warmup}: a fraction of the steps, 0 <= warmup < 1")
+            raise UsageError(f"--warmup {self.warmup}: a fraction of the steps, 0 <= warmup < 1")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout {self.dropout}: must be in [0, 1)")
+            raise UsageError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.max_bytes and self.max_bytes < 2:
-            raise ValueError(f"--max_bytes {self.max_bytes}: at least 2 (or 0: no cut)")
+            raise UsageError(f"--max_bytes {self.max_bytes}: at least 2 (or 0: no cut)")
         if self.fp16 and self.bf16:
-            raise ValueError("--fp16 and --bf16 both given: choose one")
+            raise UsageError("--fp16 and --bf16 both given: choose one")
         if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"--save_dtype must be one of {', '.join(SAVE_DTYPES)}")
+            raise UsageError(f"--save_dtype must be one of {', '.join(SAVE_DTYPES)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,14 +154,7 @@ def read_split(
     training split's label values, None when reading the training split itself)."""
     try:
         records = read_records(
-            path,
-            args.text_key,
-            args.label_key,
-            args.delim,
-            args.loose_json,
-            need_labels=True,
-            binarize_labels=args.binarize_labels,
-            multiclass=not args.binarize_labels,
+            path, ReadOptions.from_args(args), need_labels=True, multiclass=not args.binarize_labels
         )
     except DataError as e:
         raise DataError(f"{name} split: {e}") from None
@@ -217,28 +209,19 @@ def pad_batch(tokens: list[np.ndarray], device: torch.device) -> tuple[Tensor, T
 
 
 def pooled_features(
-    model: RNNModel, tokens: Tensor, lengths: Tensor, poolings: tuple[str, ...], state: str, all_layers: bool
-) -> tuple[Tensor, Tensor]:
-    """Differentiable features ``[B, F]`` of right-padded ``tokens [T, B]`` (as featurize numbers them: one
-    block per pooling, within it layer * H + unit) and the top layer's hidden sequence ``[T, B, H]``."""
-    hs, cs, _ = model.forward_states(tokens)
-    layers = cs if state == "cell" else hs
-    if not all_layers:
-        layers = layers[-1:]
-    T, B = tokens.shape
-    real = (torch.arange(T, device=tokens.device)[:, None] < lengths[None, :]).unsqueeze(2)  # [T, B, 1]
-    rows = torch.arange(B, device=tokens.device)
-    blocks = []
-    for pooling in poolings:
-        for seq in layers:
-            seq = seq.float()
-            if pooling == "mean":
-                blocks.append((seq * real).sum(0) / lengths[:, None].float())
-            elif pooling == "max":
-                blocks.append(seq.masked_fill(~real, float("-inf")).amax(0))
-            else:
-                blocks.append(seq[lengths - 1, rows])
-    return torch.cat(blocks, dim=1), hs[-1]
+    model: RNNModel, tokens: Tensor, lengths: Tensor, spec: FeatureSpec, lm_logits: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Differentiable features ``[B, F]`` of right-padded ``tokens [T, B]`` (numbered as featurize numbers
+    them: ``FeatureSpec.pool``) and, with ``lm_logits``, the model's next-byte logits ``[T, B, 256]``."""
+    if lm_logits:
+        logits, _, steps = model(tokens, return_states=True)
+    else:
+        hidden, cell, _ = model.forward_states(tokens)
+        logits, steps = None, (hidden, cell)
+    layers = steps[1] if spec.state == "cell" else steps[0]
+    layers = layers if spec.all_layers else layers[-1:]
+    real = torch.arange(tokens.shape[0], device=tokens.device)[:, None] < lengths[None, :]  # [T, B]
+    return spec.pool(torch.stack([seq.float() for seq in layers]), real), logits
 
 
 class Head(nn.Module):
@@ -270,35 +253,31 @@ class Head(nn.Module):
         """P(class 1) ``[B]`` for two classes, the softmax ``[B, K]`` for more."""
         return torch.sigmoid(logits) if self.n_classes == 2 else torch.softmax(logits, 1)
 
-    def to_classifier(self, options: FinetuneOptions, classes: list[int]) -> dict:
-        """The stored classifier dict (transfer.py's form; K > 2: weight [K, F], bias [K])."""
-        weight = self.linear.weight.detach().float().cpu()
-        bias = self.linear.bias.detach().float().cpu()
+    def to_readout(self, options: FinetuneOptions, classes: list[int]) -> Readout:
+        """The head as the readout every checkpoint stores (K > 2: weight [K, F], bias [K], class names)."""
+        weight = self.linear.weight.detach().float().cpu().clone()
+        bias = self.linear.bias.detach().float().cpu().clone()
         binary = self.n_classes == 2
         weight, bias = (weight[0], bias[0]) if binary else (weight, bias)
         strength = weight.abs() if binary else weight.abs().amax(0)
-        return {
-            "weight": weight.clone(),
-            "bias": bias.clone(),
-            "neurons": torch.as_tensor(top_neurons(strength.numpy(), options.neurons)),
-            "pooling": options.pooling,
-            "state": options.state,
-            "all_layers": options.all_layers,
-            "mean": self.mean.detach().float().cpu().clone(),
-            "scale": self.scale.detach().float().cpu().clone(),
-            "classes": list(classes),
-            "trained": "finetune",
-        }
+        return Readout(
+            weight,
+            bias,
+            options.spec,
+            torch.as_tensor(top_neurons(strength.numpy(), options.neurons)),
+            self.mean.detach().float().cpu().clone(),
+            self.scale.detach().float().cpu().clone(),
+            classes=None if binary else tuple(str(c) for c in classes),
+        )
 
-    def load_classifier(self, classifier: dict) -> None:
-        """Start from a stored classifier of the same features (weights, bias, standardisation)."""
-        weight = torch.as_tensor(classifier["weight"]).float().reshape(self.linear.weight.shape)
+    def load_readout(self, readout: Readout) -> None:
+        """Start from a stored readout of the same features (weights, bias, standardisation)."""
         with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(torch.as_tensor(classifier["bias"]).float().reshape(-1))
+            self.linear.weight.copy_(readout.weight.reshape(self.linear.weight.shape))
+            self.linear.bias.copy_(readout.bias.reshape(-1))
             for key in ("mean", "scale"):
-                if classifier.get(key) is not None:
-                    getattr(self, key).copy_(torch.as_tensor(classifier[key]).float().reshape(-1))
+                if getattr(readout, key) is not None:
+                    getattr(self, key).copy_(getattr(readout, key))
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,29 +285,10 @@ class Head(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def layer_groups(model: RNNModel) -> list[list[tuple[str, nn.Parameter]]]:
-    """The model's parameters top-down: [top recurrent layer + decoder], [the layer below], ...,
-    [embedding]: the order in which gradual unfreezing thaws them."""
-    named = dict(model.named_parameters())
-    taken = set()
-    groups = []
-    top = [(n, p) for n, p in named.items() if n.startswith("decoder.")]
-    for i in reversed(range(model.config.nlayers)):
-        prefix = f"rnn.layers.{i}."
-        group = [(n, p) for n, p in named.items() if n.startswith(prefix)]
-        groups.append((top if i == model.config.nlayers - 1 else []) + group)
-    groups.append([(n, p) for n, p in named.items() if n.startswith("encoder.")])
-    for group in groups:
-        taken.update(n for n, _ in group)
-    rest = [(n, p) for n, p in named.items() if n not in taken]
-    if rest:  # any other parameter trains with the top group
-        groups[0].extend(rest)
-    return groups
-
-
-def _decays(name: str, p: nn.Parameter) -> bool:
-    """Weight decay on matrices only: not on biases, the embedding or weight norm's per-row gains."""
-    return p.dim() >= 2 and not name.endswith("original0") and not name.startswith("encoder.")
+def _decays(name: str, p: nn.Parameter, embedding: bool) -> bool:
+    """Weight decay on matrices only: not on biases, the embedding or weight norm's per-row gains
+    (torch's parametrization names the gain ``original0``)."""
+    return p.dim() >= 2 and not name.endswith("original0") and not embedding
 
 
 def make_optimizer(model: RNNModel, head: Head, opt: FinetuneOptions) -> torch.optim.AdamW:
@@ -336,9 +296,9 @@ def make_optimizer(model: RNNModel, head: Head, opt: FinetuneOptions) -> torch.o
     ``lr * lr_decay_per_layer ** depth``; matrices with ``weight_decay``, the rest without."""
     groups = []
 
-    def add(named, lr, name):
+    def add(named, lr, name, embedding=False):
         for decay in (True, False):
-            params = [p for n, p in named if _decays(n, p) == decay]
+            params = [p for n, p in named if _decays(n, p, embedding) == decay]
             if params:
                 groups.append(
                     {
@@ -350,8 +310,10 @@ def make_optimizer(model: RNNModel, head: Head, opt: FinetuneOptions) -> torch.o
                 )
 
     add(list(head.named_parameters()), opt.head_lr, "head")
-    for depth, named in enumerate(layer_groups(model)):
-        add(named, opt.lr * opt.lr_decay_per_layer**depth, f"lm{depth}")
+    groups_by_depth = model.layer_groups()
+    for depth, named in enumerate(groups_by_depth):
+        embedding = depth == len(groups_by_depth) - 1
+        add(named, opt.lr * opt.lr_decay_per_layer**depth, f"lm{depth}", embedding)
     return torch.optim.AdamW(groups)
 
 
@@ -400,12 +362,12 @@ def split_outputs(
     if head is not None:
         head.eval()
     dtype = reduced_dtype(device, opt.fp16, opt.bf16)
-    poolings = parse_pooling(opt.pooling)
+    spec = opt.spec
     outputs: list[np.ndarray | None] = [None] * len(split)
     for idx in length_batches(split.lengths, opt.eval_batch_size, None):
         tokens, lengths = pad_batch([split.tokens[i] for i in idx], device)
         with autocast(device, dtype):
-            features, _ = pooled_features(model, tokens, lengths, poolings, opt.state, opt.all_layers)
+            features, _ = pooled_features(model, tokens, lengths, spec)
         out = features.float() if head is None else head(features.float()).float()
         for i, row in zip(idx, out.cpu().numpy()):
             outputs[i] = row
@@ -485,9 +447,9 @@ class Finetuner:
         self.classes, self.splits, self.opt, self.device, self.seed = classes, splits, opt, device, seed
         self.train = splits["train"]
         self.dtype = reduced_dtype(device, opt.fp16, opt.bf16)
-        self.poolings = parse_pooling(opt.pooling)
+        self.spec = opt.spec
         self.steps_per_epoch = -(-len(self.train) // opt.batch_size)
-        self.groups = layer_groups(model)
+        self.groups = model.layer_groups()
         self.optimizer = make_optimizer(model, head, opt)
         self.total_steps = opt.train_iters or opt.epochs * self.steps_per_epoch
         if train_state is not None:
@@ -566,7 +528,7 @@ class Finetuner:
         save_checkpoint(
             self.opt.save,
             self.model,
-            classifier=self.head.to_classifier(self.opt, self.classes),
+            classifier=self.head.to_readout(self.opt, self.classes),
             train_state=self.train_state(),
             extra={"finetune": "in progress"},
         )
@@ -587,13 +549,12 @@ class Finetuner:
         tokens, lengths = pad_batch([self.train.tokens[i] for i in idx], self.device)
         labels = torch.from_numpy(self.train.labels[idx]).to(self.device)
         lm_trains = any(p.requires_grad for p in self.model.parameters())
+        with_aux = self.opt.aux_lm_weight > 0 and lm_trains
         with autocast(self.device, self.dtype):
-            features, top = pooled_features(
-                self.model, tokens, lengths, self.poolings, self.opt.state, self.opt.all_layers
-            )
+            features, logits_lm = pooled_features(self.model, tokens, lengths, self.spec, lm_logits=with_aux)
             aux = None
-            if self.opt.aux_lm_weight > 0 and lm_trains:
-                logits_lm = self.model.decoder(top[:-1]).float()  # predicts bytes 1 .. T-1
+            if with_aux:
+                logits_lm = logits_lm[:-1].float()  # predicts bytes 1 .. T-1
                 targets = tokens[1:].masked_fill(
                     torch.arange(1, tokens.shape[0], device=self.device)[:, None] >= lengths[None, :], -100
                 )
@@ -626,7 +587,7 @@ class Finetuner:
             save_checkpoint(
                 self.best_path,
                 self.model,
-                classifier=self.head.to_classifier(self.opt, self.classes),
+                classifier=self.head.to_readout(self.opt, self.classes),
                 extra={"finetune": {"step": s.step, "val_accuracy": result["accuracy"]}},
             )
         else:
@@ -753,7 +714,7 @@ class Finetuner:
         if s.best_step >= 0 and self.best_path.exists():
             best = load_checkpoint(self.best_path)
             self.model.load_state_dict(best.model.state_dict())
-            self.head.load_classifier(best.classifier)
+            self.head.load_readout(best.classifier)
             self.log(
                 f"best validation accuracy {100 * s.best_val_accuracy:.2f}% at step {s.best_step}: keeping it"
             )
@@ -781,7 +742,7 @@ class Finetuner:
             "final": final,
             "data": {name: split.path for name, split in self.splits.items()},
         }
-        classifier = self.head.to_classifier(opt, self.classes)
+        classifier = self.head.to_readout(opt, self.classes)
         save_checkpoint(
             opt.save,
             self.model,
@@ -835,18 +796,16 @@ def plot_curves(history: list[dict], final: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _resolve_features(opt: FinetuneOptions, args: argparse.Namespace, classifier: dict | None) -> None:
+def _resolve_features(opt: FinetuneOptions, args: argparse.Namespace, classifier: Readout | None) -> None:
     """Unset --pooling/--state follow the loaded classifier with --init_head checkpoint, else the defaults."""
     if opt.init_head == "checkpoint":
         if classifier is None:
-            raise ValueError(f"--init_head checkpoint: {args.load_model} holds no classifier to start from")
+            raise UsageError(f"--init_head checkpoint: {args.load_model} holds no classifier to start from")
         for key in ("pooling", "state", "all_layers"):
-            stored = classifier.get(key)
-            if stored is None:
-                stored = {"pooling": "last", "state": "cell", "all_layers": False}[key]
+            stored = getattr(classifier.spec, key)
             given = getattr(args, key, None)
             if given not in (None, False) and given != stored:
-                raise ValueError(
+                raise UsageError(
                     f"--init_head checkpoint: --{key} {given} differs from the stored classifier's {stored}"
                 )
             setattr(opt, key, stored)
@@ -860,19 +819,19 @@ def init_head(
     model: RNNModel,
     splits: dict[str, LabelledSplit],
     device: torch.device,
-    classifier: dict | None,
+    classifier: Readout | None,
     seed: int,
 ) -> str:
     """Standardisation from the training split's features under the initial model, and the head's start
     (``opt.init_head``); returns what was done, for the log."""
     if opt.init_head == "checkpoint":
-        stored_classes = classifier.get("classes") or [0, 1]
-        if len(stored_classes) != head.n_classes:
-            raise ValueError(
-                f"--init_head checkpoint: the stored classifier has {len(stored_classes)} classes, the data "
+        stored_classes = len(classifier.classes or (0, 1))
+        if stored_classes != head.n_classes:
+            raise UsageError(
+                f"--init_head checkpoint: the stored classifier has {stored_classes} classes, the data "
                 f"{head.n_classes}"
             )
-        head.load_classifier(classifier)
+        head.load_readout(classifier)
         return "head from the loaded checkpoint's classifier"
     features = {"train": split_outputs(model, splits["train"], opt, device)}
     mean, scale = standardizer(features["train"])
@@ -959,7 +918,7 @@ def _run_finetune(args: argparse.Namespace, opt: FinetuneOptions) -> dict:
     )
     device = default_device() if not getattr(args, "cpu", False) else torch.device("cpu")
     model.to(device)
-    head = Head(num_features(model.config, opt.all_layers, opt.pooling), len(classes), opt.dropout)
+    head = Head(opt.spec.num_features(model.config), len(classes), opt.dropout)
     if not resume:
         print(init_head(head, opt, model, splits, device, ckpt.classifier, seed))
     finetuner = Finetuner(

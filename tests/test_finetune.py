@@ -24,7 +24,6 @@ from sentiment_discovery.finetune import (
     Head,
     LabelledSplit,
     cut_middle,
-    layer_groups,
     length_batches,
     make_optimizer,
     pad_batch,
@@ -108,9 +107,7 @@ def test_pooled_features_match_featurize():
         idx = np.array([3, 0, 21, 7])
         tokens, lengths = pad_batch([split.tokens[i] for i in idx], torch.device("cpu"))
         assert tokens.shape[0] % 32 == 0 and tokens.shape[0] > int(lengths.max()) - 32
-        features, _ = pooled_features(
-            model.eval(), tokens, lengths, tuple(pooling.split(",")), state, all_layers
-        )
+        features, _ = pooled_features(model.eval(), tokens, lengths, opt.spec)
         assert features.requires_grad
         np.testing.assert_allclose(features.detach().numpy(), expected[idx], atol=2e-5)
         features.sum().backward()  # gradients reach the lowest weights through pooled cells
@@ -134,7 +131,7 @@ def test_length_batches_cover_every_text_once_in_length_buckets():
 def test_discriminative_rates_and_groups():
     model = RNNModel(ModelConfig(emsize=8, nhid=8, nlayers=2))
     head = Head(8, 2, 0.0)
-    groups = layer_groups(model)
+    groups = model.layer_groups()
     names = [[n for n, _ in g] for g in groups]
     assert any(n.startswith("decoder.") for n in names[0]) and all("layers.0" not in n for n in names[0])
     assert all(n.startswith("rnn.layers.0.") for n in names[1])
@@ -283,10 +280,18 @@ def test_multiclass(tmp_path, capsys):
     assert results["final"]["val"]["accuracy"] > 0.7
     assert results["probs"]["val"].shape == (24, 3)
     ckpt = load_checkpoint(tmp_path / "ft.pt")
-    assert ckpt.classifier["weight"].shape == (3, 48) and ckpt.classifier["classes"] == [0, 1, 2]
-    code = load_script("classifier").main(["--load_model", str(tmp_path / "ft.pt"), "--text", "a great film"])
-    err = capsys.readouterr().err
-    assert code == 2 and "3-class classifier" in err and len(err.strip().splitlines()) == 1
+    assert ckpt.classifier.weight.shape == (3, 48) and ckpt.classifier.classes == ("0", "1", "2")
+    # classifier.py reads the K-class head: the most probable class of each text, accuracy on a labelled file
+    argv = ["--load_model", str(tmp_path / "ft.pt"), "--save_probs", str(tmp_path / "p.npy")]
+    capsys.readouterr()
+    code = load_script("classifier").main([*argv, "--text", "it was great", "okay the plot", "awful film"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [line.split()[1] for line in out.splitlines() if line.endswith("'")] == ["1", "2", "0"], out
+    assert np.load(tmp_path / "p.npy").shape == (3, 3)
+    assert load_script("classifier").main([*argv, "--data", data["test"]]) == 0
+    accuracy = results["final"]["test"]["accuracy"]
+    assert f"accuracy {100 * accuracy:.2f}%" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -343,7 +348,7 @@ def test_a_signal_saves_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
 
 
 def test_a_locked_save_is_refused(tmp_path, capsys):
-    from sentiment_discovery.train import SaveLock
+    from sentiment_discovery.runfiles import SaveLock
 
     lm = tiny_lm(tmp_path / "lm.pt")
     lock = SaveLock(tmp_path / "ft.pt")
