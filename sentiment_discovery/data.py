@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .downloads import download_hint
+
 
 class DataError(Exception):
     """Bad input data: the message names the file and, where it applies, the line and key."""
@@ -82,7 +84,7 @@ def check_path(path: str | Path) -> Path:
         raise DataError("an empty file path was given")
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file{download_hint(path)}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a csv or json file")
     if path.stat().st_size == 0:
@@ -323,11 +325,10 @@ class EncodedCorpus:
 
 def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool) -> Iterator[np.ndarray]:
     """Each text preprocessed and byte-encoded (the per-text cleaning is the cost), in order."""
-    from tqdm import tqdm
-
     from .preprocess import encode
+    from .progress import progress_bar
 
-    bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
+    bar = progress_bar(texts, desc=f"encoding {Path(path).name}", unit="text", enabled=progress, leave=False)
     return (encode(t, preprocess) for t in bar)
 
 
@@ -534,7 +535,7 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     core for files of LAZY_POOL_MIN_BYTES or more), and the bytes and sample lengths go to disk as
     they come; the sample offsets are then summed from the lengths file, memmap to memmap.
     """
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -551,8 +552,8 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     encode = functools.partial(
         _encode_unit, path=path, text_key=meta["text_key"], preprocess=meta["preprocess"]
     )
-    bar = tqdm(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
-               disable=not progress, leave=False)  # fmt: skip
+    bar = progress_bar(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
+                       enabled=progress, leave=False)  # fmt: skip
     try:
         samples, invalid = 0, 0
         with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "lengths.bin").open("wb") as lengths:

@@ -16,11 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from .matmul import autocast, reduced_dtype
 from .model import ModelConfig, RNNModel
 from .preprocess import encode
+from .progress import progress_bar
 
 POOLINGS = ("last", "mean", "max")
 STATES = ("cell", "hidden")
@@ -144,7 +144,8 @@ def featurize(
     comma-separated list of them (``mean,max,last``: their features concatenated in that order);
     ``state``: ``cell`` (c, the original's choice) or ``hidden`` (h). ``preprocess`` defaults to the
     model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
-    available) and put in eval mode. ``bf16``: the matrix products take bfloat16 operands (state and
+    available) and put in eval mode. ``progress``: a bar on a terminal, progress lines in a log
+    (progress.py). ``bf16``: the matrix products take bfloat16 operands (state and
 gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py).
     """
     poolings = parse_pooling(pooling)
@@ -164,7 +165,7 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
         autocast(device, dtype),
-        tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
+        progress_bar(total=len(tokens), unit="text", desc="featurizing", enabled=progress) as bar,
     ):
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,7 +469,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             pooling=args.pooling,
             state=args.state,
             all_layers=args.all_layers,
-            progress=sys.stderr.isatty(),
+            progress=True,
             fp16=args.fp16,
             bf16=args.bf16,
         )
@@ -603,7 +602,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         records = Records("--text", list(args.text))
     else:
         records = _read_labelled(args, args.data, need_labels=None)
-    features = encoder.transform(records.texts, progress=sys.stderr.isatty())
+    features = encoder.transform(records.texts, progress=True)
     probs = classifier_probs(features, encoder.classifier, args.neurons)
 
     save_probs = Path(args.save_probs)
