@@ -20,12 +20,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
+from .progress import progress_bar
 from .readout import FeatureSpec, Pooler
 
 ROW_MULTIPLE = 16  # rows join a batch's computation in groups of this many
@@ -141,7 +141,8 @@ def featurize(
     (``mean,max,last``: their features concatenated in that order); ``state``: ``cell`` (c, the
     original's choice) or ``hidden`` (h); ``all_layers``. ``preprocess`` defaults to the
     model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
-    available) and put in eval mode. ``bf16``: the matrix products take bfloat16 operands (state and
+    available) and put in eval mode. ``progress``: a bar on a terminal, progress lines in a log
+    (progress.py). ``bf16``: the matrix products take bfloat16 operands (state and
 gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py).
     """
     spec = spec or FeatureSpec.parse(pooling, state, all_layers)
@@ -159,7 +160,7 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
         autocast(device, dtype),
-        tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
+        progress_bar(total=len(tokens), unit="text", desc="featurizing", enabled=progress) as bar,
     ):
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]

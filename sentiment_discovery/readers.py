@@ -21,6 +21,7 @@ from typing import TextIO
 import numpy as np
 import pandas as pd
 
+from .downloads import download_hint
 from .errors import DataError
 
 
@@ -76,7 +77,7 @@ def check_path(path: str | Path) -> Path:
         raise DataError("an empty file path was given")
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file{download_hint(path)}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a csv or json file")
     if path.stat().st_size == 0:
@@ -346,11 +347,10 @@ class EncodedCorpus:
 
 def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool) -> Iterator[np.ndarray]:
     """Each text preprocessed and byte-encoded (the per-text cleaning is the cost), in order."""
-    from tqdm import tqdm
-
     from .preprocess import encode
+    from .progress import progress_bar
 
-    bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
+    bar = progress_bar(texts, desc=f"encoding {Path(path).name}", unit="text", enabled=progress, leave=False)
     return (encode(t, preprocess) for t in bar)
 
 

@@ -9,7 +9,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +271,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             pooling=args.pooling,
             state=args.state,
             all_layers=args.all_layers,
-            progress=sys.stderr.isatty(),
+            progress=True,
             fp16=args.fp16,
             bf16=args.bf16,
         )
@@ -427,7 +426,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         records = Records("--text", list(args.text))
     else:
         records = _read_labelled(args, args.data, need_labels=None, multiclass=readout.classes is not None)
-    features = encoder.transform(records.texts, progress=sys.stderr.isatty())
+    features = encoder.transform(records.texts, progress=True)
     probs = readout.probs(features, args.neurons)
 
     save_probs = Path(args.save_probs)
