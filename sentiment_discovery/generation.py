@@ -218,6 +218,7 @@ def generate(
     bf16: bool = False,
     log_interval: int = 0,
     log: Callable[[str], None] = print,
+    on_byte: Callable[[int, int, float | None], None] | None = None,
 ) -> Generation:
     """Warm the model up on ``text`` and sample up to ``gen_length`` bytes in all (-1: analyse only).
 
@@ -225,7 +226,8 @@ def generate(
     in the way ``overwrite_mode`` says: see the module docstring) needs ``neuron``.
     ``bf16``/``fp16``: reduced-precision matrix products, as featurization (matmul.reduced_dtype).
     Analysis (``gen_length`` -1) takes the values from ``featurize.byte_states``, as
-    ``Encoder.cell_transform`` does.
+    ``Encoder.cell_transform`` does. ``on_byte(index, byte, value)`` is called as each byte is read
+    (generation only), to show a text as it comes.
     """
     if overwrite is not None and neuron is None:
         raise GenerationError(
@@ -271,6 +273,8 @@ def generate(
                     hidden[i][neuron.layer, 0, neuron.unit] = overwrite
             if neuron is not None:
                 values.append(float(hidden[state_index][neuron.layer, 0, neuron.unit]))
+            if on_byte is not None:
+                on_byte(step, tokens[step], values[-1] if values else None)
             if step + 1 == len(tokens) < total:
                 tokens.append(_sample(logits[0, 0], temperature, generator))
                 n_done = len(tokens) - len(prefix)

@@ -1,0 +1,957 @@
+"""The neuron explorer: a local web app to see what the units of a byte-level language model do.
+
+    python explore.py [--load_model M] [--data CSV] [--port 8000]     # then open http://127.0.0.1:8000
+
+Three views, served from 127.0.0.1 with every asset from the package (``web/``), nothing fetched:
+
+- **Try text**: each character of a text coloured by a unit's value after it, the classifier's
+  P(positive) and the traces of the units with the largest |classifier weight|.
+- **Units**: a unit's classifier weight, its accuracy alone on the labelled corpus, its feature's
+  histogram by class, the corpus texts that excite it most and least; units ranked by a chosen measure.
+- **Steer**: generation from a prompt with one unit forced (``generation.generate``'s overwrite).
+
+The server is the standard library's ``ThreadingHTTPServer`` with JSON endpoints: the app needs a
+handful of routes and one streamed response, so a web framework would be a dependency for nothing.
+The model is not thread-safe: every model call holds ``Explorer.lock``, so several tabs are served
+one model call at a time.
+
+Typing is fast because the model reads a text once: the per-byte states of recent texts are kept
+(``StateCache``, bounded in bytes), and a new text runs the model only from the end of the longest
+prefix it shares with one of them; a keystroke at the end of a text costs two bytes of model time.
+
+Corpus statistics (each feature over the corpus texts, each unit's per-byte range) are computed once
+per model and corpus and cached in ``$SENTIMENT_DISCOVERY_CACHE`` (default ``~/.cache/sentiment_discovery``)
+``/explore/``, keyed by the digests of the model and data files and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import hashlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_model_path
+from .data import DataError, read_records
+from .featurize import featurize, num_features, parse_pooling
+from .generation import Neuron, generate, select_neuron, warmup_tokens
+from .model import RNNModel
+from .native import CACHE_ENV
+from .preprocess import encode_bytes, text_slice
+from .transfer import classifier_probs, classifier_settings, file_digest
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+MAX_TEXT_CHARS = 2000  # a text longer than this is refused: the model reads about 200 bytes/s on 2 cores
+MAX_TEXT_BYTES = 4096  # after preprocessing (transliteration can lengthen a text)
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is read
+MAX_STEER_BYTES = 1000
+N_TRACES = 8  # units traced in Try text: the largest |classifier weight|
+N_EXTREME = 10  # texts shown per unit page, each side
+HISTOGRAM_BINS = 30
+RANGE_PERCENTILE = 99.0  # a unit's colour range: this percentile of each corpus text's largest |value|
+STATS_VERSION = 1
+RANKINGS = {
+    "weight": "|classifier weight|",
+    "separation": "accuracy alone (best threshold) on the labelled corpus",
+    "auc": "|AUC - 0.5| of the feature against the labels",
+    "spread": "standard deviation of the feature over the corpus",
+}
+
+
+class ExploreError(Exception):
+    """A request that cannot be answered: its message goes to the page, with an HTTP status."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------
+# Features: where a classifier feature lives in the recurrent state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Feature:
+    index: int  # feature index, as transfer.py and generate.py --neuron number them
+    pooling: str  # last, mean or max
+    layer: int
+    unit: int
+    weight: float | None  # classifier weight; None without classifier
+
+    def to_json(self) -> dict:
+        return {
+            "feature": self.index,
+            "pooling": self.pooling,
+            "layer": self.layer,
+            "unit": self.unit,
+            "weight": self.weight,
+        }
+
+
+def locate(feature: int, model: RNNModel, classifier: dict | None) -> Feature:
+    """The pooling, layer and unit of feature ``feature`` of ``classifier`` (without one: the last cell
+    state of the last layer, the original's features)."""
+    pooling, _, all_layers = classifier_settings(classifier)
+    poolings = parse_pooling(pooling)
+    H, L = model.config.nhid, model.config.nlayers
+    block = H * L if all_layers else H
+    n_features = block * len(poolings)
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n_features:
+        raise ExploreError(
+            f"unit {feature!r} is out of range: this model's features are 0 .. {n_features - 1}"
+        )
+    in_block = feature % block
+    layer, unit = (in_block // H, in_block % H) if all_layers else (L - 1, in_block)
+    weight = None if classifier is None else float(classifier["weight"][feature])
+    return Feature(feature, poolings[feature // block], layer, unit, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-byte states: one text with prefix reuse, or many texts batched
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextStates:
+    tokens: bytes
+    hidden: np.ndarray  # float32 [T, L, H]: h after each byte
+    cell: np.ndarray  # float32 [T, L, H]: c after each byte (GRU/RNN: h again)
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.nbytes + self.cell.nbytes
+
+
+class StateCache:
+    """Per-byte states of recently read texts, least recently used dropped beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.used = max_bytes, 0
+        self.entries: OrderedDict[bytes, TextStates] = OrderedDict()
+
+    def longest_prefix(self, tokens: bytes) -> tuple[TextStates | None, int]:
+        """The entry sharing the longest prefix with ``tokens`` and that prefix's length."""
+        best, best_n = None, 0
+        for entry in self.entries.values():
+            n = _common_prefix(entry.tokens, tokens)
+            if n > best_n:
+                best, best_n = entry, n
+        if best is not None:
+            self.entries.move_to_end(best.tokens)
+        return best, best_n
+
+    def put(self, states: TextStates) -> None:
+        if states.nbytes > self.max_bytes or states.tokens in self.entries:
+            return
+        self.entries[states.tokens] = states
+        self.used += states.nbytes
+        while self.used > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.used -= old.nbytes
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    x, y = np.frombuffer(a, np.uint8, n), np.frombuffer(b, np.uint8, n)
+    return int(np.argmax(x != y))
+
+
+def _to_numpy(per_layer: list[torch.Tensor]) -> np.ndarray:
+    """``L`` tensors ``[T, B, H]`` -> float32 ``[B, T, L, H]``."""
+    return torch.stack(per_layer, dim=2).float().permute(1, 0, 2, 3).cpu().numpy()
+
+
+def run_states(
+    model: RNNModel, tokens: bytes, start: TextStates | None = None, chunk_length: int = 256
+) -> TextStates:
+    """States after every byte of ``tokens``, reusing ``start``'s where it is a prefix of them."""
+    n = 0 if start is None else _common_prefix(start.tokens, tokens)
+    if n and n == len(tokens):  # a prefix of a text read before: its states, copied (the cache counts bytes)
+        return TextStates(tokens, start.hidden[:n].copy(), start.cell[:n].copy())
+    hiddens = [start.hidden[:n]] if n else []
+    cells = [start.cell[:n]] if n else []
+    state = None
+    if n:
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a[n - 1])).unsqueeze(1)  # [L, 1, H]
+        state = (to(start.hidden), to(start.cell))
+    x = torch.frombuffer(bytearray(tokens[n:]), dtype=torch.uint8).long().unsqueeze(1)
+    with torch.inference_mode():
+        for a in range(0, len(x), chunk_length):
+            hs, cs, state = model.forward_states(x[a : a + chunk_length], state)
+            hiddens.append(_to_numpy(hs)[0])
+            cells.append(_to_numpy(cs)[0])
+    L, H = model.config.nlayers, model.config.nhid
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros((0, L, H), np.float32)
+    return TextStates(tokens, join(hiddens), join(cells))
+
+
+def batched_states(
+    model: RNNModel, token_arrays: Sequence[bytes], state: str, batch_size: int = 64, chunk_length: int = 64
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, values [T_i, L * H])`` of each text, its ``state`` (cell/hidden) after every byte.
+
+    Texts run in batches of similar length, right-padded: a row's states before its padding are those
+    of the text alone. Yields in length order, a batch at a time, so callers can reduce as they go.
+    """
+    order = sorted(range(len(token_arrays)), key=lambda i: -len(token_arrays[i]))
+    with torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            rows = order[first : first + batch_size]
+            longest = len(token_arrays[rows[0]])
+            x = torch.zeros(longest, len(rows), dtype=torch.long)
+            for j, i in enumerate(rows):
+                x[: len(token_arrays[i]), j] = torch.frombuffer(bytearray(token_arrays[i]), dtype=torch.uint8)
+            pieces, hidden = [], None
+            for a in range(0, longest, chunk_length):
+                hs, cs, hidden = model.forward_states(x[a : a + chunk_length], hidden)
+                pieces.append(_to_numpy(cs if state == "cell" else hs))
+            values = np.concatenate(pieces, axis=1) if pieces else np.zeros((len(rows), 0, 1, 1))
+            values = values.reshape(len(rows), longest, -1)
+            for j, i in enumerate(rows):
+                yield i, values[j, : len(token_arrays[i])]
+
+
+def pooled_features(states: TextStates, classifier: dict | None) -> np.ndarray:
+    """The classifier's features ``[F]`` of one text from its per-byte states (as ``featurize``)."""
+    pooling, state, all_layers = classifier_settings(classifier)
+    seq = states.cell if state == "cell" else states.hidden  # [T, L, H]
+    pooled = {"mean": lambda: seq.mean(axis=0), "max": lambda: seq.max(axis=0), "last": lambda: seq[-1]}
+    parts = [pooled[p]() for p in parse_pooling(pooling)]
+    return np.concatenate([p.reshape(-1) if all_layers else p[-1] for p in parts]).astype(np.float32)
+
+
+def plain_weights(model: RNNModel) -> RNNModel:
+    """``model`` with its weight-norm parametrizations folded into plain weights (inference only): the
+    effective matrices are then not recomputed on every call, which a keystroke would pay for."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    if hasattr(model.rnn, "weight_norm"):
+        model.rnn.weight_norm = False  # TorchRNN refreshes flat weights only for parametrized layers
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus statistics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorpusStats:
+    features: np.ndarray  # float32 [N, F]: the classifier's features of each corpus text
+    unit_range: np.ndarray  # float32 [L * H]: colour range of each unit's per-byte values (> 0)
+
+    def save(self, path: Path, key: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, features=self.features, unit_range=self.unit_range, key=np.array(json.dumps(key)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, key: dict, n_texts: int, n_features: int, n_units: int) -> CorpusStats | None:
+        """The cached statistics when ``path`` holds those of ``key``, else None (recomputed)."""
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if json.loads(str(f["key"])) != key:
+                    return None
+                stats = cls(f["features"], f["unit_range"])
+        except (OSError, ValueError, KeyError):
+            return None
+        if stats.features.shape != (n_texts, n_features) or stats.unit_range.shape != (n_units,):
+            return None
+        return stats
+
+
+def _progress(total: int, desc: str) -> Callable[[int], None]:
+    """A tqdm bar on a terminal; plain progress lines (about every 10%) in a log."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="text")
+        return lambda n: (bar.update(n), bar.n >= total and bar.close())
+    done = {"n": 0, "said": 0}
+
+    def update(n: int) -> None:
+        done["n"] += n
+        if done["n"] - done["said"] >= max(1, total // 10) or done["n"] == total:
+            done["said"] = done["n"]
+            print(f"{desc}: {done['n']}/{total} texts", file=sys.stderr, flush=True)
+
+    return update
+
+
+def compute_corpus_stats(
+    model: RNNModel, classifier: dict | None, texts: list[str], progress: bool = True, batch_size: int = 64
+) -> CorpusStats:
+    """Each text's features (``featurize``, the classifier's pooling/state/layers) and each unit's range."""
+    pooling, state, all_layers = classifier_settings(classifier)
+    update = _progress(2 * len(texts), "corpus statistics") if progress else lambda n: None
+    features = []
+    for a in range(0, len(texts), 4 * batch_size):
+        part = texts[a : a + 4 * batch_size]
+        features.append(
+            featurize(
+                model,
+                part,
+                pooling=pooling,
+                state=state,
+                all_layers=all_layers,
+                device="cpu",
+                batch_size=batch_size,
+            )
+        )
+        update(len(part))
+    tokens = [encode_bytes(t, model.config.preprocess) for t in texts]
+    peaks = np.zeros((len(texts), model.config.nlayers * model.config.nhid), np.float32)
+    for i, values in batched_states(model, tokens, state, batch_size):
+        peaks[i] = np.abs(values).max(axis=0)
+        update(1)
+    unit_range = np.percentile(peaks, RANGE_PERCENTILE, axis=0).astype(np.float32)
+    return CorpusStats(np.concatenate(features), np.maximum(unit_range, 1e-6))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sentiment_discovery") / "explore"
+
+
+def stats_key(model_path: Path, data_path: str, n_texts: int, classifier: dict | None) -> dict:
+    pooling, state, all_layers = classifier_settings(classifier)
+    return {
+        "version": STATS_VERSION,
+        "model_sha256": file_digest(model_path),
+        "data_sha256": file_digest(data_path),
+        "texts": n_texts,
+        "pooling": pooling,
+        "state": state,
+        "all_layers": all_layers,
+        "range_percentile": RANGE_PERCENTILE,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Per-feature measures over the corpus
+# --------------------------------------------------------------------------------------------
+
+
+def threshold_accuracy(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per feature, the best accuracy of one threshold (either direction) on these texts ``[F]``."""
+    order = np.argsort(features, axis=0, kind="stable")
+    y = labels[order].astype(np.int64)  # [N, F] labels in each feature's order
+    n = len(labels)
+    below_neg = np.vstack([np.zeros((1, y.shape[1]), np.int64), np.cumsum(1 - y, axis=0)])  # [N+1, F]
+    above_pos = int(labels.sum()) - np.vstack([np.zeros((1, y.shape[1]), np.int64), np.cumsum(y, axis=0)])
+    up = (below_neg + above_pos) / n  # predict positive above the threshold
+    return np.maximum(up, 1 - up).max(axis=0)
+
+
+def auc(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per feature, P(a positive text's value > a negative text's) (Mann-Whitney, ties ignored) ``[F]``."""
+    ranks = np.argsort(np.argsort(features, axis=0, kind="stable"), axis=0) + 1
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    return (ranks[labels == 1].sum(axis=0) - n_pos * (n_pos + 1) / 2) / max(1, n_pos * n_neg)
+
+
+# --------------------------------------------------------------------------------------------
+# The explorer: every answer the web app asks for
+# --------------------------------------------------------------------------------------------
+
+
+class Explorer:
+    """A loaded model (and classifier), its corpus and statistics, and the answers of the endpoints."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        model_name: str,
+        texts: list[str],
+        labels: np.ndarray | None,
+        stats: CorpusStats,
+        cache_bytes: int = 256 << 20,
+    ):
+        self.model = plain_weights(ckpt.model.to("cpu"))
+        self.classifier, self.model_name = ckpt.classifier, model_name
+        self.default_neuron = ckpt.extra.get("default_neuron")
+        self.texts, self.labels, self.stats = texts, labels, stats
+        self.cache = StateCache(cache_bytes)
+        self.lock = threading.Lock()  # one model call at a time: the model is not thread-safe
+        self.pooling, self.state, self.all_layers = classifier_settings(self.classifier)
+        self.n_features = num_features(self.model.config, self.all_layers, self.pooling)
+        F = self.n_features
+        self.labelled = labels is not None and 0 < int(labels.sum()) < len(labels)
+        self.measures = {"spread": stats.features.std(axis=0)}
+        if self.classifier is not None:
+            self.measures["weight"] = np.abs(np.asarray(self.classifier["weight"], np.float64)).reshape(F)
+        if self.labelled:
+            self.accuracy = threshold_accuracy(stats.features, labels)
+            self.auc = auc(stats.features, labels)
+            self.measures["separation"] = self.accuracy
+            self.measures["auc"] = np.abs(self.auc - 0.5)
+        else:
+            self.accuracy = self.auc = None
+        self.top_features = self.ranked("weight" if self.classifier is not None else self.default_ranking())
+
+    # ---- helpers
+
+    def default_ranking(self) -> str:
+        return "weight" if self.classifier is not None else "separation" if self.labelled else "spread"
+
+    def ranked(self, ranking: str) -> np.ndarray:
+        if ranking not in self.measures:
+            why = {
+                "weight": "this model has no classifier (load a checkpoint written by transfer.py)",
+                "separation": "the corpus has no labels of both classes",
+                "auc": "the corpus has no labels of both classes",
+            }.get(ranking, f"choose one of {', '.join(self.measures)}")
+            raise ExploreError(f"cannot rank units by {ranking!r}: {why}")
+        return np.argsort(-self.measures[ranking], kind="stable")
+
+    def feature(self, index) -> Feature:
+        if isinstance(index, str):
+            try:
+                index = int(index)
+            except ValueError:
+                raise ExploreError(f"unit {index!r} is not a number") from None
+        return locate(index, self.model, self.classifier)
+
+    def default_feature(self) -> int:
+        if self.classifier is not None and len(self.classifier["neurons"]):
+            return int(self.classifier["neurons"][0])
+        if self.default_neuron is not None and self.default_neuron < self.n_features:
+            return int(self.default_neuron)
+        return int(self.top_features[0])
+
+    def polarity(self, feature: Feature) -> int:
+        """+1 or -1: turns a value into sentiment (the sign of the classifier weight; +1 without one)."""
+        return -1 if feature.weight is not None and feature.weight < 0 else 1
+
+    def unit_range(self, feature: Feature) -> float:
+        return float(self.stats.unit_range[feature.layer * self.model.config.nhid + feature.unit])
+
+    def text_states(self, text: str) -> TextStates:
+        """Per-byte states of ``text`` preprocessed; the model runs from the cache's longest shared prefix."""
+        if not isinstance(text, str):
+            raise ExploreError("text must be a string")
+        if not text.strip():
+            raise ExploreError("the text is empty: type a sentence to see the unit's values")
+        if len(text) > MAX_TEXT_CHARS:
+            raise ExploreError(
+                f"the text has {len(text)} characters; the explorer reads at most {MAX_TEXT_CHARS} "
+                "(about 10 s of model time on 2 CPU cores): shorten it",
+                413,
+            )
+        tokens = encode_bytes(text, self.model.config.preprocess)
+        if len(tokens) > MAX_TEXT_BYTES:
+            raise ExploreError(
+                f"the text is {len(tokens)} bytes after preprocessing; the explorer reads at most "
+                f"{MAX_TEXT_BYTES}: shorten it",
+                413,
+            )
+        with self.lock:
+            start, n = self.cache.longest_prefix(tokens)
+            if start is not None and n == len(tokens) == len(start.tokens):
+                return start
+            states = run_states(self.model, tokens, start)
+            self.cache.put(states)
+        return states
+
+    def coloured(self, states: TextStates, feature: Feature) -> list[list]:
+        """``[[character, value x polarity], ...]`` of the text itself (no preprocessing pads)."""
+        seq = states.cell if self.state == "cell" else states.hidden
+        values = seq[:, feature.layer, feature.unit] * self.polarity(feature)
+        return _chars_with_values(states.tokens[text_slice(states.tokens)], values[text_slice(states.tokens)])
+
+    def probability(self, states: TextStates) -> float | None:
+        if self.classifier is None:
+            return None
+        return float(classifier_probs(pooled_features(states, self.classifier)[None], self.classifier)[0])
+
+    # ---- endpoints
+
+    def info(self) -> dict:
+        cfg = self.model.config
+        return {
+            "model": self.model_name,
+            "architecture": f"{cfg.model}, {cfg.nlayers} layer(s) of {cfg.nhid} units, "
+            f"preprocessing {cfg.preprocess}",
+            "classifier": self.classifier is not None,
+            "pooling": self.pooling,
+            "state": self.state,
+            "n_features": self.n_features,
+            "corpus": {"texts": len(self.texts), "labelled": self.labelled},
+            "rankings": {k: RANKINGS[k] for k in RANKINGS if k in self.measures},
+            "default_ranking": self.default_ranking(),
+            "default_feature": self.default_feature(),
+            "top": [self.unit_row(int(f)) for f in self.top_features[:N_TRACES]],
+            "max_text_chars": MAX_TEXT_CHARS,
+            "max_steer_bytes": MAX_STEER_BYTES,
+        }
+
+    def unit_row(self, index: int) -> dict:
+        feature = self.feature(index)
+        row = feature.to_json()
+        row["accuracy"] = None if self.accuracy is None else float(self.accuracy[index])
+        row["auc"] = None if self.auc is None else float(self.auc[index])
+        row["spread"] = float(self.measures["spread"][index])
+        row["range"] = self.unit_range(feature)
+        return row
+
+    def analyse_text(self, text: str, feature_index) -> dict:
+        started = time.perf_counter()
+        feature = self.feature(self.default_feature() if feature_index is None else feature_index)
+        states = self.text_states(text)
+        traces = []
+        seen = set()
+        seq = states.cell if self.state == "cell" else states.hidden
+        shown = text_slice(states.tokens)
+        for f in self.top_features[:N_TRACES]:
+            other = self.feature(int(f))
+            if (other.layer, other.unit) in seen:
+                continue
+            seen.add((other.layer, other.unit))
+            values = seq[shown, other.layer, other.unit] * self.polarity(other)
+            traces.append(
+                {**other.to_json(), "range": self.unit_range(other), "values": values.round(4).tolist()}
+            )
+        return {
+            "unit": self.unit_row(feature.index),
+            "polarity": self.polarity(feature),
+            "range": self.unit_range(feature),
+            "chars": self.coloured(states, feature),
+            "p_positive": self.probability(states),
+            "traces": traces,
+            "ms": round(1000 * (time.perf_counter() - started), 1),
+        }
+
+    def unit_page(self, feature_index) -> dict:
+        feature = self.feature(feature_index)
+        column = self.stats.features[:, feature.index]
+        edges = np.histogram_bin_edges(column, bins=HISTOGRAM_BINS)
+        histogram = {"edges": edges.tolist()}
+        if self.labelled:
+            histogram["negative"] = np.histogram(column[self.labels == 0], edges)[0].tolist()
+            histogram["positive"] = np.histogram(column[self.labels == 1], edges)[0].tolist()
+        else:
+            histogram["all"] = np.histogram(column, edges)[0].tolist()
+        order = np.argsort(column, kind="stable")
+        most, least = order[::-1][:N_EXTREME], order[:N_EXTREME]
+        chosen = [int(i) for i in np.concatenate([most, least])]
+        tokens = [encode_bytes(self.texts[i], self.model.config.preprocess)[:MAX_TEXT_BYTES] for i in chosen]
+        per_text = {}
+        column_index = feature.layer * self.model.config.nhid + feature.unit
+        with self.lock:
+            for k, values in batched_states(self.model, tokens, self.state):
+                per_text[k] = values[:, column_index]
+        polarity = self.polarity(feature)
+
+        def rows(indices) -> list[dict]:
+            out = []
+            for i in indices:
+                k = chosen.index(int(i))
+                shown = text_slice(tokens[k])
+                row = {
+                    "index": int(i),
+                    "value": float(column[i]),
+                    "chars": _chars_with_values(tokens[k][shown], per_text[k][shown] * polarity),
+                }
+                if self.labels is not None:
+                    row["label"] = int(self.labels[i])
+                out.append(row)
+            return out
+
+        return {
+            "unit": self.unit_row(feature.index),
+            "polarity": polarity,
+            "range": self.unit_range(feature),
+            "histogram": histogram,
+            "most": rows(most),
+            "least": rows(least),
+        }
+
+    def rank_units(self, ranking: str | None, query: str = "", limit: int = 50) -> dict:
+        ranking = ranking or self.default_ranking()
+        order = self.ranked(ranking)
+        query = (query or "").strip()
+        if query:
+            try:
+                number = int(query)
+            except ValueError:
+                raise ExploreError(f"search for a unit or feature number, got {query!r}") from None
+            # the feature itself, and every feature reading that unit (other poolings and layers)
+            keep = (order == number) | (order % self.model.config.nhid == number)
+            order = order[keep]
+        return {
+            "ranking": ranking,
+            "described": RANKINGS[ranking],
+            "units": [self.unit_row(int(f)) for f in order[: max(1, min(int(limit), 500))]],
+        }
+
+    def steer(self, request: dict, emit: Callable[[dict], None]) -> None:
+        """Generate from ``prompt`` with the unit forced; ``emit`` receives the characters as they come."""
+        prompt = request.get("prompt", "")
+        if not isinstance(prompt, str) or len(prompt) > MAX_TEXT_CHARS:
+            raise ExploreError(f"the prompt must be a text of at most {MAX_TEXT_CHARS} characters", 413)
+        length = _number(request, "length", 200, int, 1, MAX_STEER_BYTES)
+        temperature = _number(request, "temperature", 1.0, float, 0.0, 10.0)
+        seed = _number(request, "seed", 0, int, 0, 2**31 - 2)
+        feature = self.feature(request.get("feature", self.default_feature()))
+        mode = request.get("mode", "hidden")
+        if mode not in ("hidden", "cell"):
+            raise ExploreError(f"mode must be hidden or cell, got {mode!r}")
+        force = request.get("value")
+        if force is not None:
+            force = _number(request, "value", 0.0, float, -100.0, 100.0)
+        polarity = self.polarity(feature)
+        neuron = self._neuron(feature)
+        prefix = warmup_tokens(prompt, self.model.config.preprocess)
+        shown_from = text_slice(prefix.tobytes()).start
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = {"chars": []}
+
+        def on_byte(index: int, byte: int, value: float | None) -> None:
+            if index < shown_from:
+                return
+            for char in decoder.decode(bytes([byte])):
+                pending["chars"].append([char, round(float(value) * polarity, 4), index >= len(prefix)])
+            if len(pending["chars"]) >= 16:
+                emit({"chars": pending["chars"]})
+                pending["chars"] = []
+
+        emit(
+            {
+                "unit": self.unit_row(feature.index),
+                "range": self.unit_range(feature),
+                "polarity": polarity,
+                "written": None if force is None else force * polarity,
+                "seed": seed,
+            }
+        )
+        with self.lock:
+            result = generate(
+                self.model,
+                prompt,
+                gen_length=len(prefix) + length,
+                temperature=temperature,
+                seed=seed,
+                neuron=neuron,
+                overwrite=None if force is None else force * polarity,
+                overwrite_mode=mode,
+                device="cpu",
+                on_byte=on_byte,
+            )
+        if pending["chars"]:
+            emit({"chars": pending["chars"]})
+        states = (
+            self.text_states(result.text)
+            if result.text.strip() and len(result.text) <= MAX_TEXT_CHARS
+            else None
+        )
+        emit(
+            {
+                "done": True,
+                "text": result.text,
+                "p_positive": None if states is None else self.probability(states),
+            }
+        )
+
+    def _neuron(self, feature: Feature) -> Neuron:
+        if self.classifier is not None:
+            return select_neuron(self.model, self.classifier, feature.index)
+        return Neuron(feature.index, feature.layer, feature.unit, self.state, None)
+
+
+def _number(request: dict, key: str, default, kind: type, low, high):
+    value = request.get(key, default)
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ExploreError(f"{key} must be a number, got {value!r}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ExploreError(f"{key} must be within {low} .. {high}, got {value}")
+    return value
+
+
+def _chars_with_values(tokens: bytes, values: np.ndarray) -> list[list]:
+    """Characters of ``tokens`` (UTF-8; an invalid byte shows as U+FFFD), each with the value after its
+    last byte."""
+    out, i = [], 0
+    while i < len(tokens):
+        lead = tokens[i]
+        length = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+        try:
+            char = tokens[i : i + length].decode("utf-8")
+        except UnicodeDecodeError:
+            char, length = "\ufffd", 1
+        out.append([char, round(float(values[i + length - 1]), 4)])
+        i += length
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP
+# --------------------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Static files of ``web/`` and the JSON endpoints of ``Explorer`` (``server.explorer``)."""
+
+    server_version = "sentiment-discovery-explore"
+    protocol_version = "HTTP/1.1"
+    verbose = False
+
+    @property
+    def explorer(self) -> Explorer:
+        return self.server.explorer
+
+    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
+        if self.verbose:
+            super().log_message(format, *args)
+
+    def do_GET(self):
+        self._answer(self._get)
+
+    def do_POST(self):
+        self._answer(self._post)
+
+    def _answer(self, route: Callable[[str, dict], None]) -> None:
+        try:
+            self._check_host()
+            url = urllib.parse.urlsplit(self.path)
+            try:
+                query = dict(urllib.parse.parse_qsl(url.query, errors="strict"))
+            except UnicodeDecodeError:
+                raise ExploreError("the query is not valid UTF-8") from None
+            route(url.path, query)
+        except ExploreError as e:
+            self._json({"error": str(e)}, e.status)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the tab went away
+        except Exception as e:  # a bug: one line to the page, the traceback to the console only
+            traceback.print_exc()
+            self._json({"error": f"internal error ({type(e).__name__}): see the server's console"}, 500)
+
+    def _check_host(self) -> None:
+        # Only pages served from this address may call the API (a rebound DNS name reaching 127.0.0.1 cannot).
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ExploreError(f"Host {host!r} refused: open the app as http://127.0.0.1:<port>/", 403)
+
+    def _get(self, path: str, query: dict) -> None:
+        if path in ("/", "/index.html"):
+            return self._static("index.html")
+        if path.startswith("/static/"):
+            return self._static(path.removeprefix("/static/"))
+        if path == "/api/info":
+            return self._json(self.explorer.info())
+        if path == "/api/unit":
+            return self._json(self.explorer.unit_page(query.get("feature")))
+        if path == "/api/units":
+            return self._json(
+                self.explorer.rank_units(
+                    query.get("rank"), query.get("q", ""), _int(query.get("limit", "50"))
+                )
+            )
+        raise ExploreError(f"no page {path}", 404)
+
+    def _post(self, path: str, query: dict) -> None:
+        body = self._body()
+        if path == "/api/text":
+            return self._json(self.explorer.analyse_text(body.get("text", ""), body.get("feature")))
+        if path == "/api/steer":
+            return self._stream(lambda emit: self.explorer.steer(body, emit))
+        raise ExploreError(f"no endpoint {path}", 404)
+
+    def _body(self) -> dict:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ExploreError("a request body needs a Content-Length", 411) from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read
+            raise ExploreError(f"the request is {length} bytes; at most {MAX_BODY_BYTES} are read", 413)
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ExploreError(
+                f"the request is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+            ) from None
+        except json.JSONDecodeError as e:
+            raise ExploreError(f"the request is not JSON ({e.msg} at character {e.pos})") from None
+        if not isinstance(body, dict):
+            raise ExploreError("the request must be a JSON object")
+        return body
+
+    def _static(self, name: str) -> None:
+        files = {p.name: p for p in WEB_DIR.iterdir() if p.is_file()}  # no path from the URL is opened
+        if name not in files or files[name].suffix not in STATIC_TYPES:
+            raise ExploreError(f"no file {name}", 404)
+        data = files[name].read_bytes()
+        self._send(200, STATIC_TYPES[files[name].suffix] + "; charset=utf-8", data)
+
+    def _json(self, obj: dict, status: int = 200) -> None:
+        self._send(status, "application/json", json.dumps(obj, ensure_ascii=False).encode("utf-8"))
+
+    def _send(self, status: int, content_type: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, produce: Callable[[Callable[[dict], None]], None]) -> None:
+        """Newline-delimited JSON, written as it is produced (the connection closes at its end); an error
+        after the first line is sent as a last ``{"error": ...}`` line."""
+        started = False
+
+        def emit(obj: dict) -> None:
+            nonlocal started
+            if not started:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                started = True
+            self.wfile.write(json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n")
+            self.wfile.flush()
+
+        self.close_connection = True
+        try:
+            produce(emit)
+        except ExploreError as e:
+            if not started:
+                raise
+            emit({"error": str(e)})
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ExploreError(f"limit must be a number, got {text!r}") from None
+
+
+class ExploreServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, explorer: Explorer, port: int = 8000, host: str = "127.0.0.1"):
+        super().__init__((host, port), Handler)
+        self.explorer = explorer
+
+
+# --------------------------------------------------------------------------------------------
+# explore.py
+# --------------------------------------------------------------------------------------------
+
+
+def load_explorer(
+    load_model: str | None,
+    data: str,
+    max_texts: int = 1000,
+    text_key: str = "sentence",
+    label_key: str = "label",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Explorer:
+    """The model, the first ``max_texts`` texts of ``data`` and their statistics (cached)."""
+    model_path = resolve_model_path(load_model)
+    ckpt = load_checkpoint(load_model)
+    records = read_records(data, text_key=text_key, label_key=label_key, need_labels=None)
+    texts = records.texts[:max_texts]
+    labels = None if records.labels is None else records.labels[:max_texts]
+    key = stats_key(model_path, data, len(texts), ckpt.classifier)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir or default_cache_dir()) / f"{name}.npz"
+    pooling, _, all_layers = classifier_settings(ckpt.classifier)
+    n_units = ckpt.config.nhid * ckpt.config.nlayers
+    stats = CorpusStats.load(path, key, len(texts), num_features(ckpt.config, all_layers, pooling), n_units)
+    if stats is None:
+        log(f"corpus statistics of {len(texts)} texts of {data}: computed once, cached in {path}")
+        started = time.perf_counter()
+        stats = compute_corpus_stats(ckpt.model.to("cpu"), ckpt.classifier, texts, progress)
+        log(f"corpus statistics done in {time.perf_counter() - started:.0f} s")
+        try:
+            stats.save(path, key)
+        except OSError as e:
+            log(f"note: cannot cache the statistics ({e}); they will be computed again next time")
+    else:
+        log(f"corpus statistics of {len(texts)} texts of {data}: from the cache {path}")
+    return Explorer(ckpt, str(load_model or "default"), texts, labels, stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Serve the neuron explorer on http://127.0.0.1:PORT (no network use).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--load_model",
+        default=None,
+        help="checkpoint (default: the shipped model; 'openai' after `python data/download.py openai`)",
+    )
+    p.add_argument("--data", default="data/binary_sst/val.csv", help="corpus csv/json for the unit pages")
+    p.add_argument("--max_texts", type=int, default=1000, help="use the first N texts of --data")
+    p.add_argument("--text_key", default="sentence")
+    p.add_argument("--label_key", default="label")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help=f"statistics cache (default ${CACHE_ENV} or ~/.cache/sentiment_discovery, /explore)",
+    )
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import normalize_argv
+
+    parser = build_parser()
+    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
+    if args.max_texts < 1:
+        parser.error("--max_texts must be at least 1")
+    try:
+        explorer = load_explorer(
+            args.load_model, args.data, args.max_texts, args.text_key, args.label_key, args.cache_dir
+        )
+        server = ExploreServer(explorer, args.port)
+    except (CheckpointError, DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    Handler.verbose = args.verbose
+    print(f"neuron explorer on http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
