@@ -53,6 +53,7 @@ from .featurize import featurize, num_features, parse_pooling
 from .generation import Neuron, generate, select_neuron, warmup_tokens
 from .model import RNNModel
 from .native import CACHE_ENV
+from .plots import char_cells
 from .preprocess import encode_bytes, text_slice
 from .transfer import classifier_probs, classifier_settings, file_digest
 
@@ -693,19 +694,8 @@ def _number(request: dict, key: str, default, kind: type, low, high):
 
 
 def _chars_with_values(tokens: bytes, values: np.ndarray) -> list[list]:
-    """Characters of ``tokens`` (UTF-8; an invalid byte shows as U+FFFD), each with the value after its
-    last byte."""
-    out, i = [], 0
-    while i < len(tokens):
-        lead = tokens[i]
-        length = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
-        try:
-            char = tokens[i : i + length].decode("utf-8")
-        except UnicodeDecodeError:
-            char, length = "\ufffd", 1
-        out.append([char, round(float(values[i + length - 1]), 4)])
-        i += length
-    return out
+    """``[[character, value after its last byte], ...]`` (an invalid UTF-8 byte shows as U+FFFD)."""
+    return [[char, round(float(values[i]), 4)] for i, char in char_cells(tokens)]
 
 
 # --------------------------------------------------------------------------------------------
