@@ -462,7 +462,7 @@ def run_generate(args) -> Generation:
             title=f"{neuron.label()}; value x polarity {polarity:+d}",
             generated_from=result.n_warmup - shown.start if args.gen_length >= 0 else None,
             value_range=args.heatmap_range,
-            caption="value x polarity: red negative, green positive",
+            caption="value x polarity: red negative, green positive sentiment",
         )
         written = []
         if target.suffix.lower() not in (".html", ".htm"):

@@ -219,7 +219,10 @@ def plot_heatmap(
     w_px, h_px = layout.size_px
     if title:  # a short text must not clip its title (about 0.6 em per character)
         w_px = max(w_px, int(2 * MARGIN_PX + 0.6 * len(title) * FONT_PT * DPI / 72))
-    w_px = max(w_px, 2 * MARGIN_PX + COLORBAR_W_PX + 40)
+    # the colour bar and its caption (about 0.6 em per character) must fit too
+    w_px = max(
+        w_px, int(2 * MARGIN_PX + COLORBAR_W_PX + 42 + 0.6 * max(len(caption), 40) * (FONT_PT - 1) * DPI / 72)
+    )
     background, ink = heatmap_colours(shown, R)
     ends = [token_index for token_index, _ in cells]
     first_generated = None if generated_from is None else int(np.searchsorted(ends, generated_from))
@@ -261,17 +264,24 @@ def plot_heatmap(
         ax.text(MARGIN_PX, HEADER_PX / 2, title, ha="left", va="center", fontsize=FONT_PT)
     # the colour bar, under the text: its own axes placed in figure fractions from pixel positions
     bar_top = HEADER_PX + len(layout.lines) * CELL_H_PX + 10
-    cax = fig.add_axes((MARGIN_PX / w_px, 1 - (bar_top + 10) / h_px, COLORBAR_W_PX / w_px, 10 / h_px))
+    bar_left = MARGIN_PX + 12  # room for the first tick label
+    cax = fig.add_axes((bar_left / w_px, 1 - (bar_top + 10) / h_px, COLORBAR_W_PX / w_px, 10 / h_px))
     bar = fig.colorbar(
         ScalarMappable(Normalize(-R, R), plt.get_cmap(COLORMAP)), cax=cax, orientation="horizontal"
     )
-    bar.set_ticks([-R, -R / 2, 0, R / 2, R])
+    bar.set_ticks(
+        [-R, -R / 2, 0, R / 2, R], labels=[f"{t:+.3g}" if t else "0" for t in (-R, -R / 2, 0, R / 2, R)]
+    )
     bar.ax.tick_params(labelsize=FONT_PT - 2, length=2, pad=1)
     bar.outline.set_linewidth(0.5)
-    why = "(--heatmap_range)" if value_range is not None else "(largest |value| shown)"
-    scale = f"scale ±{R:.3g} {why}"
+    why = "--heatmap_range" if value_range is not None else "the largest |value| shown"
+    ax.text(bar_left + COLORBAR_W_PX + 30, bar_top + 5, caption, va="center", fontsize=FONT_PT - 1)
     ax.text(
-        MARGIN_PX + COLORBAR_W_PX + 14, bar_top + 5, f"{caption}; {scale}", va="center", fontsize=FONT_PT - 1
+        bar_left + COLORBAR_W_PX + 30,
+        bar_top + 20,
+        f"scale ±{R:.3g} ({why})",
+        va="center",
+        fontsize=FONT_PT - 1,
     )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():

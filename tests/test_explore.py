@@ -113,7 +113,7 @@ def start(tmp_path: Path, classifier: dict | None, name: str) -> Server:
     path = tmp_path / f"{name}.pt"
     save_checkpoint(path, tiny_model(), classifier=classifier)
     explorer = ex.load_explorer(
-        str(path), str(CORPUS), max_texts=60, cache_dir=tmp_path / "cache", log=lambda s: None
+        str(path), str(CORPUS), max_texts=60, cache_dir=tmp_path / "cache", log=lambda s: None, progress=False
     )
     return Server(explorer)
 
@@ -279,8 +279,14 @@ def test_bad_input_gets_a_clear_message_never_a_traceback(server, method, path, 
 
 
 def test_oversized_body_and_foreign_host_are_refused(server):
-    code, _, data = server.request("POST", "/api/text", b"{" + b" " * (ex.MAX_BODY_BYTES + 1) + b"}")
-    assert code == 413 and "at most" in json.loads(data)["error"]
+    # refused on its Content-Length alone: the server reads none of it
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.putrequest("POST", "/api/text")
+    conn.putheader("Content-Length", str(10**12))
+    conn.endheaders(b"{")
+    response = conn.getresponse()
+    assert response.status == 413 and "at most" in json.loads(response.read())["error"]
+    conn.close()
     code, _, data = server.request("GET", "/api/info", headers={"Host": "evil.example:80"})
     assert code == 403
 

@@ -181,8 +181,9 @@ function renderHistogram(box, hist, u) {
   const top = Math.max(1, ...series.flatMap(s => s[1]));
   const bw = (w - pad) / n;
   let svg = `<svg width="${w}" height="${h + 36}" role="img">`;
-  for (const [name, counts, c] of series)
-    counts.forEach((k, i) => { const bh = (h - 8) * k / top; svg += `<rect x="${pad + i * bw}" y="${h - bh}" width="${bw - 1}" height="${bh}" fill="${c}" fill-opacity="0.55"><title>${name}: ${k}</title></rect>`; });
+  const sw = (bw - 1) / series.length;  // the classes side by side within each bin
+  series.forEach(([name, counts, c], j) =>
+    counts.forEach((k, i) => { const bh = (h - 8) * k / top; svg += `<rect x="${pad + i * bw + j * sw}" y="${h - bh}" width="${sw}" height="${bh}" fill="${c}" fill-opacity="0.8"><title>${name}: ${k}</title></rect>`; }));
   svg += `<line x1="${pad}" x2="${w}" y1="${h}" y2="${h}" stroke="#999"/><text x="${pad}" y="${h + 14}">${e[0].toFixed(2)}</text>` +
     `<text x="${w - 40}" y="${h + 14}">${e[n].toFixed(2)}</text><text x="${pad + 80}" y="${h + 30}">${u.pooling} ${INFO.state} value of unit ${u.unit} per text: ` +
     series.map(s => `<tspan fill="${s[2]}">■ ${s[0]}</tspan>`).join(" ") + `</text><text x="0" y="12">${top}</text></svg>`;
