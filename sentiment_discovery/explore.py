@@ -115,7 +115,9 @@ def locate(feature: int, model: RNNModel, classifier: dict | None) -> Feature:
     H, L = model.config.nhid, model.config.nlayers
     block = H * L if all_layers else H
     n_features = block * len(poolings)
-    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < n_features:
+    if isinstance(feature, bool) or not isinstance(feature, int):
+        raise ExploreError(f"unit {feature!r} is not a feature number (a whole number 0 .. {n_features - 1})")
+    if not 0 <= feature < n_features:
         raise ExploreError(
             f"unit {feature!r} is out of range: this model's features are 0 .. {n_features - 1}"
         )
@@ -930,7 +932,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         server = ExploreServer(explorer, args.port)
     except (CheckpointError, DataError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        default_data = parser.get_default("data")
+        hint = ""
+        if args.data == default_data and not Path(default_data).exists():
+            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root, or --data)"
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     Handler.verbose = args.verbose
     print(f"neuron explorer on http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
