@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import finite_float, int_at_least, run_script
+from sentiment_discovery import cli
+from sentiment_discovery.cli import finite_float, int_at_least
 from sentiment_discovery.model import RNN_TYPES
 from sentiment_discovery.preprocess import PREPROCESSORS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Every long flag may be spelled with dashes or underscores (--text-key, --text_key) and with "
-        "one leading dash (-text_key). --load of a checkpoint written during training (it holds "
-        "train_state) resumes that run exactly; a finished run's checkpoint starts a new run from its "
-        "weights. --eval_only reports the val/test BPC of --load.",
+    p = cli.script_parser(
+        __doc__,
+        "text_key",
+        "--load of a checkpoint written during training (it holds train_state) resumes that run exactly; "
+        "a finished run's checkpoint starts a new run from its weights. --eval_only reports the val/test "
+        "BPC of --load.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--model", default="mLSTM", choices=RNN_TYPES)
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sentiment_discovery.train import pretrain
 
-    return run_script(build_parser(), pretrain, argv)
+    return cli.run_script(build_parser(), pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -6,29 +6,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sentiment_discovery.cli import add_inference_precision_flags, int_at_least, run_script
-from sentiment_discovery.featurize import POOLINGS, STATES
+from sentiment_discovery import cli
+from sentiment_discovery.readout import POOLINGS, STATES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__,
-        epilog="Every long flag may be spelled with dashes or underscores (--save-results, --save_results) "
-        "and with one leading dash (-save_results).",
-    )
-    p.add_argument(
-        "--load_model",
-        default=None,
-        help="language-model checkpoint (default: lang_model.pt if present, else the shipped model; "
-        "'default' names the shipped one)",
+    p = cli.script_parser(__doc__, "save_results")
+    cli.add_load_model_flag(
+        p, "language-model checkpoint", "lang_model.pt if present, else the shipped model"
     )
     arch = p.add_argument_group(
         "architecture (recorded in the checkpoint; given, they are checked against it)"
     )
     arch.add_argument("--model", default=None)
-    arch.add_argument("--emsize", type=int_at_least(1), default=None)
-    arch.add_argument("--nhid", type=int_at_least(1), default=None)
-    arch.add_argument("--nlayers", type=int_at_least(1), default=None)
+    arch.add_argument("--emsize", type=cli.int_at_least(1), default=None)
+    arch.add_argument("--nhid", type=cli.int_at_least(1), default=None)
+    arch.add_argument("--nlayers", type=cli.int_at_least(1), default=None)
     data = p.add_argument_group("data")
     data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
     data.add_argument(
@@ -37,34 +30,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled validation texts (choose C); 'none' or '': C by 3-fold cross-validation on --data",
     )
     data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' for none)")
-    data.add_argument("--text_key", default="sentence")
-    data.add_argument("--label_key", default="label")
-    data.add_argument("--delim", default=",")
-    data.add_argument("--loose_json", action="store_true", help="one json object per line")
-    data.add_argument(
-        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
-    )
+    cli.add_read_flags(data)
     data.add_argument("--no_test_eval", action="store_true", help="the test set has no labels")
     feat = p.add_argument_group("features")
     feat.add_argument(
         "--pooling",
         default=None,
-        help=f"{'|'.join(POOLINGS)}: state after the last byte, or mean/max over bytes; a comma list "
+        help=f"{'|'.join(POOLINGS)}: state after the last byte, or that pooling over all bytes; a comma list "
         "(mean,max,last) concatenates them. Default: the loaded model's classifier's, else last",
     )
     feat.add_argument(
-        "--state", choices=STATES, default=None,
+        "--state",
+        choices=STATES,
+        default=None,
         help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
     )
     feat.add_argument("--all_layers", action="store_true", help="features from every layer")
-    feat.add_argument("--batch_size", type=int_at_least(1), default=128)
-    add_inference_precision_flags(feat)
+    feat.add_argument("--batch_size", type=cli.int_at_least(1), default=128)
+    cli.add_inference_precision_flags(feat)
     feat.add_argument(
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
     )
     reg = p.add_argument_group("regression")
     reg.add_argument(
-        "--epochs", type=int_at_least(1), default=100, help="max iterations of the logistic regression"
+        "--epochs", type=cli.int_at_least(1), default=100, help="max iterations of the logistic regression"
     )
     reg.add_argument("--seed", type=int, default=42)
     reg.add_argument(
@@ -76,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sweep C = 2^MIN ... 2^MAX, best on validation",
     )
     reg.add_argument(
-        "--neurons", type=int_at_least(1), default=1, help="top features kept for the second regression"
+        "--neurons", type=cli.int_at_least(1), default=1, help="top features kept for the second regression"
     )
     reg.add_argument("--drop_neurons", action="store_true", help="also fit without the top neurons")
     out = p.add_argument_group("output")
@@ -86,11 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="results folder (default <model>_transfer/): classifier.pt, results.json, features_<split>.npy "
         "and labels_<split>.npy, probs_<split>.npy, weights.png, logit_vis/<rank>_<neuron>.png histograms",
     )
-    out.add_argument(
-        "--write_results",
-        default="",
-        help="test texts with true label, predicted label, P(positive) with all features and with the top "
-        "--neurons, and each top neuron's value (csv, or json for .json/.jsonl)",
+    cli.add_write_results_flag(
+        out,
+        "test texts with true label, predicted label, P(positive) with all features and with the top "
+        "--neurons, and each top neuron's value",
     )
     return p
 
@@ -98,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sentiment_discovery.transfer import run_transfer
 
-    return run_script(build_parser(), run_transfer, argv)
+    return cli.run_script(build_parser(), run_transfer, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 from bench_mlstm import build_model, flops_per_char  # this folder: python bench/bench_gpu.py
 from torch.nn.utils import parametrize
 
-from sentiment_discovery.data import Batch
+from sentiment_discovery.batching import Batch
 from sentiment_discovery.matmul import autocast
 from sentiment_discovery.train import batch_loss
 
@@ -103,7 +103,7 @@ def featurize_rate(model, dtype, steps, batch, reps, device) -> float:
 
     def run():
         with torch.inference_mode(), parametrize.cached(), autocast(device, dtype):
-            model.rnn(model.encoder(data.input), None, data.reset)
+            model.final_state(data.input, None, data.reset)
 
     return steps * batch / best_seconds(run, reps, device)
 

@@ -30,7 +30,7 @@ NON_ASCII = ("caf\u00e9", "na\u00efve", "\u201cquoted\u201d", "it\u2019s", "\u26
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from sentiment_discovery.data import lazy_corpus
+from sentiment_discovery.lazycache import lazy_corpus
 path = Path(sys.argv[1])
 cpu_before = sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
                  for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))

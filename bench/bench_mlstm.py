@@ -158,7 +158,7 @@ def featurize_step(model: RNNModel, steps: int, batch: int, variant: str) -> Cal
 
     def run():
         with torch.inference_mode(), precision(variant):
-            model.rnn(model.encoder(tokens))
+            model.final_state(tokens)
 
     return run
 

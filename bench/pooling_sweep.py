@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from sentiment_discovery.checkpoint import load_checkpoint
-from sentiment_discovery.data import read_records
 from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import RNNModel
-from sentiment_discovery.transfer import c_sweep, fit_l1_regression, standardizer, top_neurons
+from sentiment_discovery.readers import read_records
+from sentiment_discovery.readout import top_neurons
+from sentiment_discovery.regression import c_sweep, fit_l1_regression, standardizer
 
 POOLINGS = ("mean", "max", "last")
 

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from sentiment_discovery.data import read_records
+from sentiment_discovery.readers import read_records
 
 
 def rows(spec: str | None, n: int) -> slice:

@@ -157,7 +157,7 @@ def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
 
 
 def check_openai_shard(path: Path, index: int, expected: tuple[int, ...]) -> None:
-    """``index.npy`` must be float32 of the ``expected`` shape (formats.md) and hold exactly its bytes.
+    """``index.npy`` must be float32 of the ``expected`` shape (docs/formats.md) and hold exactly its bytes.
     Files 2-5 (column blocks of Wh) need the rows and at most the columns of ``expected``."""
     shape, dtype, offset = npy_header(path)
     if 2 <= index <= 5:
@@ -176,13 +176,8 @@ def download_openai(root: Path, url: str = OPENAI_URL, hidden: int | None = None
     """Fetch and check the 15 shards into ``root/openai/shards/``, convert them into ``root/OPENAI_MODEL``
     and delete them. ``hidden`` sets H of the expected shapes (default: the release's 4096)."""
     try:
-        from sentiment_discovery.checkpoint import (
-            OPENAI_MODEL,
-            CheckpointError,
-            load_checkpoint,
-            save_checkpoint,
-        )
-        from sentiment_discovery.formats import OPENAI_HIDDEN, openai_shard_shapes
+        from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+        from sentiment_discovery.formats import OPENAI_HIDDEN, OPENAI_MODEL, openai_shard_shapes
     except ImportError as e:
         raise DownloadError(f"{e}: install the package first (pip install -e . in the repository)") from None
     dest = root / OPENAI_MODEL

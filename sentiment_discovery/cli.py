@@ -8,6 +8,8 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 
+from .errors import INPUT_ERRORS
+
 
 class Interrupted(Exception):
     """Training stopped on a signal after writing a resumable checkpoint; exit with ``exit_code``."""
@@ -49,18 +51,18 @@ def run_script(
 ) -> int:
     """Parse ``argv`` (``normalize_argv`` spellings), call ``run(args)``; bad input -> ``error: ...``, 2.
 
-    Bad input (a data file, a checkpoint, a value, a path that cannot be read or written) is reported
-    in one line, never as a traceback.
+    The project's own input errors (``errors.INPUT_ERRORS``: a data file, a checkpoint, a value) and an
+    ``OSError`` about a named path (a file that cannot be read or written) are reported in one line;
+    anything else is a bug and keeps its traceback.
     """
-    from .checkpoint import CheckpointError
-    from .data import DataError
-
     # a bad flag is one line too, not the usage block (--help shows that)
     parser.error = lambda message: parser.exit(2, f"error: {message} (see --help)\n")
     args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
     try:
         run(args)
-    except (DataError, CheckpointError, ValueError, OSError) as e:
+    except (*INPUT_ERRORS, OSError) as e:
+        if isinstance(e, OSError) and e.filename is None:  # not about a path the user gave: a bug
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:  # training stopped on a signal, after saving a checkpoint
@@ -70,6 +72,41 @@ def run_script(
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def script_parser(description: str, example: str, epilog: str = "", **kwargs) -> argparse.ArgumentParser:
+    """A script's parser, its epilog saying how long flags may be spelled (``example``: one of its flags,
+    in underscores), after the script's own ``epilog``."""
+    spellings = (
+        f"Every long flag may be spelled with dashes or underscores (--{example.replace('_', '-')}, "
+        f"--{example}) and with one leading dash (-{example})."
+    )
+    return argparse.ArgumentParser(description=description, epilog=f"{spellings} {epilog}".strip(), **kwargs)
+
+
+def add_load_model_flag(group, holds: str, default: str) -> None:
+    """``--load_model`` of the inference scripts: the checkpoint that ``holds`` what the script needs."""
+    group.add_argument(
+        "--load_model",
+        default=None,
+        help=f"{holds} (default: {default}; 'default' names the shipped one)",
+    )
+
+
+def add_read_flags(group) -> None:
+    """How a labelled csv/json file is read (readers.ReadOptions): transfer.py and classifier.py."""
+    group.add_argument("--text_key", default="sentence", help="csv column / json key of the text")
+    group.add_argument("--label_key", default="label", help="csv column / json key of the 0/1 label")
+    group.add_argument("--delim", default=",", help="csv delimiter")
+    group.add_argument("--loose_json", action="store_true", help="one json object per line")
+    group.add_argument(
+        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
+    )
+
+
+def add_write_results_flag(group, rows: str) -> None:
+    """``--write_results``: one row per text with ``rows``, as csv (json for .json/.jsonl)."""
+    group.add_argument("--write_results", default="", help=f"{rows} (csv, or json for .json/.jsonl)")
 
 
 def add_inference_precision_flags(group) -> None:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -49,7 +51,7 @@ def setup(
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     elif world_size > 1 and not 0 <= rank < world_size:
-        raise ValueError(f"--world_size {world_size} needs a --rank from 0 to {world_size - 1} (got {rank})")
+        raise UsageError(f"--world_size {world_size} needs a --rank from 0 to {world_size - 1} (got {rank})")
     if world_size <= 1:
         return torch.device("cuda" if use_cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .featurize import byte_states, featurize, num_features
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, UsageError
+from .featurize import byte_states, featurize
 from .model import RNNModel
 from .preprocess import encode, text_slice
-from .transfer import classifier_probs, classifier_settings
+from .readout import FeatureSpec, Readout
 
 
 @dataclass
@@ -41,7 +42,7 @@ class Encoder:
     def __init__(
         self,
         model: RNNModel | str | os.PathLike | None = None,
-        classifier: dict | None = None,
+        classifier: Readout | dict | None = None,
         *,
         batch_size: int = 128,
         device: str | torch.device | None = None,
@@ -54,10 +55,22 @@ class Encoder:
             model, classifier = ckpt.model, classifier if classifier is not None else ckpt.classifier
             if default_neuron is None:
                 default_neuron = ckpt.extra.get("default_neuron")
-        self.model, self.classifier = model, classifier
+        self.model, self.classifier = model, Readout.of(classifier, model.config)
         self.default_neuron = default_neuron
         self.batch_size, self.device, self.fp16, self.bf16 = batch_size, device, fp16, bf16
-        self.pooling, self.state, self.all_layers = classifier_settings(classifier)
+        self.spec = self.classifier.spec if self.classifier is not None else FeatureSpec()
+
+    @property
+    def pooling(self) -> str:
+        return self.spec.pooling
+
+    @property
+    def state(self) -> str:
+        return self.spec.state
+
+    @property
+    def all_layers(self) -> bool:
+        return self.spec.all_layers
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Encoder:
@@ -68,9 +81,9 @@ class Encoder:
     def neurons(self) -> np.ndarray | None:
         """Feature indices of the sentiment neuron(s), strongest first: the classifier's, else the unit a
         released model documents (OpenAI's 2388), else None."""
-        if self.classifier is None or self.classifier.get("neurons") is None:
+        if self.classifier is None:
             return None if self.default_neuron is None else np.array([self.default_neuron])
-        return np.asarray(self.classifier["neurons"]).reshape(-1)
+        return self.classifier.neurons.numpy()
 
     def transform(self, texts: Sequence[str] | str, progress: bool = False) -> np.ndarray:
         """Features ``[n_texts, n_features]`` float32."""
@@ -79,9 +92,7 @@ class Encoder:
             self.model,
             texts,
             batch_size=self.batch_size,
-            pooling=self.pooling,
-            state=self.state,
-            all_layers=self.all_layers,
+            spec=self.spec,
             device=self.device,
             progress=progress,
             fp16=self.fp16,
@@ -99,11 +110,11 @@ class Encoder:
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         tokens = [encode(text, self.model.config.preprocess) for text in texts]
-        block = num_features(self.model.config, self.all_layers)  # features of one pooling
-        n_features = num_features(self.model.config, self.all_layers, self.pooling)
+        block = self.spec.block_size(self.model.config)  # features of one pooling
+        n_features = self.spec.num_features(self.model.config)
         chosen = np.arange(block) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
         if len(chosen) and not (0 <= chosen.min() and chosen.max() < n_features):
-            raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {chosen.tolist()}")
+            raise UsageError(f"units must be feature indices 0 .. {n_features - 1}, got {chosen.tolist()}")
         values = byte_states(
             self.model,
             tokens,
@@ -126,4 +137,4 @@ class Encoder:
                 "this checkpoint holds no sentiment classifier (a bare language model): run transfer.py "
                 "on it first and load the classifier.pt it writes"
             )
-        return classifier_probs(self.transform(texts, progress), self.classifier, neurons)
+        return self.classifier.probs(self.transform(texts, progress), neurons)

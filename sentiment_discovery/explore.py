@@ -38,8 +38,8 @@ import time
 import traceback
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -47,16 +47,21 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, resolve_model_path
-from .data import DataError, read_records
-from .featurize import featurize, num_features, parse_pooling
-from .generation import Neuron, generate, select_neuron, warmup_tokens
+from . import cli
+from .checkpoint import Checkpoint, load_checkpoint
+from .errors import DataError, UsageError
+from .featurize import featurize
+from .formats import resolve_model_path
+from .generation import Neuron, generate, warmup_tokens
 from .model import RNNModel
 from .native import CACHE_ENV
 from .plots import char_cells
 from .preprocess import encode_bytes, text_slice
-from .transfer import classifier_probs, classifier_settings, file_digest
+from .readers import ReadOptions, read_records
+from .readout import FeatureSpec, Readout
+from .transfer import file_digest
 
+DEFAULT_DATA = "data/binary_sst/val.csv"
 WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
 MAX_TEXT_CHARS = 2000  # a text longer than this is refused: the model reads about 200 bytes/s on 2 cores
@@ -67,7 +72,7 @@ N_TRACES = 8  # units traced in Try text: the largest |classifier weight|
 N_EXTREME = 10  # texts shown per unit page, each side
 HISTOGRAM_BINS = 30
 RANGE_PERCENTILE = 99.0  # a unit's colour range: this percentile of each corpus text's largest |value|
-STATS_VERSION = 1
+STATS_VERSION = 2
 RANKINGS = {
     "weight": "|classifier weight|",
     "separation": "accuracy alone (best threshold) on the labelled corpus",
@@ -92,10 +97,10 @@ class ExploreError(Exception):
 @dataclass(frozen=True)
 class Feature:
     index: int  # feature index, as transfer.py and generate.py --neuron number them
-    pooling: str  # last, mean or max
+    pooling: str  # one of readout.POOLINGS
     layer: int
     unit: int
-    weight: float | None  # classifier weight; None without classifier
+    weight: float | None  # weight towards "positive" (Explorer.sentiment_weights); None: no such weight
 
     def to_json(self) -> dict:
         return {
@@ -105,26 +110,6 @@ class Feature:
             "unit": self.unit,
             "weight": self.weight,
         }
-
-
-def locate(feature: int, model: RNNModel, classifier: dict | None) -> Feature:
-    """The pooling, layer and unit of feature ``feature`` of ``classifier`` (without one: the last cell
-    state of the last layer, the original's features)."""
-    pooling, _, all_layers = classifier_settings(classifier)
-    poolings = parse_pooling(pooling)
-    H, L = model.config.nhid, model.config.nlayers
-    block = H * L if all_layers else H
-    n_features = block * len(poolings)
-    if isinstance(feature, bool) or not isinstance(feature, int):
-        raise ExploreError(f"unit {feature!r} is not a feature number (a whole number 0 .. {n_features - 1})")
-    if not 0 <= feature < n_features:
-        raise ExploreError(
-            f"unit {feature!r} is out of range: this model's features are 0 .. {n_features - 1}"
-        )
-    in_block = feature % block
-    layer, unit = (in_block // H, in_block % H) if all_layers else (L - 1, in_block)
-    weight = None if classifier is None else float(classifier["weight"][feature])
-    return Feature(feature, poolings[feature // block], layer, unit, weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,51 +193,24 @@ def run_states(
     return TextStates(tokens, join(hiddens), join(cells))
 
 
-def batched_states(
-    model: RNNModel, token_arrays: Sequence[bytes], state: str, batch_size: int = 64, chunk_length: int = 64
-) -> Iterator[tuple[int, np.ndarray]]:
-    """``(index, values [T_i, L * H])`` of each text, its ``state`` (cell/hidden) after every byte.
-
-    Texts run in batches of similar length, right-padded: a row's states before its padding are those
-    of the text alone. Yields in length order, a batch at a time, so callers can reduce as they go.
-    """
-    order = sorted(range(len(token_arrays)), key=lambda i: -len(token_arrays[i]))
-    with torch.inference_mode():
-        for first in range(0, len(order), batch_size):
-            rows = order[first : first + batch_size]
-            longest = len(token_arrays[rows[0]])
-            x = torch.zeros(longest, len(rows), dtype=torch.long)
-            for j, i in enumerate(rows):
-                x[: len(token_arrays[i]), j] = torch.frombuffer(bytearray(token_arrays[i]), dtype=torch.uint8)
-            pieces, hidden = [], None
-            for a in range(0, longest, chunk_length):
-                hs, cs, hidden = model.forward_states(x[a : a + chunk_length], hidden)
-                pieces.append(_to_numpy(cs if state == "cell" else hs))
-            values = np.concatenate(pieces, axis=1) if pieces else np.zeros((len(rows), 0, 1, 1))
-            values = values.reshape(len(rows), longest, -1)
-            for j, i in enumerate(rows):
-                yield i, values[j, : len(token_arrays[i])]
-
-
-def pooled_features(states: TextStates, classifier: dict | None) -> np.ndarray:
-    """The classifier's features ``[F]`` of one text from its per-byte states (as ``featurize``)."""
-    pooling, state, all_layers = classifier_settings(classifier)
-    seq = states.cell if state == "cell" else states.hidden  # [T, L, H]
-    pooled = {"mean": lambda: seq.mean(axis=0), "max": lambda: seq.max(axis=0), "last": lambda: seq[-1]}
-    parts = [pooled[p]() for p in parse_pooling(pooling)]
-    return np.concatenate([p.reshape(-1) if all_layers else p[-1] for p in parts]).astype(np.float32)
+def pooled_features(states: TextStates, spec: FeatureSpec) -> np.ndarray:
+    """The features ``[F]`` of one text from its per-byte states, pooled by ``spec`` as ``featurize`` does."""
+    seq = states.cell if spec.state == "cell" else states.hidden  # [T, L, H]
+    steps = torch.from_numpy(seq).permute(1, 0, 2).unsqueeze(2)  # [L, T, 1, H]
+    return spec.pool(steps, torch.ones(len(seq), 1, dtype=torch.bool))[0].numpy()
 
 
 def plain_weights(model: RNNModel) -> RNNModel:
-    """``model`` with its weight-norm parametrizations folded into plain weights (inference only): the
-    effective matrices are then not recomputed on every call, which a keystroke would pay for."""
+    """The same model without weight norm, its effective matrices folded in once (inference only): a
+    keystroke would otherwise pay for recomputing them. ``model`` itself is left folded."""
+    if not model.config.weight_norm:
+        return model.eval()
     for module in model.modules():
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    if hasattr(model.rnn, "weight_norm"):
-        model.rnn.weight_norm = False  # TorchRNN refreshes flat weights only for parametrized layers
-    return model.eval()
+    config = replace(model.config, weight_norm=False)
+    return RNNModel.from_state(config.to_dict(), dict(model.state_dict())).eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,50 +262,61 @@ def _progress(total: int, desc: str) -> Callable[[int], None]:
     return update
 
 
+def corpus_spec(spec: FeatureSpec) -> FeatureSpec:
+    """``spec``'s poolings plus max and min, over every layer: one featurization then gives both the
+    classifier's features and each unit's largest |value| in each text."""
+    extra = tuple(p for p in ("max", "min") if p not in spec.poolings)
+    return FeatureSpec(spec.poolings + extra, spec.state, all_layers=True)
+
+
 def compute_corpus_stats(
-    model: RNNModel, classifier: dict | None, texts: list[str], progress: bool = True, batch_size: int = 64
+    model: RNNModel, spec: FeatureSpec, texts: list[str], progress: bool = True, batch_size: int = 64
 ) -> CorpusStats:
-    """Each text's features (``featurize``, the classifier's pooling/state/layers) and each unit's range."""
-    pooling, state, all_layers = classifier_settings(classifier)
-    update = _progress(2 * len(texts), "corpus statistics") if progress else lambda n: None
-    features = []
-    for a in range(0, len(texts), 4 * batch_size):
-        part = texts[a : a + 4 * batch_size]
-        features.append(
-            featurize(
-                model,
-                part,
-                pooling=pooling,
-                state=state,
-                all_layers=all_layers,
-                device="cpu",
-                batch_size=batch_size,
-            )
-        )
-        update(len(part))
-    tokens = [encode_bytes(t, model.config.preprocess) for t in texts]
-    peaks = np.zeros((len(texts), model.config.nlayers * model.config.nhid), np.float32)
-    for i, values in batched_states(model, tokens, state, batch_size):
-        peaks[i] = np.abs(values).max(axis=0)
-        update(1)
+    """Each text's features (``featurize`` with ``spec``) and each unit's colour range: the
+    ``RANGE_PERCENTILE`` percentile over the texts of the unit's largest |value| in the text."""
+    wide = corpus_spec(spec)
+    cfg = model.config
+    units = cfg.nlayers * cfg.nhid
+    update = _progress(len(texts), "corpus statistics") if progress else lambda n: None
+    out = np.zeros((len(texts), wide.num_features(cfg)), np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of texts of similar length
+    for a in range(0, len(order), batch_size):
+        rows = order[a : a + batch_size]
+        out[rows] = featurize(model, [texts[i] for i in rows], spec=wide, device="cpu", batch_size=batch_size)
+        update(len(rows))
+
+    def block(pooling: str) -> np.ndarray:
+        first = wide.poolings.index(pooling) * units
+        return out[:, first : first + units]
+
+    layers = slice(0, units) if spec.all_layers else slice(units - cfg.nhid, units)
+    features = np.concatenate([block(p)[:, layers] for p in spec.poolings], axis=1)
+    peaks = np.maximum(np.abs(block("max")), np.abs(block("min")))
     unit_range = np.percentile(peaks, RANGE_PERCENTILE, axis=0).astype(np.float32)
-    return CorpusStats(np.concatenate(features), np.maximum(unit_range, 1e-6))
+    return CorpusStats(np.ascontiguousarray(features), np.maximum(unit_range, 1e-6))
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sentiment_discovery") / "explore"
 
 
-def stats_key(model_path: Path, data_path: str, n_texts: int, classifier: dict | None) -> dict:
-    pooling, state, all_layers = classifier_settings(classifier)
+def stats_dirs(model_path: Path, cache_dir: str | os.PathLike | None) -> list[Path]:
+    """Where the statistics are cached: ``cache_dir`` when given; else beside the model
+    (``<model>.explore/``), then the user's cache where the model's folder is not writable."""
+    if cache_dir is not None:
+        return [Path(cache_dir)]
+    return [model_path.parent / f"{model_path.name}.explore", default_cache_dir()]
+
+
+def stats_key(model_path: Path, data_path: str, n_texts: int, spec: FeatureSpec) -> dict:
     return {
         "version": STATS_VERSION,
         "model_sha256": file_digest(model_path),
         "data_sha256": file_digest(data_path),
         "texts": n_texts,
-        "pooling": pooling,
-        "state": state,
-        "all_layers": all_layers,
+        "pooling": spec.pooling,
+        "state": spec.state,
+        "all_layers": spec.all_layers,
         "range_percentile": RANGE_PERCENTILE,
     }
 
@@ -381,8 +350,31 @@ def auc(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def positive_class(readout: Readout | None) -> int | None:
+    """The index of the class named "positive" of a multi-class readout (None: binary, or none such)."""
+    if readout is None or readout.classes is None:
+        return None
+    names = [c.lower() for c in readout.classes]
+    return names.index("positive") if "positive" in names else None
+
+
+def sentiment_weights(readout: Readout | None, positive: int | None) -> np.ndarray | None:
+    """Each feature's weight towards "positive" ``[F]``: a binary readout's weights; with classes, the
+    positive class's weights less the mean of the others' (two classes: the weights of the logit of
+    positive against negative). None without readout or positive class."""
+    if readout is None:
+        return None
+    weight = readout.weight.double().numpy()
+    if readout.classes is None:
+        return weight
+    if positive is None:
+        return None
+    others = np.delete(weight, positive, axis=0)
+    return weight[positive] - others.mean(axis=0)
+
+
 class Explorer:
-    """A loaded model (and classifier), its corpus and statistics, and the answers of the endpoints."""
+    """A loaded model (and readout), its corpus and statistics, and the answers of the endpoints."""
 
     def __init__(
         self,
@@ -394,18 +386,23 @@ class Explorer:
         cache_bytes: int = 256 << 20,
     ):
         self.model = plain_weights(ckpt.model.to("cpu"))
-        self.classifier, self.model_name = ckpt.classifier, model_name
+        self.readout: Readout | None = ckpt.classifier
+        self.spec = self.readout.spec if self.readout is not None else FeatureSpec()
+        self.model_name = model_name
         self.default_neuron = ckpt.extra.get("default_neuron")
         self.texts, self.labels, self.stats = texts, labels, stats
         self.cache = StateCache(cache_bytes)
         self.lock = threading.Lock()  # one model call at a time: the model is not thread-safe
-        self.pooling, self.state, self.all_layers = classifier_settings(self.classifier)
-        self.n_features = num_features(self.model.config, self.all_layers, self.pooling)
-        F = self.n_features
-        self.labelled = labels is not None and 0 < int(labels.sum()) < len(labels)
+        self.n_features = self.spec.num_features(self.model.config)
+        self.positive = positive_class(self.readout)
+        self.weights = sentiment_weights(self.readout, self.positive)
+        self.labelled = (
+            labels is not None and set(np.unique(labels).tolist()) == {0, 1}  # binary labels of both classes
+        )
         self.measures = {"spread": stats.features.std(axis=0)}
-        if self.classifier is not None:
-            self.measures["weight"] = np.abs(np.asarray(self.classifier["weight"], np.float64)).reshape(F)
+        if self.readout is not None:
+            per_class = self.readout.weight.double().numpy().reshape(-1, self.n_features)
+            self.measures["weight"] = np.abs(per_class).max(axis=0)
         if self.labelled:
             self.accuracy = threshold_accuracy(stats.features, labels)
             self.auc = auc(stats.features, labels)
@@ -413,12 +410,12 @@ class Explorer:
             self.measures["auc"] = np.abs(self.auc - 0.5)
         else:
             self.accuracy = self.auc = None
-        self.top_features = self.ranked("weight" if self.classifier is not None else self.default_ranking())
+        self.top_features = self.ranked(self.default_ranking())
 
     # ---- helpers
 
     def default_ranking(self) -> str:
-        return "weight" if self.classifier is not None else "separation" if self.labelled else "spread"
+        return "weight" if self.readout is not None else "separation" if self.labelled else "spread"
 
     def ranked(self, ranking: str) -> np.ndarray:
         if ranking not in self.measures:
@@ -431,22 +428,32 @@ class Explorer:
         return np.argsort(-self.measures[ranking], kind="stable")
 
     def feature(self, index) -> Feature:
+        """The feature ``index`` (a number, or its text from a URL), located by the readout's spec."""
         if isinstance(index, str):
             try:
                 index = int(index)
             except ValueError:
                 raise ExploreError(f"unit {index!r} is not a number") from None
-        return locate(index, self.model, self.classifier)
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ExploreError(
+                f"unit {index!r} is not a feature number (a whole number 0 .. {self.n_features - 1})"
+            )
+        try:
+            pooling, layer, unit = self.spec.locate(index, self.model.config)
+        except UsageError as e:
+            raise ExploreError(str(e)) from None
+        weight = None if self.weights is None else float(self.weights[index])
+        return Feature(index, pooling, layer, unit, weight)
 
     def default_feature(self) -> int:
-        if self.classifier is not None and len(self.classifier["neurons"]):
-            return int(self.classifier["neurons"][0])
+        if self.readout is not None and len(self.readout.neurons):
+            return int(self.readout.neurons[0])
         if self.default_neuron is not None and self.default_neuron < self.n_features:
             return int(self.default_neuron)
         return int(self.top_features[0])
 
     def polarity(self, feature: Feature) -> int:
-        """+1 or -1: turns a value into sentiment (the sign of the classifier weight; +1 without one)."""
+        """+1 or -1: turns a value into sentiment (the sign of its weight towards positive; +1 without)."""
         return -1 if feature.weight is not None and feature.weight < 0 else 1
 
     def unit_range(self, feature: Feature) -> float:
@@ -471,6 +478,9 @@ class Explorer:
                 f"{MAX_TEXT_BYTES}: shorten it",
                 413,
             )
+        return self.token_states(tokens)
+
+    def token_states(self, tokens: bytes) -> TextStates:
         with self.lock:
             start, n = self.cache.longest_prefix(tokens)
             if start is not None and n == len(tokens) == len(start.tokens):
@@ -481,14 +491,24 @@ class Explorer:
 
     def coloured(self, states: TextStates, feature: Feature) -> list[list]:
         """``[[character, value x polarity], ...]`` of the text itself (no preprocessing pads)."""
-        seq = states.cell if self.state == "cell" else states.hidden
+        seq = states.cell if self.spec.state == "cell" else states.hidden
         values = seq[:, feature.layer, feature.unit] * self.polarity(feature)
-        return _chars_with_values(states.tokens[text_slice(states.tokens)], values[text_slice(states.tokens)])
+        shown = text_slice(states.tokens)
+        return _chars_with_values(states.tokens[shown], values[shown])
 
-    def probability(self, states: TextStates) -> float | None:
-        if self.classifier is None:
-            return None
-        return float(classifier_probs(pooled_features(states, self.classifier)[None], self.classifier)[0])
+    def prediction(self, states: TextStates) -> dict:
+        """``p_positive`` (None where the readout has no positive class) and each class's probability."""
+        if self.readout is None:
+            return {"p_positive": None, "probabilities": None}
+        probs = self.readout.probs(pooled_features(states, self.spec)[None])[0]
+        if self.readout.classes is None:
+            p = float(probs)
+            return {"p_positive": p, "probabilities": [["negative", 1 - p], ["positive", p]]}
+        p = None if self.positive is None else float(probs[self.positive])
+        return {
+            "p_positive": p,
+            "probabilities": [[c, float(q)] for c, q in zip(self.readout.classes, probs)],
+        }
 
     # ---- endpoints
 
@@ -498,9 +518,12 @@ class Explorer:
             "model": self.model_name,
             "architecture": f"{cfg.model}, {cfg.nlayers} layer(s) of {cfg.nhid} units, "
             f"preprocessing {cfg.preprocess}",
-            "classifier": self.classifier is not None,
-            "pooling": self.pooling,
-            "state": self.state,
+            "classifier": self.readout is not None,
+            "classes": None
+            if self.readout is None or self.readout.classes is None
+            else list(self.readout.classes),
+            "pooling": self.spec.pooling,
+            "state": self.spec.state,
             "n_features": self.n_features,
             "corpus": {"texts": len(self.texts), "labelled": self.labelled},
             "rankings": {k: RANKINGS[k] for k in RANKINGS if k in self.measures},
@@ -526,7 +549,7 @@ class Explorer:
         states = self.text_states(text)
         traces = []
         seen = set()
-        seq = states.cell if self.state == "cell" else states.hidden
+        seq = states.cell if self.spec.state == "cell" else states.hidden
         shown = text_slice(states.tokens)
         for f in self.top_features[:N_TRACES]:
             other = self.feature(int(f))
@@ -542,7 +565,7 @@ class Explorer:
             "polarity": self.polarity(feature),
             "range": self.unit_range(feature),
             "chars": self.coloured(states, feature),
-            "p_positive": self.probability(states),
+            **self.prediction(states),
             "traces": traces,
             "ms": round(1000 * (time.perf_counter() - started), 1),
         }
@@ -561,22 +584,16 @@ class Explorer:
         most, least = order[::-1][:N_EXTREME], order[:N_EXTREME]
         chosen = [int(i) for i in np.concatenate([most, least])]
         tokens = [encode_bytes(self.texts[i], self.model.config.preprocess)[:MAX_TEXT_BYTES] for i in chosen]
-        per_text = {}
-        column_index = feature.layer * self.model.config.nhid + feature.unit
-        with self.lock:
-            for k, values in batched_states(self.model, tokens, self.state):
-                per_text[k] = values[:, column_index]
+        states = [self.token_states(t) for t in tokens]  # each alone, kept in the state cache
         polarity = self.polarity(feature)
 
         def rows(indices) -> list[dict]:
             out = []
             for i in indices:
-                k = chosen.index(int(i))
-                shown = text_slice(tokens[k])
                 row = {
                     "index": int(i),
                     "value": float(column[i]),
-                    "chars": _chars_with_values(tokens[k][shown], per_text[k][shown] * polarity),
+                    "chars": self.coloured(states[chosen.index(int(i))], feature),
                 }
                 if self.labels is not None:
                     row["label"] = int(self.labels[i])
@@ -674,14 +691,12 @@ class Explorer:
             {
                 "done": True,
                 "text": result.text,
-                "p_positive": None if states is None else self.probability(states),
+                **(self.prediction(states) if states is not None else {"p_positive": None}),
             }
         )
 
     def _neuron(self, feature: Feature) -> Neuron:
-        if self.classifier is not None:
-            return select_neuron(self.model, self.classifier, feature.index)
-        return Neuron(feature.index, feature.layer, feature.unit, self.state, None)
+        return Neuron(feature.index, feature.layer, feature.unit, self.spec.state, feature.weight)
 
 
 def _number(request: dict, key: str, default, kind: type, low, high):
@@ -863,81 +878,83 @@ def load_explorer(
     load_model: str | None,
     data: str,
     max_texts: int = 1000,
-    text_key: str = "sentence",
-    label_key: str = "label",
+    read: ReadOptions | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Explorer:
-    """The model, the first ``max_texts`` texts of ``data`` and their statistics (cached)."""
+    """The model, the first ``max_texts`` texts of ``data`` and their statistics, computed once and
+    cached (``stats_dirs``: beside the model unless ``cache_dir``)."""
     model_path = resolve_model_path(load_model)
     ckpt = load_checkpoint(load_model)
-    records = read_records(data, text_key=text_key, label_key=label_key, need_labels=None)
+    ckpt.model = plain_weights(ckpt.model.to("cpu"))
+    spec = ckpt.classifier.spec if ckpt.classifier is not None else FeatureSpec()
+    records = read_records(data, read, need_labels=None)
     texts = records.texts[:max_texts]
     labels = None if records.labels is None else records.labels[:max_texts]
-    key = stats_key(model_path, data, len(texts), ckpt.classifier)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir or default_cache_dir()) / f"{name}.npz"
-    pooling, _, all_layers = classifier_settings(ckpt.classifier)
-    n_units = ckpt.config.nhid * ckpt.config.nlayers
-    stats = CorpusStats.load(path, key, len(texts), num_features(ckpt.config, all_layers, pooling), n_units)
-    if stats is None:
-        log(f"corpus statistics of {len(texts)} texts of {data}: computed once, cached in {path}")
-        started = time.perf_counter()
-        stats = compute_corpus_stats(ckpt.model.to("cpu"), ckpt.classifier, texts, progress)
-        log(f"corpus statistics done in {time.perf_counter() - started:.0f} s")
+    key = stats_key(model_path, data, len(texts), spec)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".npz"
+    shapes = (len(texts), spec.num_features(ckpt.config), ckpt.config.nhid * ckpt.config.nlayers)
+    folders = stats_dirs(model_path, cache_dir)
+    for folder in folders:
+        stats = CorpusStats.load(folder / name, key, *shapes)
+        if stats is not None:
+            log(f"corpus statistics of {len(texts)} texts of {data}: from the cache {folder / name}")
+            return Explorer(ckpt, str(load_model or "default"), texts, labels, stats)
+    log(f"corpus statistics of {len(texts)} texts of {data}: computed once, then cached")
+    started = time.perf_counter()
+    stats = compute_corpus_stats(ckpt.model, spec, texts, progress)
+    log(f"corpus statistics done in {time.perf_counter() - started:.1f} s")
+    for folder in folders:
         try:
-            stats.save(path, key)
+            stats.save(folder / name, key)
         except OSError as e:
-            log(f"note: cannot cache the statistics ({e}); they will be computed again next time")
+            log(f"note: cannot cache the statistics in {folder} ({e})")
+            continue
+        log(f"corpus statistics cached in {folder / name}")
+        break
     else:
-        log(f"corpus statistics of {len(texts)} texts of {data}: from the cache {path}")
+        log("note: the statistics will be computed again next time")
     return Explorer(ckpt, str(load_model or "default"), texts, labels, stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Serve the neuron explorer on http://127.0.0.1:PORT (no network use).",
+    p = cli.script_parser(
+        "Serve the neuron explorer on http://127.0.0.1:PORT (no network use).",
+        "max_texts",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    cli.add_load_model_flag(p, "language model or transferred checkpoint", "the shipped model")
+    p.add_argument("--data", default=DEFAULT_DATA, help="labelled csv/json whose texts the unit pages show")
+    cli.add_read_flags(p)
     p.add_argument(
-        "--load_model",
-        default=None,
-        help="checkpoint (default: the shipped model; 'openai' after `python data/download.py openai`)",
+        "--max_texts", type=cli.int_at_least(1), default=1000, help="use the first N texts of --data"
     )
-    p.add_argument("--data", default="data/binary_sst/val.csv", help="corpus csv/json for the unit pages")
-    p.add_argument("--max_texts", type=int, default=1000, help="use the first N texts of --data")
-    p.add_argument("--text_key", default="sentence")
-    p.add_argument("--label_key", default="label")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--port", type=cli.int_at_least(0), default=8000, help="0: any free port")
     p.add_argument(
         "--cache_dir",
         default=None,
-        help=f"statistics cache (default ${CACHE_ENV} or ~/.cache/sentiment_discovery, /explore)",
+        help=f"where the corpus statistics are cached (default: beside the model, <model>.explore/; where "
+        f"that is not writable ${CACHE_ENV} or ~/.cache/sentiment_discovery, /explore)",
     )
     p.add_argument("--verbose", action="store_true", help="log every request")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .cli import normalize_argv
-
-    parser = build_parser()
-    args = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else argv, parser))
-    if args.max_texts < 1:
-        parser.error("--max_texts must be at least 1")
-    try:
-        explorer = load_explorer(
-            args.load_model, args.data, args.max_texts, args.text_key, args.label_key, args.cache_dir
+def run_explore(args: argparse.Namespace) -> None:
+    """explore.py's body: load, then serve until Ctrl-C."""
+    if args.data == DEFAULT_DATA and not Path(DEFAULT_DATA).exists():
+        raise DataError(
+            f"{DEFAULT_DATA}: not found (Binary SST ships in data/binary_sst/ of the repository: run from "
+            "its root, or give --data)"
         )
+    explorer = load_explorer(
+        args.load_model, args.data, args.max_texts, ReadOptions.from_args(args), args.cache_dir
+    )
+    try:
         server = ExploreServer(explorer, args.port)
-    except (CheckpointError, DataError, ValueError, OSError) as e:
-        default_data = parser.get_default("data")
-        hint = ""
-        if args.data == default_data and not Path(default_data).exists():
-            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root, or --data)"
-        print(f"error: {e}{hint}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise UsageError(f"--port {args.port}: cannot listen on 127.0.0.1 ({e.strerror})") from None
     Handler.verbose = args.verbose
     print(f"neuron explorer on http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops it)", flush=True)
     try:
@@ -946,7 +963,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         server.server_close()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run_script(build_parser(), run_explore, argv)
 
 
 if __name__ == "__main__":

@@ -18,41 +18,15 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from .errors import UsageError
 from .matmul import autocast, reduced_dtype
-from .model import ModelConfig, RNNModel
+from .model import RNNModel
 from .preprocess import encode
-
-POOLINGS = ("last", "mean", "max")
-STATES = ("cell", "hidden")
-
-
-def parse_pooling(pooling: str) -> tuple[str, ...]:
-    """``"mean,max,last"`` -> ``("mean", "max", "last")``: the poolings whose features are concatenated."""
-    names = tuple(p.strip() for p in str(pooling).split(","))
-    bad = [p for p in names if p not in POOLINGS]
-    if bad or not names or len(set(names)) != len(names):
-        raise ValueError(
-            f"pooling must be one of {', '.join(POOLINGS)} or a comma-separated list of distinct ones "
-            f"(e.g. mean,max,last), got {pooling!r}"
-        )
-    return names
+from .readout import FeatureSpec, Pooler
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def num_features(config: ModelConfig, all_layers: bool = False, pooling: str = "last") -> int:
-    """Features per text: ``nhid`` per layer used, per pooling (a list: see ``parse_pooling``)."""
-    return config.nhid * (config.nlayers if all_layers else 1) * len(parse_pooling(pooling))
-
-
-def _layers_to_features(per_layer: torch.Tensor, all_layers: bool) -> torch.Tensor:
-    """``[L, B, H]`` -> ``[B, F]``: the last layer, or all layers (feature f = layer f // H, unit f % H)."""
-    if not all_layers:
-        return per_layer[-1]
-    L, B, H = per_layer.shape
-    return per_layer.permute(1, 0, 2).reshape(B, L * H)
 
 
 class _BatchRunner:
@@ -63,11 +37,9 @@ class _BatchRunner:
         model: RNNModel,
         tokens: list[np.ndarray],
         device: torch.device,
-        poolings: tuple[str, ...],
-        state: str,
+        spec: FeatureSpec,
     ):
-        self.model, self.tokens, self.device = model, tokens, device
-        self.poolings, self.state = poolings, state
+        self.model, self.tokens, self.device, self.spec = model, tokens, device, spec
         self.lengths = np.array([len(t) for t in tokens])
         self.total = int(self.lengths[0])
         self.starts = self.total - self.lengths  # left padding of each row (ascending)
@@ -87,39 +59,25 @@ class _BatchRunner:
         to = lambda x: torch.from_numpy(x).to(self.device)
         return to(chunk), to(reset), to(real)
 
-    def run(self, chunk_length: int, all_layers: bool) -> torch.Tensor:
-        cfg = self.model.config
+    def run(self, chunk_length: int) -> torch.Tensor:
         B = len(self.tokens)
-        h = torch.zeros(cfg.nlayers, B, cfg.nhid, device=self.device)
-        c = torch.zeros_like(h)
-        total = torch.zeros_like(h) if "mean" in self.poolings else None
-        peak = torch.full_like(h, float("-inf")) if "max" in self.poolings else None
-        per_step = total is not None or peak is not None
+        h, c = self.model.zero_state(B, self.device)
+        pooler = Pooler(self.spec, *h.shape, self.device)
         for a in range(0, self.total, chunk_length):
             b = min(a + chunk_length, self.total)
             rows = int(np.searchsorted(self.starts, b, side="left"))  # rows whose text has started by b
             x, reset, real = self._chunk_inputs(a, b, rows)
             hidden = (h[:, :rows], c[:, :rows])
-            if not per_step:
-                _, (h_new, c_new) = self.model.rnn(self.model.encoder(x), hidden, reset)
+            if not pooler.per_step:
+                h_new, c_new = self.model.final_state(x, hidden, reset)
             else:
                 hs, cs, (h_new, c_new) = self.model.forward_states(x, hidden, reset)
-                seq = torch.stack(cs if self.state == "cell" else hs).float()  # [L, steps, rows, H]
-                mask = real[None, :, :, None]
-                if total is not None:
-                    total[:, :rows] += (seq * mask).sum(dim=1)
-                if peak is not None:
-                    chunk_peak = seq.masked_fill(~mask, float("-inf")).amax(dim=1)
-                    peak[:, :rows] = torch.maximum(peak[:, :rows], chunk_peak)
+                steps = torch.stack(cs if self.spec.state == "cell" else hs).float()  # [L, steps, rows, H]
+                pooler.add(steps, real, rows)
             h[:, :rows] = h_new.float()
             c[:, :rows] = c_new.float()
-        lengths = torch.from_numpy(self.lengths).to(self.device, torch.float32)[None, :, None]
-        pooled = {
-            "last": lambda: c if self.state == "cell" else h,
-            "mean": lambda: total / lengths,
-            "max": lambda: peak,
-        }
-        return torch.cat([_layers_to_features(pooled[p](), all_layers) for p in self.poolings], dim=1)
+        lengths = torch.from_numpy(self.lengths).to(self.device)
+        return pooler.features(c if self.spec.state == "cell" else h, lengths)
 
 
 def featurize(
@@ -130,6 +88,7 @@ def featurize(
     pooling: str = "last",
     state: str = "cell",
     all_layers: bool = False,
+    spec: FeatureSpec | None = None,
     preprocess: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -137,28 +96,28 @@ def featurize(
     bf16: bool = False,
     chunk_length: int = 32,
 ) -> np.ndarray:
-    """Features ``[len(texts), F]`` (float32) of ``texts``; F = nhid, or nhid * nlayers with ``all_layers``.
+    """Features ``[len(texts), F]`` (float32) of ``texts``; F = nhid, or nhid * nlayers with ``all_layers``,
+    per pooling (readout.py numbers them).
 
-    ``pooling``: ``last`` (the state after the last byte of the preprocessed text, the original's
-    features), ``mean`` or ``max`` over all bytes of the preprocessed text (its pads included), or a
-    comma-separated list of them (``mean,max,last``: their features concatenated in that order);
-    ``state``: ``cell`` (c, the original's choice) or ``hidden`` (h). ``preprocess`` defaults to the
+    ``spec`` (a ``readout.FeatureSpec``), or the flags' spellings: ``pooling`` ``last`` (the state after
+    the last byte of the preprocessed text, the original's features), or a pooling over all bytes of the
+    preprocessed text (its pads included; ``readout.POOLINGS``), or a comma-separated list of them
+    (``mean,max,last``: their features concatenated in that order); ``state``: ``cell`` (c, the
+    original's choice) or ``hidden`` (h); ``all_layers``. ``preprocess`` defaults to the
     model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
     available) and put in eval mode. ``bf16``: the matrix products take bfloat16 operands (state and
 gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py).
     """
-    poolings = parse_pooling(pooling)
-    if state not in STATES:
-        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+    spec = spec or FeatureSpec.parse(pooling, state, all_layers)
     if batch_size < 1 or chunk_length < 1:
-        raise ValueError("batch_size and chunk_length must be positive")
+        raise UsageError("batch_size and chunk_length must be positive")
     device = default_device() if device is None else torch.device(device)
     dtype = reduced_dtype(device, fp16, bf16)
     preprocess = preprocess or model.config.preprocess
     model.to(device).eval()
 
     tokens = [encode(text, preprocess) for text in texts]
-    out = np.zeros((len(tokens), num_features(model.config, all_layers, pooling)), dtype=np.float32)
+    out = np.zeros((len(tokens), spec.num_features(model.config)), dtype=np.float32)
     order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
     with (
         torch.inference_mode(),
@@ -168,8 +127,8 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
     ):
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]
-            runner = _BatchRunner(model, [tokens[i] for i in idx], device, poolings, state)
-            out[idx] = runner.run(chunk_length, all_layers).float().cpu().numpy()
+            runner = _BatchRunner(model, [tokens[i] for i in idx], device, spec)
+            out[idx] = runner.run(chunk_length).float().cpu().numpy()
             bar.update(len(idx))
     return out
 
@@ -193,12 +152,11 @@ def byte_states(
     layer * nhid + unit, else units of the last layer); ``units`` None keeps them all. Each array runs
     alone, in chunks of ``chunk_length`` steps with the state carried over.
     """
-    if state not in STATES:
-        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
-    n_features = num_features(model.config, all_layers)
+    spec = FeatureSpec.parse("last", state, all_layers)
+    n_features = spec.num_features(model.config)
     columns = np.arange(n_features) if units is None else np.asarray(units, dtype=np.int64).reshape(-1)
     if len(columns) and not (0 <= columns.min() and columns.max() < n_features):
-        raise ValueError(f"units must be feature indices 0 .. {n_features - 1}, got {columns.tolist()}")
+        raise UsageError(f"units must be feature indices 0 .. {n_features - 1}, got {columns.tolist()}")
     device = default_device() if device is None else torch.device(device)
     model.to(device).eval()
     pick = torch.from_numpy(columns).to(device)
@@ -210,7 +168,7 @@ def byte_states(
             for a in range(0, len(x), chunk_length):
                 hs, cs, hidden = model.forward_states(x[a : a + chunk_length], hidden)
                 per_layer = torch.stack(cs if state == "cell" else hs).float()[:, :, 0]  # [L, steps, H]
-                pieces.append(_layers_to_features(per_layer, all_layers).index_select(1, pick).cpu())
+                pieces.append(spec.layers_to_features(per_layer).index_select(1, pick).cpu())
             values = torch.cat(pieces) if pieces else torch.zeros(0, len(columns))
             out.append(values.numpy())  # float32
     return out

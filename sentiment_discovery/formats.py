@@ -1,9 +1,13 @@
-"""Read the released weights (formats.md): OpenAI's ``.npy`` shard directory and NVIDIA's 2018 checkpoints.
+"""Read the released weights (docs/formats.md): OpenAI's ``.npy`` shards and NVIDIA's 2018 checkpoints.
+
+Also our own files (``read_native``, ``read_safetensors``; written by checkpoint.py), the aliases of
+the shipped and OpenAI models, and ``read_checkpoint_file``, which detects the format of a path.
 
 Each reader returns a ``RawCheckpoint``: a config dict, the tensors under the project's state-dict
-keys, and the rest (for NVIDIA files after transfer, the project's classifier dict), so that the
+keys, and the rest (for NVIDIA files after transfer, the stored form of a ``Readout``), so that the
 model built from it computes the original math. Loading flows one way: ``checkpoint.load_checkpoint``
-detects the format, calls a reader here, checks what it returned and only then builds the model.
+calls ``read_checkpoint_file`` here, then builds the model (its config and tensor shapes checked
+first, model.py) and checks the classifier against it (readout.py).
 
 Weight norm: a file that stores gain and direction separately (OpenAI always; NVIDIA ``_g``/``_v``)
 loads into a ``weight_norm=True`` model with gain -> ``original0`` ``[out, 1]`` and direction ->
@@ -14,15 +18,21 @@ An NVIDIA file with folded weights loads into a ``weight_norm=False`` model.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import pickle
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors
 import torch
 from torch import Tensor
 
+from .errors import CheckpointError
 from .model import ModelConfig
 
 OPENAI_FORMAT = "openai-shards"
@@ -33,10 +43,6 @@ OPENAI_EMBED = 64
 OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit its architecture."""
 
 
 @dataclass
@@ -67,7 +73,7 @@ def _param_keys(prefix: str, name: str, weight_norm: bool) -> tuple[str, ...]:
 
 
 def openai_shard_shapes(H: int = OPENAI_HIDDEN, E: int = OPENAI_EMBED) -> list[tuple[int, ...]]:
-    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (formats.md). Files 2-5 are
+    """The shape of each file ``0.npy`` ... ``14.npy`` of OpenAI's layout (docs/formats.md). Files 2-5 are
     column blocks of Wh ``[H, 4H]``, listed here as ``(H, 4H)``: the most columns one block may hold."""
     return [
         (256, E),  # embedding
@@ -128,7 +134,7 @@ def openai_weights(shards: Sequence[np.ndarray], source: str) -> RawCheckpoint:
     shapes = [*shapes[:2], (H, 4 * H), *shapes[6:]]  # files 2-5 merged into Wh
     files = ["0", "1", "2-5", *map(str, range(6, OPENAI_SHARD_COUNT))]
     names = ["embedding", "Wx", "Wh", "Wmx", "Wmh", "b", "gx", "gh", "gmx", "gmh", "output W", "output b"]
-    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, formats.md
+    layout = list(zip(files, names, shapes))  # (file, name, shape) of each merged array, docs/formats.md
     wrong = [
         f"{file}.npy ({name}): {tuple(np.shape(a))} vs expected {shape}"
         for (file, name, shape), a in zip(layout, arrays)
@@ -309,7 +315,8 @@ def nvidia_weights(flat: dict, source: str) -> RawCheckpoint:
 
 
 def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | None:
-    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as our dict."""
+    """NVIDIA's ``classifier`` (a Linear on the last cell state, maybe on ``neurons`` only) as the stored
+    form of a ``Readout`` (readout.py checks it)."""
     weight, bias, neurons = (flat.get(f"classifier.{k}") for k in ("weight", "bias", "neurons"))
     if weight is None:
         return None
@@ -347,3 +354,192 @@ def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | 
         "scale": None,
         "C": None,  # not stored in the released files
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Our own files, and which reader a path needs
+# --------------------------------------------------------------------------------------------
+
+FORMAT_NAME = "sentiment-discovery"
+FORMAT_VERSION = 1
+# The model that ships with the package (pretrained/README.md: how it was made, what it scores).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
+# where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
+OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
+
+
+# Names a user may give instead of a path: the file each stands for, and how to get it. Downloads go
+# relative to the working directory, as the scripts' data defaults (the repository root).
+MODEL_ALIASES = {
+    "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
+    "openai": (Path("data") / OPENAI_MODEL, "python data/download.py openai"),
+}
+
+
+def first_existing_model(*candidates: str) -> str:
+    """The first of the scripts' conventional outputs that exists (a user's own model wins), else
+    ``default``, the shipped model."""
+    return next((path for path in candidates if Path(path).exists()), "default")
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """``path`` itself, or for an alias (``default``, ``openai``) with no file of that name, the file it
+    stands for. None is ``default``, the shipped model."""
+    path = Path("default" if path is None else path)
+    if path.exists() or str(path) not in MODEL_ALIASES:
+        return path
+    file, command = MODEL_ALIASES[str(path)]
+    if not file.exists():
+        raise CheckpointError(
+            f"{path}: no {file} in {Path.cwd()}: run `{command}` in the repository root, then run this "
+            "command from there (or give the checkpoint's path)"
+        )
+    return file
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """Detected by content: an 8-byte header length, then the JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_safetensors(path: Path) -> dict:
+    """A native checkpoint written as safetensors, back as the native dict."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if metadata.get("format") != FORMAT_NAME:
+            raise CheckpointError(f"{path}: a safetensors file, but not a sentiment-discovery checkpoint")
+        classifier = json.loads(metadata["classifier"])
+        if isinstance(classifier, dict):
+            for key, value in tensors.items():
+                if key.startswith("classifier."):
+                    classifier[key.removeprefix("classifier.")] = value
+        return {
+            "format": FORMAT_NAME,
+            "version": int(metadata["version"]),
+            "config": json.loads(metadata["config"]),
+            "model": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+            "classifier": classifier,
+            "train_state": None,
+            "extra": json.loads(metadata["extra"]),
+        }
+    except (safetensors.SafetensorError, KeyError, ValueError) as e:  # JSONDecodeError is a ValueError
+        reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: unreadable safetensors checkpoint ({reason})") from None
+
+
+def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load`` with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
+
+    The one class allowed beyond plain data is ``argparse.Namespace`` (NVIDIA's ``{'sd', 'args'}``
+    files): it only holds attribute values, themselves still restricted to plain data.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # a zip archive (torch.save), or a pickle's PROTO opcode (the legacy torch format)
+    if not (head.startswith((b"PK\x03\x04", b"PK\x05\x06")) or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{path}: not a checkpoint (neither a torch file, a safetensors file nor an OpenAI shard folder)"
+        )
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only stopped it; whatever it holds never ran
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        code = next((line for line in lines if "global" in line.lower()), None)
+        if code is None:  # an opcode the restricted unpickler does not know: corrupt, not code
+            reason = next((line for line in lines if "Unsupported" in line), lines[0])
+            raise CheckpointError(
+                f"{path}: cannot read it as a checkpoint (corrupt pickle: {reason})"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to load: it is not a plain weights file (weights_only=True rejected it: "
+            f"{code}). Files that need full unpickling can run code and are never loaded."
+        ) from None
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read it as a checkpoint ({first})") from None
+
+
+def read_native(obj, source: str) -> RawCheckpoint | None:
+    """The parts of a native checkpoint dict (``torch.load``-ed or from safetensors); None when ``obj``
+    is not one."""
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT_NAME):
+        return None
+    if "model" not in obj:
+        raise CheckpointError(f"{source}: a {FORMAT_NAME} checkpoint without its 'model' weights")
+    return RawCheckpoint(
+        source,
+        FORMAT_NAME,
+        obj.get("config"),
+        obj["model"],
+        obj.get("classifier"),
+        check_train_state(obj.get("train_state"), source),
+        obj.get("extra") or {},
+    )
+
+
+def read_checkpoint_file(path: str | os.PathLike | None) -> RawCheckpoint:
+    """Detect the format of ``path`` (or of the file an alias stands for) and read it (nothing is
+    checked or built yet)."""
+    if path is not None and not str(path):
+        raise CheckpointError("an empty checkpoint path was given")
+    path = resolve_model_path(path)
+    if path.is_dir():
+        return read_openai(path)
+    obj = read_safetensors(path) if path.is_file() and is_safetensors_file(path) else safe_torch_load(path)
+    raw = read_native(obj, str(path))
+    if raw is not None:
+        return raw
+    nvidia = nvidia_flat_state(obj)
+    if nvidia is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint this suite knows (a sentiment-discovery checkpoint, an NVIDIA 2018 "
+            "state dict with encoder/decoder keys, or a directory of OpenAI .npy shards)"
+        )
+    return nvidia_weights(nvidia, str(path))
+
+
+TRAIN_STATE_COUNTS = ("step", "total_steps", "epoch", "batch", "rows", "batches_per_epoch", "bytes_seen")
+TRAIN_STATE_KEYS = (*TRAIN_STATE_COUNTS, "best_val_bpc", "optimizer", "scheduler", "hidden", "rng")
+
+
+def check_train_state(state, source: str) -> dict | None:
+    """A stored training state holds every part a resume needs, of the right kinds."""
+    if state is None:
+        return None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: train_state is {type(state).__name__}, expected a dict")
+    missing = [k for k in TRAIN_STATE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{source}: train_state lacks {', '.join(missing)}: it cannot resume a run")
+    for key in TRAIN_STATE_COUNTS:
+        if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+            raise CheckpointError(f"{source}: train_state {key} = {state[key]!r} is not a count")
+    if not isinstance(state["best_val_bpc"], (int, float)):
+        raise CheckpointError(
+            f"{source}: train_state best_val_bpc = {state['best_val_bpc']!r} is not a number"
+        )
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+        raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
+    if not isinstance(state["scheduler"], dict):
+        raise CheckpointError(f"{source}: train_state scheduler is not a scheduler state dict")
+    hidden = state["hidden"]
+    if hidden is not None and not (
+        isinstance(hidden, (list, tuple))
+        and len(hidden) == 2
+        and all(isinstance(t, torch.Tensor) for t in hidden)
+    ):
+        raise CheckpointError(f"{source}: train_state hidden is not a (hidden, cell) pair of tensors")
+    if not (isinstance(state["rng"], dict) and isinstance(state["rng"].get("torch"), torch.Tensor)):
+        raise CheckpointError(f"{source}: train_state rng lacks the torch generator state")
+    return state

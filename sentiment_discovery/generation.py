@@ -42,12 +42,16 @@ import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
-from .checkpoint import first_existing_model, load_checkpoint, resolve_model_path
+from .checkpoint import load_checkpoint
 from .cli import pick_seed
-from .featurize import byte_states, default_device, parse_pooling
+from .encoder import Encoder
+from .errors import UsageError
+from .featurize import byte_states, default_device
+from .formats import first_existing_model, resolve_model_path
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import decode, encode, text_slice
+from .readout import FeatureSpec, Readout
 from .recurrent import State
 
 N_BYTES = 256  # only the first 256 logits are bytes (the decoder may carry extra ids)
@@ -58,7 +62,7 @@ DEFAULT_OVERWRITE_MODE = "hidden"
 GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax
 
 
-class GenerationError(ValueError):
+class GenerationError(UsageError):
     """A request that cannot be carried out (no neuron to show or force, neuron out of range ...)."""
 
 
@@ -109,38 +113,33 @@ class Neuron:
 
 
 def select_neuron(
-    model: RNNModel, classifier: dict | None, neuron: int | None = None, default_neuron: int | None = None
+    model: RNNModel,
+    classifier: Readout | dict | None,
+    neuron: int | None = None,
+    default_neuron: int | None = None,
 ) -> Neuron | None:
     """The neuron to show/force: ``neuron`` (a feature index; ``None`` or -1: the classifier's top one,
     else ``default_neuron``, the unit a released model documents, such as OpenAI's 2388).
 
-    Feature indices follow the classifier: one block of features per pooling (``mean,max,last``),
-    each of ``H`` units of the last layer or, with ``all_layers``, ``L * H`` (feature ``f`` of a block
-    is unit ``f % H`` of layer ``f // H``). Without classifier, ``neuron`` and ``default_neuron``
-    there is none (``None``).
+    Feature indices follow the classifier's ``FeatureSpec`` (readout.py: a block per pooling, each of
+    the last layer's units or of every layer's); the neuron is the unit of the state a feature pools.
+    Without classifier, ``neuron`` and ``default_neuron`` there is none (``None``).
     """
-    H, L = model.config.nhid, model.config.nlayers
-    all_layers = bool(classifier and classifier.get("all_layers"))
-    block = H * L if all_layers else H
-    n_pooling = len(parse_pooling(classifier.get("pooling") or "last")) if classifier else 1
-    n_features = block * n_pooling
+    readout = Readout.of(classifier, model.config)
+    spec = readout.spec if readout is not None else FeatureSpec()
     if neuron is None or neuron == -1:
-        if classifier is not None and len(classifier["neurons"]):
-            neuron = int(classifier["neurons"][0])
+        if readout is not None and len(readout.neurons):
+            neuron = int(readout.neurons[0])
         elif default_neuron is not None:
             neuron = int(default_neuron)
         else:
             return None
-    if not 0 <= neuron < n_features:
-        raise GenerationError(
-            f"--neuron {neuron} is out of range: the {'all-layers ' if all_layers else ''}features of this "
-            f"model are 0 .. {n_features - 1}"
-        )
-    in_block = neuron % block
-    layer, unit = (in_block // H, in_block % H) if all_layers else (L - 1, in_block)
-    state = classifier.get("state", "cell") if classifier else "cell"
-    weight = float(classifier["weight"][neuron]) if classifier else None
-    return Neuron(feature=neuron, layer=layer, unit=unit, state=state, weight=weight)
+    try:
+        _, layer, unit = spec.locate(neuron, model.config)
+    except UsageError as e:
+        raise GenerationError(f"--neuron {neuron}: {e}") from None
+    weight = None if readout is None else float(readout.weight.reshape(-1, readout.num_features)[0, neuron])
+    return Neuron(feature=neuron, layer=layer, unit=unit, state=spec.state, weight=weight)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,11 +184,6 @@ class Generation:
     @property
     def generated_text(self) -> str:
         return decode(self.tokens[self.n_warmup :])
-
-
-def _uses_separate_cell(model: RNNModel) -> bool:
-    """GRU and plain RNNs have no cell: their state tuple repeats ``h``, and the next step reads ``h``."""
-    return model.config.model in ("mLSTM", "LSTM")
 
 
 def _sample(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> int:
@@ -250,7 +244,7 @@ def generate(
     n_generate = 0 if analyse_only else max(0, gen_length - len(prefix))
     generator = torch.Generator().manual_seed(seed)
     state_index = 0 if neuron is None or neuron.state == "hidden" else 1
-    if not _uses_separate_cell(model):
+    if not model.has_cell:  # GRU and plain RNNs: the state tuple repeats h, and the next step reads h
         write_indices = (0, 1)
     else:
         write_indices = (0,) if overwrite_mode == "hidden" else (1,)
@@ -377,12 +371,10 @@ def write_values(path: str | os.PathLike, generation: Generation, *, polarity: i
 # --------------------------------------------------------------------------------------------
 
 def classifier_probability(
-    model: RNNModel, classifier: dict, texts: list[str], device=None, **precision: bool
+    model: RNNModel, classifier: Readout, texts: list[str], device=None, **precision: bool
 ) -> np.ndarray:
     """P(positive) of each text under ``classifier``, featurized the way it was trained (``precision``:
     ``fp16``/``bf16`` as ``Encoder`` takes them)."""
-    from .encoder import Encoder  # pulls in scikit-learn
-
     return Encoder(model, classifier, device=device, **precision).predict_proba(texts)
 
 

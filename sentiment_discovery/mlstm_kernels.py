@@ -1,6 +1,6 @@
 """Fused mLSTM recurrence: one layer over a whole sequence, forward and hand-written backward.
 
-The math is that of ``recurrent.mlstm_step`` (formats.md), gate order i, f, g, o. Each step does two
+The math is that of ``recurrent.mlstm_step`` (docs/formats.md), gate order i, f, g, o. Each step does two
 dependent products: ``hm = h @ w_mhh.T``, then, with ``m = hm * (x_t @ w_mih.T)``, the gates'
 pre-activations ``z = [x_t, m] @ [w_ih, w_hh].T + bias``: the input's share of the gates rides along
 in the step's product (K = E + H instead of H) rather than being a separate product over all T steps,

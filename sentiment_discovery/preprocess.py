@@ -1,7 +1,7 @@
 """Text preprocessing and byte-level tokenization.
 
 Two variants exist because the released weights were trained with different ones
-(see formats.md): ``nvidia`` (the suite's default) and ``openai`` (what OpenAI's weights need).
+(see docs/formats.md): ``nvidia`` (the suite's default) and ``openai`` (what OpenAI's weights need).
 A checkpoint records the variant it was trained with; featurization reuses it.
 """
 
@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 
 import numpy as np
+
+from .errors import UsageError
 
 PREFIX, SUFFIX = "\n ", " "  # what both preprocessings put around the cleaned text
 _TAG = re.compile(r"<[^>]*>")
@@ -67,7 +69,7 @@ def get_preprocessor(name: str) -> Callable[[str], str]:
     try:
         return PREPROCESSORS[name]
     except KeyError:
-        raise ValueError(f"unknown preprocessing {name!r}; choose one of {sorted(PREPROCESSORS)}") from None
+        raise UsageError(f"unknown preprocessing {name!r}; choose one of {sorted(PREPROCESSORS)}") from None
 
 
 def encode_bytes(text: str, preprocess: str = "nvidia") -> bytes:

@@ -4,7 +4,11 @@ Every stack here is called as ``stack(x[T, B, E], hidden=None, reset=None) -> (o
 with ``h``/``c`` of shape ``[num_layers, B, H]`` (for GRU and plain RNNs ``c`` is ``h``), and
 ``reset`` an optional ``[T, B]`` bool mask: True zeroes that row's state before it consumes the
 input of that step. ``forward_states`` additionally returns the per-step hidden and cell states of
-every layer (inference only), which featurization pools.
+every layer, which featurization pools and fine-tuning trains through: differentiable on every
+stack (the fused mLSTM layer's backward takes the gradients of its per-step cells).
+
+The recurrent types are ``RNN_TYPES``, checked in one place (``check_rnn_type``); ``CELL_TYPES`` are
+those whose state has a cell c apart from the hidden state h.
 """
 
 from __future__ import annotations
@@ -16,7 +20,18 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm as _weight_norm
 
 from . import matmul
+from .errors import UsageError
 from .mlstm_kernels import State, mlstm_sequence
+
+RNN_TYPES = ("mLSTM", "LSTM", "GRU", "RNNTanh", "RNNReLU")
+CELL_TYPES = ("mLSTM", "LSTM")  # a cell state c apart from h; the others' state tuple repeats h
+
+
+def check_rnn_type(kind: str) -> str:
+    """``kind`` if it names a recurrent type of ``RNN_TYPES``; else a ``UsageError`` listing them."""
+    if kind not in RNN_TYPES:
+        raise UsageError(f"unknown model {kind!r}; choose one of {', '.join(RNN_TYPES)}")
+    return kind
 
 # --------------------------------------------------------------------------------------------
 # mLSTM
@@ -24,7 +39,7 @@ from .mlstm_kernels import State, mlstm_sequence
 
 
 class mLSTMLayer(nn.Module):
-    """One multiplicative-LSTM layer (formats.md), gate order i, f, g, o.
+    """One multiplicative-LSTM layer (docs/formats.md), gate order i, f, g, o.
 
     Parameters use the NVIDIA release's names (one summed bias instead of two):
     ``w_ih [4H, E]``, ``w_hh [4H, H]``, ``w_mih [H, E]``, ``w_mhh [H, H]``, ``bias [4H]``.
@@ -68,7 +83,7 @@ class mLSTMLayer(nn.Module):
     def reference_forward(
         self, x: Tensor, state: State | None = None, reset: Tensor | None = None, return_cells: bool = False
     ) -> tuple[Tensor, State, Tensor | None]:
-        """Plain per-step implementation of formats.md, differentiable through autograd."""
+        """Plain per-step implementation of docs/formats.md, differentiable through autograd."""
         T, B, _ = x.shape
         h, c = state if state is not None else self.zero_state(B, x)
         w_ih, w_hh, w_mih, w_mhh, bias = self.weights()
@@ -88,7 +103,7 @@ class mLSTMLayer(nn.Module):
 def mlstm_step(
     x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor
 ) -> State:
-    """One mLSTM step on ``x [B, E]``, ``h``/``c`` ``[B, H]``: the math of formats.md."""
+    """One mLSTM step on ``x [B, E]``, ``h``/``c`` ``[B, H]``: the math of docs/formats.md."""
     m = (x @ w_mih.t()) * (h @ w_mhh.t())
     z = x @ w_ih.t() + m @ w_hh.t() + bias
     i, f, g, o = z.chunk(4, dim=1)
@@ -102,7 +117,14 @@ class _LayerStack(nn.Module):
 
     layers: nn.ModuleList
     num_layers: int
+    hidden_size: int
     dropout: float
+    has_cell: bool  # whether the state's second tensor is a cell c of its own (else it repeats h)
+
+    def zero_state(self, batch_size: int, device=None, dtype: torch.dtype | None = None) -> State:
+        """The zero state ``(h, c)``, each ``[num_layers, batch_size, hidden_size]``."""
+        h = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype)
+        return h, h.clone()
 
     def _run_layer(
         self, i: int, x: Tensor, state: State | None, reset: Tensor | None, keep_states: bool
@@ -128,13 +150,16 @@ class _LayerStack(nn.Module):
         return out, state
 
     def forward_states(self, input: Tensor, hidden: State | None = None, reset: Tensor | None = None):
-        """(per-layer hidden sequences, per-layer cell sequences, final (h, c)); inference only."""
+        """(per-layer hidden sequences, per-layer cell sequences, final (h, c)), each sequence
+        ``[T, B, H]``; differentiable (for a stack without cell, the cell sequences are the hidden)."""
         _, state, hs, cs = self._run(input, hidden, reset, keep_states=True)
         return hs, cs, state
 
 
 class mLSTM(_LayerStack):
     """Multi-layer mLSTM with the interface of ``torch.nn.LSTM`` plus a per-row reset mask."""
+
+    has_cell = True
 
     def __init__(
         self,
@@ -173,29 +198,18 @@ class TorchRNN(_LayerStack):
         weight_norm: bool = True,
     ):
         super().__init__()
-        self.kind = kind
+        self.kind = check_rnn_type(kind)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.num_layers, self.dropout = num_layers, dropout
+        self.has_cell = kind in CELL_TYPES
         self.layers = nn.ModuleList()
         for i in range(num_layers):
-            n_in = input_size if i == 0 else hidden_size
-            if kind == "LSTM":
-                layer = nn.LSTM(n_in, hidden_size)
-            elif kind == "GRU":
-                layer = nn.GRU(n_in, hidden_size)
-            elif kind in ("RNNTanh", "RNNReLU"):
-                layer = nn.RNN(n_in, hidden_size, nonlinearity="tanh" if kind == "RNNTanh" else "relu")
-            else:
-                raise ValueError(f"unknown recurrent type {kind!r}")
+            layer = _TORCH_LAYERS[kind](input_size if i == 0 else hidden_size, hidden_size)
             if weight_norm:
                 for name in ("weight_ih_l0", "weight_hh_l0"):
                     _weight_norm(layer, name, dim=0)
             self.layers.append(layer)
         self.weight_norm = weight_norm
-
-    @property
-    def is_lstm(self) -> bool:
-        return self.kind == "LSTM"
 
     def _call(self, layer: nn.Module, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.weight_norm:
@@ -207,7 +221,7 @@ class TorchRNN(_LayerStack):
             matmul.say_once(f"nn.{type(layer).__name__} layers run in float32: no native bfloat16 here")
             with torch.autocast("cpu", enabled=False):
                 return self._call(layer, x, h, c)
-        if self.is_lstm:
+        if self.has_cell:
             out, (h, c) = layer(x, (h.unsqueeze(0), c.unsqueeze(0)))
             return out, h[0], c[0]
         out, h = layer(x, h.unsqueeze(0))
@@ -227,7 +241,7 @@ class TorchRNN(_LayerStack):
             if reset is not None:
                 keep = (~reset[a]).to(x.dtype).unsqueeze(1)
                 h, c = h * keep, c * keep
-            if keep_states and self.is_lstm:
+            if keep_states and self.has_cell:
                 # nn.LSTM does not expose per-step cell states: step it one byte at a time.
                 for t in range(a, b):
                     out, h, c = self._call(layer, x[t : t + 1], h, c)
@@ -249,7 +263,12 @@ class TorchRNN(_LayerStack):
         return out, (h, c), cells
 
 
-RNN_TYPES = ("mLSTM", "LSTM", "GRU", "RNNTanh", "RNNReLU")
+_TORCH_LAYERS = {  # one single-layer module per layer: (input size, hidden size) -> module
+    "LSTM": nn.LSTM,
+    "GRU": nn.GRU,
+    "RNNTanh": lambda n_in, n_out: nn.RNN(n_in, n_out, nonlinearity="tanh"),
+    "RNNReLU": lambda n_in, n_out: nn.RNN(n_in, n_out, nonlinearity="relu"),
+}
 
 
 def make_rnn(
@@ -260,8 +279,6 @@ def make_rnn(
     dropout: float = 0.0,
     weight_norm: bool = True,
 ) -> nn.Module:
-    if kind == "mLSTM":
+    if check_rnn_type(kind) == "mLSTM":
         return mLSTM(input_size, hidden_size, num_layers, dropout, weight_norm)
-    if kind in RNN_TYPES:
-        return TorchRNN(kind, input_size, hidden_size, num_layers, dropout, weight_norm)
-    raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(RNN_TYPES)}")
+    return TorchRNN(kind, input_size, hidden_size, num_layers, dropout, weight_norm)

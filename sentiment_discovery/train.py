@@ -1,4 +1,5 @@
-"""Language-model pre-training: the truncated-BPTT loop, linear lr decay, evaluation, checkpoints, metrics.
+"""Language-model pre-training: the truncated-BPTT loop (``Trainer``), linear lr decay, evaluation,
+checkpoints, metrics, signals, and main.py's body (``pretrain``); the run's files are runfiles.py.
 
 Resume semantics: a checkpoint written during or at the end of training carries ``train_state``
 (optimizer, lr schedule, step, data position, carried hidden state, RNG states, best validation
@@ -16,11 +17,9 @@ number of processes.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -37,12 +36,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import distributed
-from .checkpoint import SAVE_DTYPES, CheckpointError, copy_checkpoint, save_checkpoint, stale_temp_files
+from .batching import PAD_TARGET, Batch, LMSplits, TBPTTBatches
+from .checkpoint import SAVE_DTYPES, CheckpointError, copy_checkpoint, save_checkpoint
 from .cli import Interrupted, pick_seed
-from .data import PAD_TARGET, Batch, LMSplits, TBPTTBatches
+from .errors import UsageError
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .recurrent import State
+from .runfiles import (
+    SaveLock,
+    check_save_path,
+    move_aside,
+    prune_snapshots,
+    remove_stale_temp_files,
+    sibling,
+    snapshot_path,
+    snapshots,
+)
 
 LN2 = math.log(2.0)
 
@@ -66,135 +76,11 @@ class TrainOptions:
     dynamic_loss_scale: bool = False  # torch.amp.GradScaler instead of the static scale
     load: str = ""  # the checkpoint a resumed run came from (its best model and metrics continue)
 
-
-def sibling(save: str | Path, suffix: str) -> Path:
-    """``lang_model.pt`` + ``.best.pt`` -> ``lang_model.best.pt``: outputs that live beside ``--save``."""
-    save = Path(save)
-    return save.with_name(save.stem + suffix)
-
-
-def snapshot_path(save: str | Path, step: int | str) -> Path:
-    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series
-    (step ``"*"``: the glob pattern of them all)."""
-    return sibling(save, f".step{step}.pt")
-
-
-def snapshots(save: str | Path) -> list[tuple[int, Path]]:
-    """The snapshot series of ``save`` that exists, as (step, path) by step."""
-    save = Path(save)
-    pattern = re.compile(re.escape(save.stem) + r"\.step(\d+)\.pt")
-    found = ((pattern.fullmatch(p.name), p) for p in save.parent.glob(snapshot_path(save, "*").name))
-    return sorted((int(m.group(1)), p) for m, p in found if m)
-
-
-def prune_snapshots(save: str | Path, step: int, keep: int) -> list[Path]:
-    """Delete all but the last ``keep`` snapshots of ``save`` up to ``step``; returns those deleted.
-
-    Snapshots beyond ``step`` (left by another run with the same ``--save``) are not this run's to delete.
-    """
-    found = [(n, p) for n, p in snapshots(save) if n <= step]
-    doomed = [p for _, p in found[: max(0, len(found) - keep)]]
-    for p in doomed:
-        p.unlink(missing_ok=True)
-    return doomed
-
-
-# --------------------------------------------------------------------------------------------
-# The outputs of a run: checked before training, locked while it runs, never mixed with another run's
-# --------------------------------------------------------------------------------------------
-
-
-def check_save_path(save: str | Path) -> None:
-    """Fail before training, not after it: ``--save`` must be a writable file path of a format that can
-    hold a training state (a ``.safetensors`` file holds weights only)."""
-    if not str(save):
-        raise ValueError("--save is empty: give the checkpoint's file path")
-    save = Path(save)
-    if save.suffix == ".safetensors":
-        raise ValueError(
-            f"--save {save}: a .safetensors file holds weights only, not the training state a run "
-            "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
-        )
-    for path in (save, sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
-        if path.is_dir():
-            raise ValueError(f"--save {save}: {path} is a directory, expected a file path")
-    parent = save.parent
-    if parent.exists() and not parent.is_dir():
-        raise ValueError(f"--save {save}: {parent} is not a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--save {save}: cannot create its folder {parent} ({e.strerror})") from None
-    if not os.access(parent, os.W_OK | os.X_OK) or (save.exists() and not os.access(save, os.W_OK)):
-        raise ValueError(f"--save {save}: not writable")
-
-
-class SaveLock:
-    """An exclusive lock on ``--save`` (``fcntl.flock`` of ``.<name>.lock`` beside it) held for the
-    whole run, so that two runs never write the same checkpoint, best model and metrics. The lock
-    file goes when the run ends."""
-
-    def __init__(self, save: str | Path):
-        save = Path(save)
-        self.save, self.path = save, save.with_name(f".{save.name}.lock")
-        self.file = None
-
-    def acquire(self) -> None:
-        while True:
-            file = self.path.open("a+")
-            try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                file.seek(0)
-                holder = file.read().strip() or "unknown"
-                file.close()
-                raise ValueError(
-                    f"--save {self.save}: another run (pid {holder}) is writing to it (lock {self.path}); "
-                    "wait for it to end or choose another --save"
-                ) from None
-            # the holder before us may have removed the file after we opened it: lock the file that is there
-            try:
-                if os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            file.close()
-        file.seek(0)
-        file.truncate()
-        file.write(f"{os.getpid()}\n")
-        file.flush()
-        self.file = file
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.path.unlink(missing_ok=True)  # while still locked: no other run holds this file
-            self.file.close()
-            self.file = None
-
-
-def remove_stale_temp_files(save: str | Path) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save``, its best
-    model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
-    save = Path(save)
-    removed = []
-    for path in (save, sibling(save, ".best.pt"), snapshot_path(save, "*")):
-        for tmp in stale_temp_files(path):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
-    return removed
-
-
-def move_aside(path: Path) -> Path | None:
-    """Rename ``path`` (if it exists) to ``<stem>.<its mtime>.<suffix>``, never over another file."""
-    if not path.exists():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
-    stem, suffix = path.name[: -len(path.suffix)], path.suffix
-    target, n = path.with_name(f"{stem}.{stamp}{suffix}"), 1
-    while target.exists():
-        target, n = path.with_name(f"{stem}.{stamp}-{n}{suffix}"), n + 1
-    os.replace(path, target)
-    return target
+    @classmethod
+    def from_args(cls, args, **settings) -> TrainOptions:
+        """From main.py's flags; ``settings`` give what no flag does (``progress``)."""
+        given = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        return cls(**{**given, **settings})
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +140,7 @@ def optimizer_names() -> list[str]:
 def check_optimizer(name: str) -> None:
     if name not in optimizer_names():
         why = " (it cannot train on one batch per step)" if name in UNSUITABLE_OPTIMIZERS else ""
-        raise ValueError(f"--optim {name!r}{why}: choose one of {', '.join(optimizer_names())}")
+        raise UsageError(f"--optim {name!r}{why}: choose one of {', '.join(optimizer_names())}")
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -401,7 +287,7 @@ class Trainer:
         self.splits, self.opt, self.device = splits, options, device
         self.train = splits.train
         if self.train is None:
-            raise ValueError("no training split")
+            raise UsageError("no training split")
         self.optimizer = make_optimizer(options.optim, self.model.parameters(), options.lr)
         resume = train_state is not None and train_state["step"] < train_state["total_steps"]
         self.total_steps = (
@@ -722,13 +608,13 @@ def pretrain(args) -> dict:
     One process of a distributed run when torchrun's environment or ``--world_size``/``--rank`` say so.
     """
     if args.preprocess and not args.lazy:
-        raise ValueError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
+        raise UsageError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
     if (args.dynamic_loss_scale or args.loss_scale != 1) and not args.fp16:
-        raise ValueError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
+        raise UsageError("--loss_scale and --dynamic_loss_scale only apply to --fp16 training: add --fp16")
     if args.fp16 and args.bf16:
-        raise ValueError("--fp16 and --bf16 both given: choose one")
+        raise UsageError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
-        raise ValueError("--eval_only evaluates the model of --load: give a checkpoint")
+        raise UsageError("--eval_only evaluates the model of --load: give a checkpoint")
     if not args.eval_only:
         check_optimizer(args.optim)
         check_save_path(args.save)
@@ -757,12 +643,12 @@ def _lock_save(lock: SaveLock) -> None:
                 print(f"removed {tmp}, left by an interrupted checkpoint write")
     refused = distributed.broadcast(refused)
     if refused:
-        raise ValueError(refused)
+        raise UsageError(refused)
 
 
 def _pretrain(args, device: torch.device) -> dict:
+    from .batching import LMDataOptions, lm_splits
     from .checkpoint import load_checkpoint
-    from .data import lm_splits
     from .model import ModelConfig
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
@@ -779,44 +665,13 @@ def _pretrain(args, device: torch.device) -> dict:
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
         )
     else:
-        model = RNNModel(
-            ModelConfig(
-                model=args.model,
-                emsize=args.emsize,
-                nhid=args.nhid,
-                nlayers=args.nlayers,
-                dropout=args.dropout,
-                tied=args.tied,
-                weight_norm=not args.no_weight_norm,
-                preprocess=args.preprocess_variant,
-            )
-        )
+        model = RNNModel(ModelConfig.from_args(args))
     # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
     with distributed.main_process_first() if args.lazy else nullcontext():
-        splits = lm_splits(
-            args.data,
-            args.valid,
-            args.test,
-            split=args.split,
-            num_shards=args.num_shards,
-            val_shards=args.val_shards,
-            test_shards=args.test_shards,
-            batch_size=args.batch_size,
-            eval_batch_size=args.eval_batch_size,
-            seq_length=args.seq_length,
-            eval_seq_length=args.eval_seq_length,
-            persist_state=args.persist_state,
-            text_key=args.text_key,
-            eval_text_key=args.eval_text_key,
-            delim=args.delim,
-            loose_json=args.loose_json,
-            preprocess=model.config.preprocess,
-            progress=progress,
-            lazy=args.lazy,
-            rebuild_cache=args.preprocess and rank == 0,
-            world_size=world_size,
-            rank=rank,
+        data = LMDataOptions.from_args(
+            args, preprocess=model.config.preprocess, rebuild_cache=args.preprocess and rank == 0
         )
+        splits = lm_splits(data, progress=progress, world_size=world_size, rank=rank)
     if world_size > 1:
         torch.manual_seed(seed + rank)  # the same initial weights (seeded above), distinct dropout masks
     for name in ("train", "val", "test"):
@@ -839,7 +694,7 @@ def _pretrain(args, device: torch.device) -> dict:
     )
     if args.eval_only:
         if splits.val is None and splits.test is None:
-            raise ValueError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
+            raise UsageError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
         model.to(device)
         result = {}
         for name in ("val", "test"):
@@ -848,22 +703,5 @@ def _pretrain(args, device: torch.device) -> dict:
                 result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
                 main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
-    options = TrainOptions(
-        optim=args.optim,
-        lr=args.lr,
-        clip=args.clip,
-        epochs=args.epochs,
-        train_iters=args.train_iters,
-        log_interval=args.log_interval,
-        save=args.save,
-        save_iters=args.save_iters,
-        keep_checkpoints=args.keep_checkpoints,
-        progress=progress,
-        fp16=args.fp16,
-        bf16=args.bf16,
-        loss_scale=args.loss_scale,
-        save_dtype=args.save_dtype,
-        dynamic_loss_scale=args.dynamic_loss_scale,
-        load=args.load,
-    )
+    options = TrainOptions.from_args(args, progress=progress)
     return Trainer(model, splits, options, device, train_state).run()

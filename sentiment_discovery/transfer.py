@@ -1,9 +1,6 @@
-"""Sentiment transfer: L1 logistic regression on language-model features, and the sentiment neuron(s).
-
-Features are standardised with the training split's mean and standard deviation before the
-regression, and the scaling is stored with the classifier: the L1 penalty then treats every unit
-alike, whatever its range, so that the largest |weight| names the most useful unit (the sentiment
-neuron) rather than the unit with the smallest range.
+"""The bodies of transfer.py (``run_transfer``) and classifier.py (``run_classifier``), with what only
+they use: the labelled splits read with the data flags, the feature cache, the results files
+(predictions, extreme samples, results.json). The regression itself is regression.py.
 """
 
 from __future__ import annotations
@@ -13,219 +10,30 @@ import hashlib
 import json
 import os
 import sys
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 
-from .checkpoint import (
-    DEFAULT_MODEL,
-    Checkpoint,
-    CheckpointError,
-    first_existing_model,
-    load_checkpoint,
-    resolve_model_path,
-    save_checkpoint,
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .encoder import Encoder
+from .errors import CheckpointError, DataError, UsageError
+from .featurize import featurize
+from .formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
+from .readers import ReadOptions, Records, is_json_path, read_records
+from .readout import FeatureSpec, top_neurons
+from .regression import (
+    CV_FOLDS,
+    Regression,
+    accuracy,
+    c_sweep,
+    fit_l1_regression,
+    make_classifier,
+    standardizer,
 )
-from .data import DataError, Records, is_json_path, read_records
-from .featurize import featurize, parse_pooling
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
-CV_FOLDS = 3  # folds of the training split that choose C when there is no validation split
-
-
-# --------------------------------------------------------------------------------------------
-# Regression and neuron selection
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Regression:
-    """A fitted L1 logistic regression on (optionally a subset of) standardised features."""
-
-    weight: np.ndarray  # [k]
-    bias: float
-    C: float
-    val_accuracy_by_C: dict[float, float]  # validation accuracy, or cross-validated accuracy on train
-    converged: bool
-
-    @property
-    def nonzero(self) -> int:
-        return int(np.count_nonzero(self.weight))
-
-    def probs(self, x: np.ndarray) -> np.ndarray:
-        return _sigmoid(x.astype(np.float64) @ self.weight + self.bias)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
-
-
-def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean((probs > 0.5).astype(np.int64) == labels))
-
-
-def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and scale of the training features; constant features keep scale 1."""
-    mean = train_features.mean(axis=0, dtype=np.float64)
-    std = train_features.std(axis=0, dtype=np.float64)
-    scale = np.where(std > 1e-8, std, 1.0)
-    return mean.astype(np.float32), scale.astype(np.float32)
-
-
-LOG2_C_LIMIT = 50  # C = 2^50 is no penalty at all already; 2^1024 is not even a float
-
-
-def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
-    """C = 2^log2_min ... 2^log2_max (OpenAI's sweep is 2^-8 ... 2^0)."""
-    if log2_min > log2_max:
-        raise ValueError(f"empty C sweep: 2^{log2_min} .. 2^{log2_max}")
-    if max(abs(log2_min), abs(log2_max)) > LOG2_C_LIMIT:
-        raise ValueError(
-            f"--log2_C {log2_min} {log2_max}: exponents must lie in -{LOG2_C_LIMIT} .. {LOG2_C_LIMIT}"
-        )
-    return [2.0**e for e in range(log2_min, log2_max + 1)]
-
-
-def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> tuple[LogisticRegression, bool]:
-    model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(x, y)
-    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-
-def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> float:
-    """Mean held-out accuracy over ``CV_FOLDS`` stratified folds of (x, y) (fewer if a class is rarer)."""
-    folds = min(CV_FOLDS, int(np.bincount(y).min()))
-    if folds < 2:
-        raise DataError("cross-validation needs at least 2 texts of each class in the training split")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = [
-        _fit(x[fit], y[fit], C, max_iter, seed)[0].score(x[held], y[held])
-        for fit, held in splitter.split(x, y)
-    ]
-    return float(np.mean(scores))
-
-
-def fit_l1_regression(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    val_x: np.ndarray | None,
-    val_y: np.ndarray | None,
-    Cs: list[float],
-    max_iter: int = 100,
-    seed: int = 42,
-) -> Regression:
-    """Fit one L1 regression per C on train and keep the best on validation among the models that use
-    any feature at all (an all-zero model only predicts the validation split's majority class, which
-    can outscore weak features without meaning anything); of tied C, the first (strongest penalty,
-    sparsest). Re-fitting at the chosen C would give the same (deterministic) model.
-
-    Without a validation split (``val_x`` None) each C is scored by cross-validation on train.
-    """
-    if len(np.unique(train_y)) < 2:
-        raise DataError("the training labels are all one class: a classifier needs both 0 and 1")
-    best, best_rank, scores = None, None, {}
-    for C in Cs:
-        model, converged = _fit(train_x, train_y, C, max_iter, seed)
-        if val_x is None:
-            scores[C] = cross_validated_accuracy(train_x, train_y, C, max_iter, seed)
-        else:
-            scores[C] = float(model.score(val_x, val_y))
-        rank = (bool(np.any(model.coef_)), scores[C])
-        if best is None or rank > best_rank:
-            best, best_rank = (C, model, converged), rank
-    C, model, converged = best
-    return Regression(model.coef_[0].astype(np.float64), float(model.intercept_[0]), C, scores, converged)
-
-
-def top_neurons(weight: np.ndarray | torch.Tensor, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest |weight| features, largest first (ties: lower index first).
-
-    Only features with a non-zero weight count (a zero-weight feature is no sentiment neuron); an
-    all-zero regression, which transfer reports as such, keeps the first feature so there is one.
-    """
-    w = np.abs(np.asarray(weight, dtype=np.float64).reshape(-1))
-    n = len(w) if n < 0 else n
-    n = min(n, max(1, int(np.count_nonzero(w))))
-    return np.argsort(-w, kind="stable")[:n].astype(np.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# The classifier dict stored in checkpoints (contract in notes: weight, bias, neurons, ...)
-# --------------------------------------------------------------------------------------------
-
-
-def make_classifier(
-    regression: Regression,
-    mean: np.ndarray | None,
-    scale: np.ndarray | None,
-    neurons: np.ndarray,
-    pooling: str,
-    state: str,
-    all_layers: bool,
-) -> dict:
-    f32 = lambda a: None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32)
-    return {
-        "weight": f32(regression.weight),
-        "bias": torch.tensor(regression.bias, dtype=torch.float32),
-        "neurons": torch.as_tensor(neurons, dtype=torch.long),
-        "pooling": pooling,
-        "state": state,
-        "all_layers": all_layers,
-        "mean": f32(mean),
-        "scale": f32(scale),
-        "C": float(regression.C),
-    }
-
-
-def classifier_settings(classifier: dict | None) -> tuple[str, str, bool]:
-    """(pooling, state, all_layers) a classifier was trained with; the original's when unrecorded."""
-    classifier = classifier or {}
-    return (
-        classifier.get("pooling") or "last",
-        classifier.get("state") or "cell",
-        bool(classifier.get("all_layers")),
-    )
-
-
-def classifier_probs(features: np.ndarray, classifier: dict, neurons: int = -1) -> np.ndarray:
-    """P(positive) = sigmoid(((x - mean) / scale) . weight + bias), float64 ``[n]``.
-
-    ``neurons`` >= 0 keeps only that many largest-|weight| weights (masking, no refit), as the
-    original classifier.py did; -1 keeps all.
-    """
-    weight = _numpy(classifier["weight"]).reshape(-1)
-    if features.shape[1] != weight.shape[0]:
-        raise ValueError(
-            f"features have {features.shape[1]} columns but the classifier has {weight.shape[0]} weights"
-        )
-    if neurons >= 0:
-        masked = np.zeros_like(weight)
-        keep = top_neurons(weight, neurons)
-        masked[keep] = weight[keep]
-        weight = masked
-    x = features.astype(np.float64)
-    if classifier.get("mean") is not None:
-        x = x - _numpy(classifier["mean"]).reshape(-1)
-    if classifier.get("scale") is not None:
-        x = x / _numpy(classifier["scale"]).reshape(-1)
-    bias = float(_numpy(classifier["bias"]).reshape(-1)[0])
-    return _sigmoid(x @ weight + bias)
-
-
-def _numpy(value) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,15 +163,7 @@ def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
 
 def _read_labelled(args: argparse.Namespace, path: str, need_labels: bool | None) -> Records:
     """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
-    return read_records(
-        path,
-        args.text_key,
-        args.label_key,
-        args.delim,
-        args.loose_json,
-        need_labels=need_labels,
-        binarize_labels=args.binarize_labels,
-    )
+    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels)
 
 
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
@@ -414,18 +214,18 @@ def run_transfer(args: argparse.Namespace) -> dict:
     from .plots import plot_neuron_histograms, plot_weights
 
     if args.neurons < 1:
-        raise ValueError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
+        raise UsageError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
     if args.write_results and not given_path(args.test):
-        raise ValueError("--write_results writes the test texts' predictions, and there is no --test file")
+        raise UsageError("--write_results writes the test texts' predictions, and there is no --test file")
     Cs = c_sweep(*args.log2_C)
     args.load_model = _choose_model(args.load_model, "lang_model.pt")
     ckpt = load_checkpoint(args.load_model)
     _check_architecture(ckpt, args)
     model = ckpt.model
     # Unset features settings follow a transferred model's own classifier (the original's otherwise).
-    recorded_pooling, recorded_state, _ = classifier_settings(ckpt.classifier)
-    args.pooling = ",".join(parse_pooling(args.pooling or recorded_pooling))
-    args.state = args.state or recorded_state
+    recorded = ckpt.classifier.spec if ckpt.classifier is not None else FeatureSpec()
+    args.pooling = FeatureSpec.parse(args.pooling or recorded.pooling).pooling
+    args.state = args.state or recorded.state
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -495,7 +295,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     neurons = top_neurons(full.weight, args.neurons)
     classifier = make_classifier(full, mean, scale, neurons, args.pooling, args.state, args.all_layers)
     # Probabilities come from the stored classifier, exactly as classifier.py computes them.
-    probs = {split: classifier_probs(f, classifier) for split, f in features.items()}
+    probs = {split: classifier.probs(f) for split, f in features.items()}
     full_acc = accuracies(probs)
     print(_report("all features", full, full_acc, n_features))
 
@@ -586,8 +386,6 @@ def _jsonable(obj):
 
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
-    from .encoder import Encoder
-
     args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
     encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
@@ -604,7 +402,8 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     else:
         records = _read_labelled(args, args.data, need_labels=None)
     features = encoder.transform(records.texts, progress=sys.stderr.isatty())
-    probs = classifier_probs(features, encoder.classifier, args.neurons)
+    readout = encoder.classifier
+    probs = readout.probs(features, args.neurons)
 
     save_probs = Path(args.save_probs)
     if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
@@ -627,13 +426,13 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     print(f"probabilities saved to {save_probs}")
     if args.write_results:
         # top N: --neurons, else the neurons transfer.py kept; their probability masks the other weights
-        n_top = args.neurons if args.neurons >= 0 else len(encoder.classifier["neurons"])
-        neurons = top_neurons(encoder.classifier["weight"], n_top)
+        n_top = args.neurons if args.neurons >= 0 else len(readout.neurons)
+        neurons = top_neurons(readout.weight, n_top)
         write_predictions(
             args.write_results,
             records,
-            probs if args.neurons < 0 else classifier_probs(features, encoder.classifier),
-            probs if args.neurons >= 0 else classifier_probs(features, encoder.classifier, len(neurons)),
+            probs if args.neurons < 0 else readout.probs(features),
+            probs if args.neurons >= 0 else readout.probs(features, len(neurons)),
             neurons,
             features,
             args.text_key,

@@ -7,19 +7,17 @@ import pytest
 import torch
 from conftest import fixture_path
 
-from sentiment_discovery.data import (
+from sentiment_discovery.batching import (
     PAD_TARGET,
-    DataError,
     TBPTTBatches,
-    encode_corpus,
     lm_splits,
-    load_corpus,
     parse_split,
-    read_records,
     shard_starts,
     split_shards,
 )
+from sentiment_discovery.errors import DataError
 from sentiment_discovery.preprocess import encode
+from sentiment_discovery.readers import encode_corpus, load_corpus, read_records
 
 TEXTS = [f"sample number {i} " + "xy" * (i % 5) for i in range(12)]
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, fixture_path, keep_checkpoint_at_step, load_script
 
+from sentiment_discovery.batching import TBPTTBatches, shard_starts
 from sentiment_discovery.checkpoint import load_checkpoint
-from sentiment_discovery.data import TBPTTBatches, lazy_corpus, load_corpus, shard_starts
+from sentiment_discovery.lazycache import lazy_corpus
+from sentiment_discovery.readers import load_corpus
 from sentiment_discovery.train import MetricsLog
 
 main_script, multiproc = load_script("main"), load_script("multiproc")

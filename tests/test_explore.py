@@ -34,8 +34,8 @@ def tiny_model() -> RNNModel:
     torch.manual_seed(0)
     model = RNNModel(ModelConfig(emsize=8, nhid=H))
     with torch.no_grad():  # larger recurrent weights: values spread over more of their range
-        for name, p in model.rnn.named_parameters():
-            if "original0" in name:
+        for name, p in model.named_parameters():
+            if "original0" in name:  # the weight-normed recurrent matrices' directions
                 p.mul_(3.0)
     return model.eval()
 
@@ -160,7 +160,7 @@ def test_text_matches_the_encoder_and_the_featurizer(server):
     text = "An honest, funny film: ça marche."
     feature = 2 * H + 5  # last pooling, unit 5
     r = server.json("POST", "/api/text", {"text": text, "feature": feature})
-    clf = server.explorer.classifier
+    clf = server.explorer.readout
     assert r["p_positive"] == pytest.approx(
         float(Encoder(tiny_model(), clf).predict_proba([text])[0]), abs=1e-5
     )
@@ -293,7 +293,7 @@ def test_oversized_body_and_foreign_host_are_refused(server):
 
 def test_concurrent_requests_from_several_tabs_get_their_own_answers(server):
     texts = [f"Tab {i}: {'good ' * i}{'bad ' * (6 - i)}film" for i in range(6)]
-    expected = Encoder(tiny_model(), server.explorer.classifier).predict_proba(texts)
+    expected = Encoder(tiny_model(), server.explorer.readout).predict_proba(texts)
 
     def ask(i: int) -> float:
         return server.json("POST", "/api/text", {"text": texts[i], "feature": 1})["p_positive"]

@@ -17,13 +17,9 @@ from conftest import ROOT, load_script
 
 from sentiment_discovery import generation as gen
 from sentiment_discovery import plots
-from sentiment_discovery.checkpoint import (
-    DEFAULT_MODEL,
-    first_existing_model,
-    resolve_model_path,
-    save_checkpoint,
-)
+from sentiment_discovery.checkpoint import save_checkpoint
 from sentiment_discovery.featurize import featurize
+from sentiment_discovery.formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
 

@@ -19,10 +19,11 @@ import pytest
 import torch
 from conftest import ROOT, keep_checkpoint_at_step, load_script
 
+from sentiment_discovery.batching import LMSplits, TBPTTBatches, shard_starts
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
-from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
 from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.readers import encode_corpus
 from sentiment_discovery.recurrent import mLSTMLayer
 from sentiment_discovery.train import MetricsLog, Trainer, TrainOptions
 

@@ -16,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from unidecode import unidecode
 
+from sentiment_discovery.batching import lm_splits
 from sentiment_discovery.checkpoint import CheckpointError, checkpoint_dict, load_checkpoint, save_checkpoint
-from sentiment_discovery.data import DataError, lm_splits, read_records, read_text_lines
+from sentiment_discovery.errors import DataError
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode, nvidia_preprocess, strip_tags, transliterate
+from sentiment_discovery.readers import read_records, read_text_lines
 
 main_script = load_script("main")
 transfer_script = load_script("transfer")

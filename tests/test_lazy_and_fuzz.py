@@ -14,10 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sentiment_discovery import data
+from sentiment_discovery import lazycache as data
 from sentiment_discovery.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from sentiment_discovery.data import DataError, lazy_cache_dir, lazy_corpus, load_corpus, read_records
+from sentiment_discovery.errors import DataError
+from sentiment_discovery.lazycache import lazy_cache_dir, lazy_corpus
 from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.readers import load_corpus, read_records
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "50"))  # per fuzz test: about 200 in all
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 from conftest import ROOT
 
-from sentiment_discovery.checkpoint import DEFAULT_MODEL, load_checkpoint
-from sentiment_discovery.data import read_records
+from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.encoder import Encoder
+from sentiment_discovery.formats import DEFAULT_MODEL
+from sentiment_discovery.readers import read_records
 
 CARD = DEFAULT_MODEL.parent / "README.md"
 

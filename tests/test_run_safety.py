@@ -14,8 +14,8 @@ import torch
 from conftest import ROOT, load_script
 from test_train import Interrupt, batches, run_trainer
 
+from sentiment_discovery.batching import LMSplits
 from sentiment_discovery.checkpoint import load_checkpoint
-from sentiment_discovery.data import LMSplits
 from sentiment_discovery.train import MetricsLog, StopRequest, Trainer, TrainOptions
 
 main_script = load_script("main")

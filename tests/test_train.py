@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import ROOT, fixture_path, load_script
 
+from sentiment_discovery.batching import LMSplits, TBPTTBatches, shard_starts
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
-from sentiment_discovery.data import LMSplits, TBPTTBatches, encode_corpus, shard_starts
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
+from sentiment_discovery.readers import encode_corpus
 from sentiment_discovery.train import MetricsLog, Trainer, TrainOptions, evaluate
 
 main_script = load_script("main")
@@ -232,7 +233,7 @@ def test_txt_corpus_trains_with_plain_log_lines_and_a_checkpoint_series(tmp_path
 
 
 def test_prune_snapshots_keeps_the_last_k_up_to_the_current_step(tmp_path):
-    from sentiment_discovery.train import prune_snapshots, snapshot_path
+    from sentiment_discovery.runfiles import prune_snapshots, snapshot_path
 
     for step in (10, 2, 30, 20, 40):
         snapshot_path(tmp_path / "m.pt", step).write_bytes(b"x")

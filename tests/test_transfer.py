@@ -12,14 +12,8 @@ from conftest import fixture_path, load_script
 
 from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
-from sentiment_discovery.transfer import (
-    Regression,
-    classifier_probs,
-    fit_l1_regression,
-    make_classifier,
-    standardizer,
-    top_neurons,
-)
+from sentiment_discovery.readout import classifier_probs, top_neurons
+from sentiment_discovery.regression import Regression, fit_l1_regression, make_classifier, standardizer
 
 
 def sst_slices(folder, sizes=(("train", 200), ("val", 100), ("test", 100))) -> dict[str, str]:

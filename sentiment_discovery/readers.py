@@ -1,0 +1,371 @@
+"""Readers: labelled and unlabelled text corpora (csv, tight json, loose json, plain text) read with
+clear errors (``read_records``), and a corpus read into byte-encoded samples (``load_corpus``).
+
+The reading options are objects (``ReadOptions``, ``CorpusOptions``); the ``--lazy`` cache of a
+corpus is lazycache.py, the batches of truncated BPTT batching.py.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+
+
+@dataclass
+class Records:
+    """Texts of a corpus file and, when asked for, their 0/1 labels."""
+
+    path: str
+    texts: list[str]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+# Invalid UTF-8 is replaced by U+FFFD (as errors="replace" does) and counted, so that the reader can say so.
+_INVALID_UTF8 = {"bytes": 0}  # running count of this process (decodes happen one at a time)
+
+
+def _replace_and_count(error: UnicodeDecodeError) -> tuple[str, int]:
+    _INVALID_UTF8["bytes"] += error.end - error.start
+    return "\ufffd", error.end
+
+
+codecs.register_error("sentiment-discovery-replace", _replace_and_count)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """``data`` as text (a leading BOM dropped) and the number of invalid bytes replaced by U+FFFD."""
+    before = _INVALID_UTF8["bytes"]
+    text = data.decode("utf-8-sig", "sentiment-discovery-replace")
+    return text, _INVALID_UTF8["bytes"] - before
+
+
+@contextlib.contextmanager
+def open_text(path: Path) -> Iterator[TextIO]:
+    """``path`` as UTF-8 text: BOM dropped, newlines as they are, invalid bytes replaced by U+FFFD and,
+    once the file has been read through, counted in a warning."""
+    before = _INVALID_UTF8["bytes"]
+    with open(path, encoding="utf-8-sig", errors="sentiment-discovery-replace", newline="") as f:
+        yield f
+    warn_invalid_utf8(path, _INVALID_UTF8["bytes"] - before)
+
+
+def warn_invalid_utf8(path: str | Path, count: int) -> None:
+    if count:
+        print(f"warning: {path}: {count} invalid UTF-8 byte(s) replaced by U+FFFD", file=sys.stderr)
+
+
+def check_path(path: str | Path) -> Path:
+    """``path`` as a Path of an existing, non-empty file (an empty string is not read as '.')."""
+    if not str(path):
+        raise DataError("an empty file path was given")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a csv or json file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    return path
+
+
+def _json_value(path: Path, text: str, lineno: int | None = None):
+    """``text`` parsed; ``lineno``: the line it is (loose json), else the whole file (tight json)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        tight_hint = lineno is None and text.lstrip()[:1] == "{"
+        hint = " (one object per line? pass --loose_json)" if tight_hint else ""
+        raise DataError(f"{path}: line {lineno or e.lineno}: malformed json ({e.msg}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: line {lineno or 1}: json nested too deeply") from None
+
+
+def json_lines(path: Path, first_line: int, lines: list[bytes]) -> tuple[list[tuple[int, dict]], int]:
+    """Loose json: the objects of ``lines`` (line ``first_line`` on; blank lines skipped) with their
+    line numbers, and the number of invalid UTF-8 bytes replaced."""
+    rows, invalid = [], 0
+    for lineno, raw in enumerate(lines, first_line):
+        text, bad = decode_utf8(raw)
+        invalid += bad
+        if not text.strip():
+            continue
+        obj = _json_value(path, text, lineno)
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}: line {lineno}: expected a json object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
+    return rows, invalid
+
+
+def tight_json_rows(path: Path) -> list[tuple[int, dict]]:
+    """Tight json (one value: a list of objects, or one object), with record numbers."""
+    text, invalid = decode_utf8(path.read_bytes())
+    warn_invalid_utf8(path, invalid)
+    obj = _json_value(path, text)
+    if isinstance(obj, dict):
+        obj = [obj]
+    if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+        raise DataError(f"{path}: expected a json list of objects")
+    return list(enumerate(obj, 1))
+
+
+def record_where(n: int, loose: bool) -> str:
+    return f"line {n}" if loose else f"record {n}"
+
+
+def text_of(row: dict, path: Path, where: str, text_key: str) -> str:
+    """The text of a json record (None: empty; other values as str)."""
+    if text_key not in row:
+        raise DataError(f"{path}: {where}: missing text key {text_key!r} (keys: {sorted(map(str, row))})")
+    value = row[text_key]
+    return "" if value is None else str(value)
+
+
+def csv_frames(
+    path: Path, delim: str, text_key: str, chunksize: int | None = None
+) -> Iterator[pd.DataFrame]:
+    """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
+    try:
+        with open_text(path) as f:
+            # pandas reads a delimiter of several characters as a regex: escaped, it is the text given
+            frames = pd.read_csv(
+                f, sep=re.escape(delim) if len(delim) > 1 else delim, dtype=str, keep_default_na=False,
+                quoting=csv.QUOTE_MINIMAL, engine="python" if len(delim) > 1 else "c", chunksize=chunksize,
+            )  # fmt: skip
+            for n, frame in enumerate([frames] if chunksize is None else frames):
+                if n == 0:
+                    _check_csv_header(path, frame, delim, text_key)
+                yield frame
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, csv.Error) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: could not parse as csv with delimiter {delim!r}: {first}") from None
+
+
+def _check_csv_header(path: Path, frame: pd.DataFrame, delim: str, text_key: str) -> None:
+    if len(frame.columns) == 1 and text_key not in frame.columns:
+        other = [d for d in (",", "\t", ";", "|") if d != delim and d in str(frame.columns[0])]
+        hint = f"; the header contains {other[0]!r}: pass --delim {other[0]!r}?" if other else ""
+        raise DataError(
+            f"{path}: line 1: header has a single column {frame.columns[0]!r} when split on "
+            f"delimiter {delim!r}{hint}"
+        )
+    if text_key not in frame.columns:
+        raise DataError(f"{path}: line 1: missing text column {text_key!r} (columns: {list(frame.columns)})")
+
+
+def is_json_path(path: str | Path, loose_json: bool = False) -> bool:
+    return loose_json or Path(path).suffix.lower() in (".json", ".jsonl")
+
+
+def is_loose_json(path: str | Path, loose_json: bool = False) -> bool:
+    """One object per line: ``--loose_json``, or a ``.jsonl`` file."""
+    return loose_json or Path(path).suffix.lower() == ".jsonl"
+
+
+def is_text_path(path: str | Path) -> bool:
+    """A plain-text corpus (``.txt``): one sample per line, as char-RNN corpora are."""
+    return Path(path).suffix.lower() == ".txt"
+
+
+def read_text_lines(path: str | Path) -> Iterator[str]:
+    """The samples of a plain UTF-8 text file: one per line (line ending removed), blank lines skipped.
+
+    Undecodable bytes become U+FFFD (counted in a warning), as in the csv and json readers. Lines are
+    read one at a time.
+    """
+    path = check_path(path)
+    with open_text(path) as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """How a corpus file becomes byte-encoded samples: text column/key, csv delimiter, loose json (one
+    object per line), text preprocessing (preprocess.py)."""
+
+    text_key: str = "sentence"
+    delim: str = ","
+    loose_json: bool = False
+    preprocess: str = "nvidia"
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a labelled file is read (transfer.py, classifier.py: their data flags)."""
+
+    text_key: str = "sentence"
+    label_key: str = "label"
+    delim: str = ","
+    loose_json: bool = False
+    binarize_labels: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> ReadOptions:
+        return cls(*(getattr(args, name) for name in cls.__dataclass_fields__))
+
+
+def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
+    """The texts of a language-model corpus: a ``.txt`` file's lines, else the ``text_key`` of each record."""
+    if is_text_path(path):
+        texts = list(read_text_lines(path))
+        if not texts:
+            raise DataError(f"{path}: no text (every line is blank)")
+        return texts
+    return read_records(path, text_key=text_key, delim=delim, loose_json=loose_json).texts
+
+
+def read_records(
+    path: str | Path, options: ReadOptions | None = None, *, need_labels: bool | None = False, **settings
+) -> Records:
+    """Read ``path`` (csv, or json when it ends in .json/.jsonl or ``loose_json``) into Records.
+
+    ``need_labels=None`` reads labels when the file has them (the column, or the key in the first
+    record) and then requires them everywhere.
+    With ``need_labels`` the ``label_key`` column must exist and hold 0/1 (or numeric values with
+    ``binarize_labels``: rescaled to [0, 1] and thresholded at > 0.5, as the original suite did).
+    A UTF-8 BOM is dropped; invalid UTF-8 is replaced by U+FFFD, with a warning that counts it.
+    ``settings``: fields of ``ReadOptions`` that replace those of ``options``.
+    """
+    options = replace(options or ReadOptions(), **settings)
+    text_key, label_key, delim = options.text_key, options.label_key, options.delim
+    loose_json = options.loose_json
+    path = check_path(path)
+    if is_json_path(path, loose_json):
+        loose = is_loose_json(path, loose_json)
+        if loose:
+            rows, invalid = json_lines(path, 1, path.read_bytes().split(b"\n"))
+            warn_invalid_utf8(path, invalid)
+        else:
+            rows = tight_json_rows(path)
+        if not rows:
+            raise DataError(f"{path}: no records")
+        texts = [text_of(row, path, record_where(n, loose), text_key) for n, row in rows]
+        raw_labels = None
+        if need_labels is None:
+            need_labels = label_key in rows[0][1]
+        if need_labels:
+            for n, row in rows:
+                if label_key not in row:
+                    raise DataError(f"{path}: {record_where(n, loose)}: missing label key {label_key!r}")
+            raw_labels = [row[label_key] for _, row in rows]
+    else:
+        (frame,) = csv_frames(path, delim, text_key)  # read through: open_text has warned
+        if frame.empty:
+            raise DataError(f"{path}: no records (only a header)")
+        texts = frame[text_key].tolist()
+        raw_labels = None
+        if need_labels is None:
+            need_labels = label_key in frame.columns
+        if need_labels:
+            if label_key not in frame.columns:
+                columns = list(frame.columns)
+                raise DataError(f"{path}: line 1: missing label column {label_key!r} (columns: {columns})")
+            raw_labels = frame[label_key].tolist()
+
+    labels = None if raw_labels is None else _labels(path, raw_labels, options.binarize_labels)
+    return Records(str(path), texts, labels)
+
+
+def _labels(path: Path, raw: list, binarize: bool) -> np.ndarray:
+    try:
+        values = np.array([float(v) for v in raw], dtype=np.float64)
+    except (TypeError, ValueError):
+        bad = next(v for v in raw if not _is_number(v))
+        line = raw.index(bad) + 1
+        raise DataError(f"{path}: record {line}: label {bad!r} is not a number") from None
+    if binarize:
+        lo, hi = values.min(), values.max()
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        return (scaled > 0.5).astype(np.int64)
+    seen = sorted(set(values.tolist()))
+    if not set(seen) <= {0.0, 1.0}:
+        shown = ", ".join(f"{v:g}" for v in seen[:10]) + (" ..." if len(seen) > 10 else "")
+        raise DataError(
+            f"{path}: labels must be 0 or 1, saw {shown} "
+            "(pass --binarize_labels to rescale ratings such as 1-5)"
+        )
+    return values.astype(np.int64)
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+
+@dataclass
+class EncodedCorpus:
+    """Every sample of a corpus, preprocessed and byte-encoded, concatenated in file order.
+
+    ``tokens`` (uint8) may be a numpy memmap; ``starts[i]`` is the byte offset of sample ``i`` and
+    ``starts[-1] == len(tokens)``.
+    """
+
+    path: str
+    tokens: np.ndarray
+    starts: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.starts) - 1
+
+
+def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool) -> Iterator[np.ndarray]:
+    """Each text preprocessed and byte-encoded (the per-text cleaning is the cost), in order."""
+    from tqdm import tqdm
+
+    from .preprocess import encode
+
+    bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
+    return (encode(t, preprocess) for t in bar)
+
+
+def sample_starts(lengths: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Offsets of the samples in the concatenated bytes, ``[0, l0, l0 + l1, ...]`` (into ``out``: a
+    memmap keeps a large corpus's out of memory)."""
+    starts = np.zeros(len(lengths) + 1, dtype=np.int64) if out is None else out
+    starts[0] = 0
+    np.cumsum(lengths, out=starts[1:])
+    return starts
+
+
+def encode_corpus(
+    texts: list[str], path: str = "<texts>", preprocess: str = "nvidia", progress: bool = False
+) -> EncodedCorpus:
+    """Preprocess and byte-encode every text, then concatenate (the whole corpus in memory)."""
+    pieces = list(_encoded_texts(texts, path, preprocess, progress))
+    starts = sample_starts(np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces)))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
+    return EncodedCorpus(str(path), tokens, starts)
+
+
+def load_corpus(
+    path: str | Path, options: CorpusOptions | None = None, progress: bool = False, **settings
+) -> EncodedCorpus:
+    """The corpus of ``path``, in memory (``settings``: fields of ``CorpusOptions`` over ``options``)."""
+    options = replace(options or CorpusOptions(), **settings)
+    texts = corpus_texts(path, options.text_key, options.delim, options.loose_json)
+    return encode_corpus(texts, str(path), options.preprocess, progress)

@@ -1,0 +1,141 @@
+"""The files of a training run beside ``--save``: the path checked before training, the lock held while
+it runs (``SaveLock``), the best model and metrics beside it (``sibling``), the snapshot series
+(``snapshot_path``, ``prune_snapshots``), the temporary files a killed write left, and earlier
+outputs moved aside rather than overwritten.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import time
+from pathlib import Path
+
+from .checkpoint import stale_temp_files
+from .errors import UsageError
+
+
+def sibling(save: str | Path, suffix: str) -> Path:
+    """``lang_model.pt`` + ``.best.pt`` -> ``lang_model.best.pt``: outputs that live beside ``--save``."""
+    save = Path(save)
+    return save.with_name(save.stem + suffix)
+
+
+def snapshot_path(save: str | Path, step: int | str) -> Path:
+    """``lang_model.pt`` at step 2000 -> ``lang_model.step2000.pt``: one checkpoint of the series
+    (step ``"*"``: the glob pattern of them all)."""
+    return sibling(save, f".step{step}.pt")
+
+
+def snapshots(save: str | Path) -> list[tuple[int, Path]]:
+    """The snapshot series of ``save`` that exists, as (step, path) by step."""
+    save = Path(save)
+    pattern = re.compile(re.escape(save.stem) + r"\.step(\d+)\.pt")
+    found = ((pattern.fullmatch(p.name), p) for p in save.parent.glob(snapshot_path(save, "*").name))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def prune_snapshots(save: str | Path, step: int, keep: int) -> list[Path]:
+    """Delete all but the last ``keep`` snapshots of ``save`` up to ``step``; returns those deleted.
+
+    Snapshots beyond ``step`` (left by another run with the same ``--save``) are not this run's to delete.
+    """
+    found = [(n, p) for n, p in snapshots(save) if n <= step]
+    doomed = [p for _, p in found[: max(0, len(found) - keep)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def check_save_path(save: str | Path) -> None:
+    """Fail before training, not after it: ``--save`` must be a writable file path of a format that can
+    hold a training state (a ``.safetensors`` file holds weights only)."""
+    if not str(save):
+        raise UsageError("--save is empty: give the checkpoint's file path")
+    save = Path(save)
+    if save.suffix == ".safetensors":
+        raise UsageError(
+            f"--save {save}: a .safetensors file holds weights only, not the training state a run "
+            "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
+        )
+    for path in (save, sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
+        if path.is_dir():
+            raise UsageError(f"--save {save}: {path} is a directory, expected a file path")
+    parent = save.parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"--save {save}: {parent} is not a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--save {save}: cannot create its folder {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (save.exists() and not os.access(save, os.W_OK)):
+        raise UsageError(f"--save {save}: not writable")
+
+
+class SaveLock:
+    """An exclusive lock on ``--save`` (``fcntl.flock`` of ``.<name>.lock`` beside it) held for the
+    whole run, so that two runs never write the same checkpoint, best model and metrics. The lock
+    file goes when the run ends."""
+
+    def __init__(self, save: str | Path):
+        save = Path(save)
+        self.save, self.path = save, save.with_name(f".{save.name}.lock")
+        self.file = None
+
+    def acquire(self) -> None:
+        while True:
+            file = self.path.open("a+")
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "unknown"
+                file.close()
+                raise UsageError(
+                    f"--save {self.save}: another run (pid {holder}) is writing to it (lock {self.path}); "
+                    "wait for it to end or choose another --save"
+                ) from None
+            # the holder before us may have removed the file after we opened it: lock the file that is there
+            try:
+                if os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            file.close()
+        file.seek(0)
+        file.truncate()
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: no other run holds this file
+            self.file.close()
+            self.file = None
+
+
+def remove_stale_temp_files(save: str | Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save``, its best
+    model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
+    save = Path(save)
+    removed = []
+    for path in (save, sibling(save, ".best.pt"), snapshot_path(save, "*")):
+        for tmp in stale_temp_files(path):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename ``path`` (if it exists) to ``<stem>.<its mtime>.<suffix>``, never over another file."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    stem, suffix = path.name[: -len(path.suffix)], path.suffix
+    target, n = path.with_name(f"{stem}.{stamp}{suffix}"), 1
+    while target.exists():
+        target, n = path.with_name(f"{stem}.{stamp}-{n}{suffix}"), n + 1
+    os.replace(path, target)
+    return target
