@@ -74,7 +74,7 @@ HISTOGRAM_BINS = 30
 RANGE_PERCENTILE = 99.0  # a unit's colour range: this percentile of each corpus text's largest |value|
 STATS_VERSION = 2
 RANKINGS = {
-    "weight": "|classifier weight|",
+    "weight": "|classifier weight| (the largest over the classes)",
     "separation": "accuracy alone (best threshold) on the labelled corpus",
     "auc": "|AUC - 0.5| of the feature against the labels",
     "spread": "standard deviation of the feature over the corpus",
@@ -541,6 +541,9 @@ class Explorer:
         row["auc"] = None if self.auc is None else float(self.auc[index])
         row["spread"] = float(self.measures["spread"][index])
         row["range"] = self.unit_range(feature)
+        if self.readout is not None and self.readout.classes is not None:
+            weights = self.readout.weight[:, index].tolist()
+            row["class_weights"] = [[c, w] for c, w in zip(self.readout.classes, weights)]
         return row
 
     def analyse_text(self, text: str, feature_index) -> dict:
@@ -691,7 +694,11 @@ class Explorer:
             {
                 "done": True,
                 "text": result.text,
-                **(self.prediction(states) if states is not None else {"p_positive": None}),
+                **(
+                    self.prediction(states)
+                    if states is not None
+                    else {"p_positive": None, "probabilities": None}
+                ),
             }
         )
 

@@ -336,6 +336,111 @@ def test_statistics_are_cached_and_reused(workdir):
     assert np.allclose(first.stats.features, expected, atol=1e-5)
 
 
+def three_class_classifier(names: list[str]) -> dict:
+    torch.manual_seed(2)
+    return {
+        "weight": torch.randn(3, 2 * H),
+        "bias": torch.randn(3),
+        "pooling": "mean,last",
+        "state": "hidden",
+        "all_layers": False,
+        "mean": None,
+        "scale": None,
+        "classes": names,
+    }
+
+
+@pytest.mark.parametrize("names", [["negative", "neutral", "positive"], ["drama", "comedy", "horror"]])
+def test_a_classifier_of_several_classes(workdir, names):
+    s = start(workdir, three_class_classifier(names), f"k3_{names[0]}")
+    try:
+        text = "A quiet, strange and tender film."
+        r = s.json("POST", "/api/text", {"text": text, "feature": 2})
+        readout = s.explorer.readout
+        expected = readout.probs(featurize(tiny_model(), [text], spec=readout.spec, device="cpu"))[0]
+        assert [c for c, _ in r["probabilities"]] == names
+        assert np.allclose([p for _, p in r["probabilities"]], expected, atol=1e-5)
+        W = readout.weight.double().numpy()
+        weights = s.json("GET", "/api/units?rank=weight&limit=500")["units"]
+        strength = [float(np.abs(W[:, u["feature"]]).max()) for u in weights]
+        assert len(weights) == 2 * H and strength == sorted(strength, reverse=True)
+        assert [w for _, w in weights[0]["class_weights"]] == pytest.approx(
+            W[:, weights[0]["feature"]].tolist()
+        )
+        if "positive" in names:  # the weight towards positive: its class's weight less the others' mean
+            assert r["p_positive"] == pytest.approx(expected[2], abs=1e-5)
+            assert r["unit"]["weight"] == pytest.approx(W[2, 2] - (W[0, 2] + W[1, 2]) / 2, abs=1e-6)
+            assert r["polarity"] == (1 if r["unit"]["weight"] >= 0 else -1)
+        else:  # no sentiment direction: raw values, no P(positive)
+            assert r["p_positive"] is None and r["unit"]["weight"] is None and r["polarity"] == 1
+        steer = s.request("POST", "/api/steer", {"prompt": "It", "feature": 2, "length": 5, "seed": 1})[2]
+        done = json.loads(steer.decode().splitlines()[-1])
+        assert done["done"] and len(done["probabilities"]) == 3
+    finally:
+        s.close()
+
+
+def test_all_layer_features_and_unit_ranges_match_the_per_byte_states(workdir):
+    torch.manual_seed(3)
+    model = RNNModel(ModelConfig(emsize=8, nhid=8, nlayers=2)).eval()
+    classifier = {"weight": torch.randn(2 * 16), "bias": torch.tensor(0.0), "pooling": "max,last"}
+    classifier.update(state="hidden", all_layers=True, mean=None, scale=None)
+    path = workdir / "two_layers.pt"
+    save_checkpoint(path, model, classifier=classifier)
+    explorer = ex.load_explorer(
+        str(path), str(CORPUS), max_texts=25, cache_dir=workdir / "c3", log=lambda s: None, progress=False
+    )
+    expected = featurize(
+        model, explorer.texts, pooling="max,last", state="hidden", all_layers=True, device="cpu"
+    )
+    assert np.allclose(explorer.stats.features, expected, atol=1e-5)
+    per_byte = byte_states(
+        model, [encode(t) for t in explorer.texts], state="hidden", all_layers=True, device="cpu"
+    )
+    peaks = np.stack([np.abs(v).max(axis=0) for v in per_byte])  # [texts, layers * units]
+    assert np.allclose(
+        explorer.stats.unit_range, np.percentile(peaks, ex.RANGE_PERCENTILE, axis=0), atol=1e-5
+    )
+    r = explorer.analyse_text("Fine.", 16 + 9)  # the last pooling's block: layer 1, unit 1
+    assert (r["unit"]["pooling"], r["unit"]["layer"], r["unit"]["unit"]) == ("last", 1, 1)
+
+
+def test_statistics_are_cached_beside_the_model_else_in_the_user_cache(workdir, monkeypatch):
+    folder = workdir / "beside"
+    folder.mkdir()
+    path = folder / "lm.pt"
+    save_checkpoint(path, tiny_model())
+    said = []
+    ex.load_explorer(str(path), str(CORPUS), max_texts=10, log=said.append, progress=False)
+    cached = list((folder / "lm.pt.explore").glob("*.npz"))
+    assert len(cached) == 1 and str(cached[0]) in said[-1]
+    ex.load_explorer(str(path), str(CORPUS), max_texts=10, log=said.append, progress=False)
+    assert "from the cache" in said[-1]
+    # where the model's folder takes no cache (here a file stands in its place): the user's cache
+    other = workdir / "elsewhere"
+    other.mkdir()
+    save_checkpoint(other / "lm.pt", tiny_model())
+    (other / "lm.pt.explore").write_text("in the way")
+    monkeypatch.setenv(ex.CACHE_ENV, str(workdir / "user_cache"))
+    said.clear()
+    ex.load_explorer(str(other / "lm.pt"), str(CORPUS), max_texts=10, log=said.append, progress=False)
+    assert any("cannot cache" in line for line in said)
+    assert list((workdir / "user_cache" / "explore").glob("*.npz"))
+
+
+def test_the_script_reports_bad_input_in_one_line(tmp_path, capsys):
+    save_checkpoint(tmp_path / "lm.pt", tiny_model())
+    missing = tmp_path / "nope.csv"
+    assert ex.main(["--load_model", str(tmp_path / "lm.pt"), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and str(missing) in err and "\n" not in err
+    assert ex.main(["--load_model", str(tmp_path / "absent.pt"), "--data", str(CORPUS)]) == 2
+    assert "absent.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ex.main(["--max_texts", "0"])
+    assert "--max_texts" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # the page in a headless browser
 # ---------------------------------------------------------------------------------------------
@@ -441,6 +546,8 @@ def test_the_page_in_a_browser(browser, workdir):
         assert "feature" in browser.find_element(By.ID, "unit-title").text
         assert browser.find_elements(By.CSS_SELECTOR, "#histogram rect")
         assert browser.find_elements(By.CSS_SELECTOR, "#least li .chars span")
+        if screenshots:
+            browser.save_screenshot(str(Path(screenshots) / "explore_unit.png"))
 
         browser.find_element(By.ID, "tab-steer").click()
         length = browser.find_element(By.ID, "length")
@@ -451,5 +558,7 @@ def test_the_page_in_a_browser(browser, workdir):
         out = browser.find_elements(By.CSS_SELECTOR, "#steer-out span")
         assert len(out) >= 40 and browser.find_elements(By.CSS_SELECTOR, "#steer-out span.generated")
         assert browser.find_element(By.ID, "message").text == ""
+        if screenshots:
+            browser.save_screenshot(str(Path(screenshots) / "explore_steer.png"))
     finally:
         server.close()

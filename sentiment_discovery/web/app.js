@@ -53,8 +53,12 @@ async function api(path, body) {
   return data;
 }
 
+const signed = (v, d) => `${v >= 0 ? "+" : ""}${v.toFixed(d)}`;
+
 function unitLabel(u) {
-  const w = u.weight === null ? "no classifier" : `weight ${u.weight >= 0 ? "+" : ""}${u.weight.toFixed(3)}`;
+  const perClass = u.class_weights ? "; weights " + u.class_weights.map(([c, v]) => `${c} ${signed(v, 3)}`).join(", ") : "";
+  const w = (u.weight === null ? (INFO.classifier ? "no weight towards positive" : "no classifier") :
+    `weight ${signed(u.weight, 3)}`) + perClass;
   return `feature ${u.feature} = ${u.pooling} of unit ${u.unit}` + (INFO.n_layers > 1 ? ` (layer ${u.layer})` : "") + `, ${w}`;
 }
 
@@ -103,12 +107,18 @@ async function analyseText() {
     renderChars($("chars"), r.chars, r.range);
     const p = $("p-positive");
     p.dataset.p = r.p_positive === null ? "" : r.p_positive;
-    p.textContent = r.p_positive === null ? "no classifier: no P(positive)" : `P(positive) = ${r.p_positive.toFixed(3)}`;
+    p.textContent = describeProbabilities(r);
     $("latency").textContent = `${r.ms} ms on the server`;
     renderTraces($("traces"), r.traces, r.chars.map(c => c[0]));
   } catch (e) {
     if (seq === textSeq) say(e.message);
   }
+}
+
+function describeProbabilities(r) {  // P(positive), or each class's P for a classifier of K classes
+  if (!r.probabilities) return "no classifier: no P(positive)";
+  if (!INFO.classes) return `P(positive) = ${r.p_positive.toFixed(3)}`;
+  return r.probabilities.map(([c, p]) => `P(${c}) = ${p.toFixed(3)}`).join(", ");
 }
 
 function renderTraces(box, traces, chars) {
@@ -121,7 +131,7 @@ function renderTraces(box, traces, chars) {
     svg += `<polyline fill="none" stroke="${TRACE_COLOURS[k % 8]}" stroke-width="1.5" points="${points}"><title>feature ${t.feature}</title></polyline>`;
   });
   svg += "</svg>";
-  const legend = traces.map((t, k) => `<span style="color:${TRACE_COLOURS[k % 8]}">■ unit ${t.unit} (f${t.feature}, ${t.weight === null ? "" : (t.weight >= 0 ? "+" : "") + t.weight.toFixed(2)})</span>`).join(" ");
+  const legend = traces.map((t, k) => `<span style="color:${TRACE_COLOURS[k % 8]}">■ unit ${t.unit} (f${t.feature}, ${t.weight === null ? "" : signed(t.weight, 2)})</span>`).join(" ");
   box.innerHTML = svg + `<div class="caption">${legend}; each scaled to its range over the corpus, × polarity</div>`;
 }
 
@@ -224,7 +234,7 @@ async function steer() {
         if (msg.done) {
           $("steer-status").textContent += " — done";
           $("steer-p").dataset.p = msg.p_positive === null ? "" : msg.p_positive;
-          $("steer-p").textContent = msg.p_positive === null ? "" : `P(positive) of the whole text = ${msg.p_positive.toFixed(3)}`;
+          $("steer-p").textContent = msg.probabilities ? describeProbabilities(msg) + " (the whole text)" : "";
         }
       }
     }
