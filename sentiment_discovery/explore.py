@@ -20,8 +20,12 @@ Typing is fast because the model reads a text once: the per-byte states of recen
 prefix it shares with one of them; a keystroke at the end of a text costs two bytes of model time.
 
 Corpus statistics (each feature over the corpus texts, each unit's per-byte range) are computed once
-per model and corpus and cached in ``$SENTIMENT_DISCOVERY_CACHE`` (default ``~/.cache/sentiment_discovery``)
-``/explore/``, keyed by the digests of the model and data files and the settings.
+per model and corpus, in one featurization, and cached beside the model (``<model>.explore/``; where
+that folder cannot be written, ``$SENTIMENT_DISCOVERY_CACHE`` or ``~/.cache/sentiment_discovery``,
+``/explore/``), keyed by the digests of the model and data files and the features.
+
+Features are the checkpoint's readout's (``readout.FeatureSpec``: poolings, state, layers; without a
+classifier the original's last cell state); a readout of K classes gives each class's probability.
 """
 
 from __future__ import annotations
@@ -434,6 +438,8 @@ class Explorer:
                 index = int(index)
             except ValueError:
                 raise ExploreError(f"unit {index!r} is not a number") from None
+        if index is None:
+            raise ExploreError(f"give a unit: a feature number 0 .. {self.n_features - 1}")
         if isinstance(index, bool) or not isinstance(index, int):
             raise ExploreError(
                 f"unit {index!r} is not a feature number (a whole number 0 .. {self.n_features - 1})"
@@ -463,6 +469,7 @@ class Explorer:
         """Per-byte states of ``text`` preprocessed; the model runs from the cache's longest shared prefix."""
         if not isinstance(text, str):
             raise ExploreError("text must be a string")
+        text = valid_unicode(text)
         if not text.strip():
             raise ExploreError("the text is empty: type a sentence to see the unit's values")
         if len(text) > MAX_TEXT_CHARS:
@@ -647,6 +654,7 @@ class Explorer:
             force = _number(request, "value", 0.0, float, -100.0, 100.0)
         polarity = self.polarity(feature)
         neuron = self._neuron(feature)
+        prompt = valid_unicode(prompt)
         prefix = warmup_tokens(prompt, self.model.config.preprocess)
         shown_from = text_slice(prefix.tobytes()).start
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -704,6 +712,12 @@ class Explorer:
 
     def _neuron(self, feature: Feature) -> Neuron:
         return Neuron(feature.index, feature.layer, feature.unit, self.spec.state, feature.weight)
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with each lone surrogate (JSON can spell one, "\\ud800"; no UTF-8 byte sequence is one)
+    replaced by U+FFFD, as an invalid byte of a file is."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
 def _number(request: dict, key: str, default, kind: type, low, high):

@@ -262,6 +262,8 @@ def test_steer_streams_the_text_with_the_unit_forced(server):
         ("POST", "/api/text", [1, 2], 400, "JSON object"),
         ("POST", "/api/text", {"text": 5}, 400, "string"),
         ("GET", "/api/unit?feature=99999", None, 400, "out of range"),
+        ("GET", "/api/unit?feature=", None, 400, "give a unit"),
+        ("POST", "/api/text", {"text": "fine", "feature": 2.5}, 400, "whole number"),
         ("GET", "/api/unit?feature=%ff", None, 400, "UTF-8"),
         ("GET", "/api/units?rank=nonsense", None, 400, "cannot rank"),
         ("GET", "/api/units?q=abc", None, 400, "number"),
@@ -403,6 +405,27 @@ def test_all_layer_features_and_unit_ranges_match_the_per_byte_states(workdir):
     )
     r = explorer.analyse_text("Fine.", 16 + 9)  # the last pooling's block: layer 1, unit 1
     assert (r["unit"]["pooling"], r["unit"]["layer"], r["unit"]["unit"]) == ("last", 1, 1)
+
+
+def test_openai_converted_weights(workdir):
+    from test_formats import random_openai_shards, save_shards
+
+    save_shards(workdir / "openai" / "model", random_openai_shards(np.random.default_rng(5), H=H, E=8))
+    explorer = ex.load_explorer(
+        str(workdir / "openai"), str(CORPUS), max_texts=12, cache_dir=workdir / "c4", log=lambda s: None
+    )
+    s = Server(explorer)
+    try:
+        info = s.json("GET", "/api/info")
+        assert "preprocessing openai" in info["architecture"] and info["classifier"] is False
+        text = "Line one.\nLine two &amp; a lone \ud800 surrogate"
+        r = s.json("POST", "/api/text", {"text": text, "feature": 3})
+        shown = "".join(c for c, _ in r["chars"])
+        assert shown == "Line one. Line two & a lone \ufffd\ufffd\ufffd surrogate"  # OpenAI's preprocessing
+        assert r["p_positive"] is None and len(r["traces"]) > 0
+        assert len(s.json("GET", "/api/unit?feature=3")["most"]) == ex.N_EXTREME
+    finally:
+        s.close()
 
 
 def test_statistics_are_cached_beside_the_model_else_in_the_user_cache(workdir, monkeypatch):
