@@ -943,15 +943,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.script_parser(
         "Serve the neuron explorer on http://127.0.0.1:PORT (no network use).",
         "max_texts",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     cli.add_load_model_flag(p, "language model or transferred checkpoint", "the shipped model")
-    p.add_argument("--data", default=DEFAULT_DATA, help="labelled csv/json whose texts the unit pages show")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"labelled csv/json whose texts the unit pages show (default {DEFAULT_DATA})",
+    )
     cli.add_read_flags(p)
     p.add_argument(
-        "--max_texts", type=cli.int_at_least(1), default=1000, help="use the first N texts of --data"
+        "--max_texts",
+        type=cli.int_at_least(1),
+        default=1000,
+        help="use the first N texts of --data (default 1000)",
     )
-    p.add_argument("--port", type=cli.int_at_least(0), default=8000, help="0: any free port")
+    p.add_argument(
+        "--port",
+        type=cli.int_at_least(0),
+        default=8000,
+        help="port on 127.0.0.1 (default 8000; 0: any free port)",
+    )
     p.add_argument(
         "--cache_dir",
         default=None,
