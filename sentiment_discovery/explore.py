@@ -356,9 +356,9 @@ def auc(features: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def positive_class(readout: Readout | None) -> int | None:
     """The index of the class named "positive" of a multi-class readout (None: binary, or none such)."""
-    if readout is None or readout.classes is None:
+    if readout is None or readout.weight.dim() == 1:
         return None
-    names = [c.lower() for c in readout.classes]
+    names = [str(c).lower() for c in readout.classes]
     return names.index("positive") if "positive" in names else None
 
 
@@ -369,7 +369,7 @@ def sentiment_weights(readout: Readout | None, positive: int | None) -> np.ndarr
     if readout is None:
         return None
     weight = readout.weight.double().numpy()
-    if readout.classes is None:
+    if weight.ndim == 1:  # binary: P(positive) = sigmoid(x . weight + bias)
         return weight
     if positive is None:
         return None
@@ -398,6 +398,8 @@ class Explorer:
         self.cache = StateCache(cache_bytes)
         self.lock = threading.Lock()  # one model call at a time: the model is not thread-safe
         self.n_features = self.spec.num_features(self.model.config)
+        multi = self.readout is not None and self.readout.weight.dim() == 2
+        self.classes = [str(c) for c in self.readout.classes] if multi else None  # K > 2 (None: binary)
         self.positive = positive_class(self.readout)
         self.weights = sentiment_weights(self.readout, self.positive)
         self.labelled = (
@@ -508,13 +510,13 @@ class Explorer:
         if self.readout is None:
             return {"p_positive": None, "probabilities": None}
         probs = self.readout.probs(pooled_features(states, self.spec)[None])[0]
-        if self.readout.classes is None:
+        if probs.ndim == 0:  # binary
             p = float(probs)
             return {"p_positive": p, "probabilities": [["negative", 1 - p], ["positive", p]]}
         p = None if self.positive is None else float(probs[self.positive])
         return {
             "p_positive": p,
-            "probabilities": [[c, float(q)] for c, q in zip(self.readout.classes, probs)],
+            "probabilities": [[c, float(q)] for c, q in zip(self.classes, probs)],
         }
 
     # ---- endpoints
@@ -526,9 +528,7 @@ class Explorer:
             "architecture": f"{cfg.model}, {cfg.nlayers} layer(s) of {cfg.nhid} units, "
             f"preprocessing {cfg.preprocess}",
             "classifier": self.readout is not None,
-            "classes": None
-            if self.readout is None or self.readout.classes is None
-            else list(self.readout.classes),
+            "classes": self.classes,
             "pooling": self.spec.pooling,
             "state": self.spec.state,
             "n_features": self.n_features,
@@ -548,9 +548,9 @@ class Explorer:
         row["auc"] = None if self.auc is None else float(self.auc[index])
         row["spread"] = float(self.measures["spread"][index])
         row["range"] = self.unit_range(feature)
-        if self.readout is not None and self.readout.classes is not None:
+        if self.classes is not None:
             weights = self.readout.weight[:, index].tolist()
-            row["class_weights"] = [[c, w] for c, w in zip(self.readout.classes, weights)]
+            row["class_weights"] = [[c, w] for c, w in zip(self.classes, weights)]
         return row
 
     def analyse_text(self, text: str, feature_index) -> dict:
