@@ -57,8 +57,8 @@ from .errors import DataError, UsageError
 from .featurize import featurize
 from .formats import resolve_model_path
 from .generation import Neuron, generate, warmup_tokens
+from .matmul import CACHE_ENV, cache_root
 from .model import RNNModel
-from .native import CACHE_ENV
 from .plots import char_cells
 from .preprocess import encode_bytes, text_slice
 from .readers import ReadOptions, read_records
@@ -248,24 +248,6 @@ class CorpusStats:
         return stats
 
 
-def _progress(total: int, desc: str) -> Callable[[int], None]:
-    """A tqdm bar on a terminal; plain progress lines (about every 10%) in a log."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="text")
-        return lambda n: (bar.update(n), bar.n >= total and bar.close())
-    done = {"n": 0, "said": 0}
-
-    def update(n: int) -> None:
-        done["n"] += n
-        if done["n"] - done["said"] >= max(1, total // 10) or done["n"] == total:
-            done["said"] = done["n"]
-            print(f"{desc}: {done['n']}/{total} texts", file=sys.stderr, flush=True)
-
-    return update
-
-
 def corpus_spec(spec: FeatureSpec) -> FeatureSpec:
     """``spec``'s poolings plus max and min, over every layer: one featurization then gives both the
     classifier's features and each unit's largest |value| in each text."""
@@ -281,13 +263,7 @@ def compute_corpus_stats(
     wide = corpus_spec(spec)
     cfg = model.config
     units = cfg.nlayers * cfg.nhid
-    update = _progress(len(texts), "corpus statistics") if progress else lambda n: None
-    out = np.zeros((len(texts), wide.num_features(cfg)), np.float32)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # batches of texts of similar length
-    for a in range(0, len(order), batch_size):
-        rows = order[a : a + batch_size]
-        out[rows] = featurize(model, [texts[i] for i in rows], spec=wide, device="cpu", batch_size=batch_size)
-        update(len(rows))
+    out = featurize(model, texts, spec=wide, device="cpu", batch_size=batch_size, progress=progress)
 
     def block(pooling: str) -> np.ndarray:
         first = wide.poolings.index(pooling) * units
@@ -301,7 +277,7 @@ def compute_corpus_stats(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sentiment_discovery") / "explore"
+    return cache_root() / "explore"
 
 
 def stats_dirs(model_path: Path, cache_dir: str | os.PathLike | None) -> list[Path]:
