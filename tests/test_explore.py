@@ -21,6 +21,7 @@ from sentiment_discovery import explore as ex
 from sentiment_discovery.checkpoint import save_checkpoint
 from sentiment_discovery.encoder import Encoder
 from sentiment_discovery.featurize import byte_states, featurize
+from sentiment_discovery.formats import DEFAULT_MODEL
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode, text_slice
 
@@ -426,6 +427,22 @@ def test_openai_converted_weights(workdir):
         assert len(s.json("GET", "/api/unit?feature=3")["most"]) == ex.N_EXTREME
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("name", [DEFAULT_MODEL.name, "mlstm1024_imdb_sst_finetuned.safetensors"])
+def test_the_shipped_and_the_finetuned_models(workdir, name):
+    explorer = ex.load_explorer(
+        str(DEFAULT_MODEL.parent / name),
+        str(CORPUS),
+        max_texts=4,
+        cache_dir=workdir / "c5",
+        log=lambda s: None,
+    )
+    assert explorer.default_feature() == int(explorer.readout.neurons[0])
+    liked = explorer.analyse_text("A wonderful, moving and beautiful film.", None)
+    disliked = explorer.analyse_text("This movie was terrible. I hated it.", None)
+    assert liked["p_positive"] > 0.5 > disliked["p_positive"]
+    assert liked["unit"]["feature"] == explorer.default_feature() and len(liked["traces"]) == ex.N_TRACES
 
 
 def test_statistics_are_cached_beside_the_model_else_in_the_user_cache(workdir, monkeypatch):
