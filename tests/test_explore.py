@@ -24,6 +24,7 @@ from sentiment_discovery.featurize import byte_states, featurize
 from sentiment_discovery.formats import DEFAULT_MODEL
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode, text_slice
+from sentiment_discovery.progress import INTERVAL_ENV
 
 H = 16
 POSITIVE = "What a wonderful, lovely and great film!"
@@ -327,13 +328,16 @@ def test_state_cache_stays_within_its_bytes():
     assert cache.used == sum(e.nbytes for e in cache.entries.values())
 
 
-def test_statistics_are_cached_and_reused(workdir):
+def test_statistics_are_cached_and_reused(workdir, monkeypatch, capsys):
     path = workdir / "cached.pt"
     save_checkpoint(path, tiny_model(), classifier=three_pooling_classifier())
     said = []
+    monkeypatch.setenv(INTERVAL_ENV, "0")  # a progress line at every update (stderr is no terminal here)
     first = ex.load_explorer(str(path), str(CORPUS), max_texts=20, cache_dir=workdir / "c2", log=said.append)
+    assert "featurizing: 20/20" in capsys.readouterr().err
     second = ex.load_explorer(str(path), str(CORPUS), max_texts=20, cache_dir=workdir / "c2", log=said.append)
     assert "computed once" in said[0] and "from the cache" in said[-1]
+    assert "featurizing" not in capsys.readouterr().err
     assert np.array_equal(first.stats.features, second.stats.features)
     expected = featurize(tiny_model(), first.texts, pooling="mean,max,last", device="cpu")
     assert np.allclose(first.stats.features, expected, atol=1e-5)
