@@ -214,7 +214,7 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     core for files of LAZY_POOL_MIN_BYTES or more), and the bytes and sample lengths go to disk as
     they come; the sample offsets are then summed from the lengths file, memmap to memmap.
     """
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -231,8 +231,8 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     encode = functools.partial(
         _encode_unit, path=path, text_key=meta["text_key"], preprocess=meta["preprocess"]
     )
-    bar = tqdm(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
-               disable=not progress, leave=False)  # fmt: skip
+    bar = progress_bar(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
+                       enabled=progress, leave=False)  # fmt: skip
     try:
         samples, invalid = 0, 0
         with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "lengths.bin").open("wb") as lengths:

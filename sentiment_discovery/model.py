@@ -188,6 +188,20 @@ class RNNModel(nn.Module):
         """The state after the last step, without the decoder and without keeping per-step states."""
         return self.rnn(self.drop(self.encoder(tokens)), hidden, reset)[1]
 
+    def layer_groups(self) -> list[list[tuple[str, nn.Parameter]]]:
+        """The named parameters by depth, top-down: [decoder and top recurrent layer], [the layer below],
+        ..., [byte embedding] (fine-tuning's discriminative rates and gradual unfreezing go by these).
+        A tied decoder's weight is the embedding's and belongs to the embedding's group."""
+        owner = {}  # parameter id -> depth; named_parameters lists a shared (tied) parameter once
+        n = len(self.rnn.layers)
+        for depth, module in [(0, self.decoder)] + [(n - 1 - i, m) for i, m in enumerate(self.rnn.layers)]:
+            owner.update({id(p): depth for p in module.parameters()})
+        owner.update({id(p): n for p in self.encoder.parameters()})
+        groups: list[list[tuple[str, nn.Parameter]]] = [[] for _ in range(n + 1)]
+        for name, p in self.named_parameters():
+            groups[owner.get(id(p), 0)].append((name, p))  # anything else trains with the top group
+        return groups
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

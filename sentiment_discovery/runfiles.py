@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import check_replaceable, stale_temp_files
 from .errors import UsageError
-from .safe_io import sibling_name
+from .safe_io import refuse_symlink, sibling_name
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -60,7 +60,8 @@ def check_save_path(save: str | Path) -> None:
             f"--save {save}: a .safetensors file holds weights only, not the training state a run "
             "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
         )
-    for path in (sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
+    for path in (sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl"), sibling(save, ".bpc.png")):
+        refuse_symlink(path)  # a planted link: refused, not written through nor moved aside
         if path.is_dir():
             raise UsageError(f"--save {save}: {path} is a directory, expected a file path")
     check_replaceable(save, "--save")  # a new path or one of our checkpoints (by content), never data

@@ -9,7 +9,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,9 +162,11 @@ def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
             )
 
 
-def _read_labelled(args: argparse.Namespace, path: str, need_labels: bool | None) -> Records:
+def _read_labelled(
+    args: argparse.Namespace, path: str, need_labels: bool | None, multiclass: bool = False
+) -> Records:
     """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
-    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels)
+    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels, multiclass=multiclass)
 
 
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
@@ -289,7 +290,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             pooling=args.pooling,
             state=args.state,
             all_layers=args.all_layers,
-            progress=sys.stderr.isatty(),
+            progress=True,
             fp16=args.fp16,
             bf16=args.bf16,
         )
@@ -404,6 +405,24 @@ def _jsonable(obj):
 # --------------------------------------------------------------------------------------------
 
 
+def _report_classes(
+    records: Records, probs: np.ndarray, classes: tuple[str, ...], encoder: Encoder, kept: str
+) -> None:
+    """classifier.py's lines for a classifier of more than two classes: counts, accuracy, per-text class."""
+    predicted = probs.argmax(axis=1)
+    counts = ", ".join(f"{int((predicted == k).sum())} {name}" for k, name in enumerate(classes))
+    print(
+        f"{len(probs)} texts from {records.path}; pooling {encoder.pooling}, state {encoder.state}, {kept} "
+        f"classifier weights; {counts}"
+    )
+    if records.labels is not None:
+        names = np.array([str(int(v)) for v in records.labels])
+        print(f"accuracy {100 * float(np.mean(names == np.array(classes)[predicted])):.2f}%")
+    if records.path == "--text":
+        for text, row, k in zip(records.texts, probs, predicted):
+            print(f"{row[k]:.4f}  {classes[k]}  {text[:80]!r}")
+
+
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
     args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
@@ -417,6 +436,12 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         raise CheckpointError(
             f"{args.load_model}: --all_layers given, but this classifier uses the last layer only"
         )
+    readout = encoder.classifier
+    if readout.classes is not None and args.write_results:
+        raise UsageError(
+            f"--write_results: {args.load_model} holds a {len(readout.classes)}-class classifier; the "
+            "per-text results file is written for binary ones (the probabilities go to --save_probs)"
+        )
     save_probs = Path(args.save_probs)
     if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
         save_probs = Path(args.load_model).parent / save_probs
@@ -428,12 +453,15 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     if args.text:
         records = Records("--text", list(args.text))
     else:
-        records = _read_labelled(args, args.data, need_labels=None)
-    features = encoder.transform(records.texts, progress=sys.stderr.isatty())
-    readout = encoder.classifier
+        records = _read_labelled(args, args.data, need_labels=None, multiclass=readout.classes is not None)
+    features = encoder.transform(records.texts, progress=True)
     probs = readout.probs(features, args.neurons)
     save_npy(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
+    if readout.classes is not None:
+        _report_classes(records, probs, readout.classes, encoder, kept)
+        print(f"probabilities saved to {save_probs} ([texts, classes], classes {', '.join(readout.classes)})")
+        return probs
     print(
         f"{len(probs)} texts from {records.path}; pooling {encoder.pooling}, state {encoder.state}, "
         f"{kept} classifier weights; {int((probs > 0.5).sum())} positive, {int((probs <= 0.5).sum())} "
