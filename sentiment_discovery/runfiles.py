@@ -14,7 +14,10 @@ from pathlib import Path
 
 from .checkpoint import check_replaceable, stale_temp_files
 from .errors import UsageError
-from .safe_io import refuse_symlink, sibling_name
+from .safe_io import NAME_MAX, refuse_symlink, sibling_name
+
+# bytes a name beside --save may add to <stem>.metrics.jsonl: a snapshot's step, a moved-aside date
+SIBLING_MARGIN = 20
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -60,6 +63,12 @@ def check_save_path(save: str | Path) -> None:
             f"--save {save}: a .safetensors file holds weights only, not the training state a run "
             "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
         )
+    longest = sibling(save, ".metrics.jsonl").name
+    if len(longest.encode()) + SIBLING_MARGIN > NAME_MAX:
+        raise UsageError(
+            f"--save {save}: the outputs beside it ({longest} ...) would pass the file system's "
+            f"{NAME_MAX}-byte limit on a name; use a shorter name"
+        )
     for path in (sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl"), sibling(save, ".bpc.png")):
         refuse_symlink(path)  # a planted link: refused, not written through nor moved aside
         if path.is_dir():
@@ -77,13 +86,14 @@ def check_save_path(save: str | Path) -> None:
 
 
 class SaveLock:
-    """An exclusive lock on ``--save`` (``fcntl.flock`` of ``.<name>.lock`` beside it) held for the
-    whole run, so that two runs never write the same checkpoint, best model and metrics. The lock
+    """An exclusive lock on ``--save``'s stem (``fcntl.flock`` of ``.<stem>.lock`` beside it) held for
+    the whole run, so that two runs never write the same checkpoint, best model, metrics and plot (``d/m.pt``
+    and ``d/m.pth`` share those, and so their lock). The lock
     file goes when the run ends."""
 
     def __init__(self, save: str | Path):
         save = Path(save)
-        self.save, self.path = save, sibling_name(save, ".", ".lock")
+        self.save, self.path = save, sibling_name(save.with_name(save.stem), ".", ".lock")
         self.file = None
 
     def acquire(self) -> None:

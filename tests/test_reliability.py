@@ -659,3 +659,35 @@ def test_a_stop_during_the_final_evaluation_resumes_to_the_same_end(tmp_path, mo
             assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-6)), (b["step"], key)
     assert (tmp_path / "cut.best.pt").exists() and (tmp_path / "cut.bpc.png").exists()
     assert final.train_state["finished"] is True and run_finished(final.train_state)  # --load: a new run
+
+
+# --------------------------------------------------------------------------------------------
+# Item 3: one lock per output stem; names within NAME_MAX
+# --------------------------------------------------------------------------------------------
+
+
+def test_saves_sharing_a_stem_share_the_lock(tmp_path, capsys):
+    from sentiment_discovery.runfiles import SaveLock
+
+    first = SaveLock(tmp_path / "m.pt")
+    first.acquire()
+    try:
+        data = small_corpus(tmp_path)
+        args = ["--data", str(data), "--save", str(tmp_path / "m.pth"), "--train_iters", "1", *TRAIN_FLAGS]
+        assert main_script.main(args) == 2  # m.pth writes m.best.pt, m.metrics.jsonl, m.bpc.png too
+        err = capsys.readouterr().err
+        assert f"another run (pid {os.getpid()}) is writing to it" in err and one_line(err)
+        assert not (tmp_path / "m.pth").exists()
+        assert SaveLock(tmp_path / "n.pt").path != first.path
+    finally:
+        first.release()
+
+
+def test_a_save_whose_outputs_would_pass_name_max_is_refused_in_one_line(tmp_path, capsys):
+    data = small_corpus(tmp_path)
+    save = tmp_path / ("x" * 248 + ".pt")  # 251 bytes: legal, but x...x.metrics.jsonl would not be
+    args = ["--data", str(data), "--save", str(save), "--train_iters", "1", *TRAIN_FLAGS]
+    assert main_script.main(args) == 2
+    err = capsys.readouterr().err
+    assert "255-byte limit on a name; use a shorter name" in err and one_line(err)
+    assert "File name too long" not in err
