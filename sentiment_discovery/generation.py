@@ -403,6 +403,28 @@ def classifier_probability(
     return Encoder(model, classifier, device=device, **precision).predict_proba(texts)
 
 
+def output_paths(save: Path, heatmap_path: str, heatmap: bool, html: bool) -> dict[str, Path]:
+    """The files generate.py writes, one per output: ``text`` (--save), and with a heatmap its ``png``
+    and/or ``html`` page and the per-byte ``values`` (beside the heatmap as .json; ``<stem>.values.json``
+    where that is the text's own file). A heatmap path that is --save is a ``GenerationError``."""
+    paths = {"text": save}
+    if not (heatmap or html):
+        return paths
+    target = Path(heatmap_path) if heatmap_path else save.with_suffix(".png")
+    if target.suffix.lower() not in (".html", ".htm"):
+        paths["png"] = target
+    if html:
+        paths["html"] = target if target.suffix.lower() in (".html", ".htm") else target.with_suffix(".html")
+    values = target.with_suffix(".json")
+    paths["values"] = values if values != save else target.with_name(f"{target.stem}.values.json")
+    same = [name for name in ("png", "html") if name in paths and paths[name] == save]
+    if same:
+        raise GenerationError(
+            f"--heatmap_path {paths[same[0]]} is also --save: give the heatmap its own file"
+        )
+    return paths
+
+
 def run_generate(args) -> Generation:
     """generate.py: load, pick the neuron, generate or analyse, print and save text, heatmap, values."""
     check_generation_flags(args.temperature, args.gen_length, args.overwrite, args.log_interval)
@@ -425,6 +447,7 @@ def run_generate(args) -> Generation:
             f"one: give --neuron N (a unit of the last layer, 0 .. {model.config.nhid - 1}), or load a "
             "checkpoint written by transfer.py"
         )
+    outputs = output_paths(Path(args.save), args.heatmap_path, args.heatmap, heatmap_html)
     polarity = 1 if neuron is None else neuron.polarity(args.negate)
     if neuron is not None:
         print(neuron.describe(args.negate))
@@ -473,7 +496,6 @@ def run_generate(args) -> Generation:
     if args.heatmap or heatmap_html:
         from .plots import plot_heatmap, write_heatmap_html
 
-        target = Path(args.heatmap_path) if args.heatmap_path else save.with_suffix(".png")
         shown = result.text_slice
         drawing = dict(
             negate=polarity < 0,
@@ -483,14 +505,13 @@ def run_generate(args) -> Generation:
             caption="value x polarity: red negative, green positive sentiment",
         )
         written = []
-        if target.suffix.lower() not in (".html", ".htm"):
-            plot_heatmap(result.tokens[shown], result.values[shown], target, **drawing)
-            written.append(str(target))
-        if heatmap_html:
-            page = target if target.suffix.lower() in (".html", ".htm") else target.with_suffix(".html")
-            write_heatmap_html(result.tokens[shown], result.values[shown], page, **drawing)
-            written.append(str(page))
-        values_path = target.with_suffix(".json")
+        if "png" in outputs:
+            plot_heatmap(result.tokens[shown], result.values[shown], outputs["png"], **drawing)
+            written.append(str(outputs["png"]))
+        if "html" in outputs:
+            write_heatmap_html(result.tokens[shown], result.values[shown], outputs["html"], **drawing)
+            written.append(str(outputs["html"]))
+        values_path = outputs["values"]
         write_values(values_path, result, polarity=polarity)
         print(f"heatmap saved to {', '.join(written)}, per-byte values to {values_path}")
     return result

@@ -691,3 +691,27 @@ def test_a_save_whose_outputs_would_pass_name_max_is_refused_in_one_line(tmp_pat
     err = capsys.readouterr().err
     assert "255-byte limit on a name; use a shorter name" in err and one_line(err)
     assert "File name too long" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Item 6: generate.py writes one file per output
+# --------------------------------------------------------------------------------------------
+
+
+def test_generate_text_saved_as_json_is_not_replaced_by_the_heatmap_values(tmp_path, capsys):
+    from sentiment_discovery.readout import Readout
+
+    clf = tmp_path / "clf.pt"
+    save_checkpoint(clf, tiny_model(), classifier=Readout(torch.arange(8.0), torch.tensor(0.0)))
+    script = load_script("generate")
+    common = ["--load_model", str(clf), "--gen_length", "-1", "--text", "fine words", "--cpu", "--heatmap"]
+    assert script.main([*common, "--save", str(tmp_path / "x.json")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "x.json").read_bytes() == b"fine words"  # the text, as --save says
+    values = json.loads((tmp_path / "x.values.json").read_text())
+    assert "values" in values and f"per-byte values to {tmp_path / 'x.values.json'}" in out
+    assert (tmp_path / "x.png").exists()
+    assert script.main([*common, "--save", str(tmp_path / "y.png")]) == 2  # the heatmap would replace it
+    err = capsys.readouterr().err
+    assert "is also --save: give the heatmap its own file" in err and one_line(err)
+    assert not (tmp_path / "y.png").exists()
