@@ -11,8 +11,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import Interrupted
 from .errors import DataError
 from .readers import (
     CorpusOptions,
@@ -90,6 +93,8 @@ def lazy_corpus(
         "loose_json": loose_json,
         "preprocess": preprocess,
     }
+    for stale in remove_stale_builds(cache):
+        print(f"removed {stale}, left by a cache build that was killed", file=sys.stderr)
     if not rebuild:
         corpus, damage = _open_lazy_cache(path, cache, meta)
         if corpus is not None:
@@ -124,6 +129,69 @@ def _open_lazy_cache(path: Path, cache: Path, meta: dict) -> tuple[EncodedCorpus
     except (OSError, ValueError) as e:
         return None, f"unreadable ({e})"
     return EncodedCorpus(str(path), tokens, starts), ""
+
+
+def _build_prefix(cache: Path) -> str:
+    """Start of the temporary folder names of builds of ``cache``: ``.<name>.``"""
+    return f".{cache.name}."
+
+
+def remove_stale_builds(cache: Path) -> list[Path]:
+    """Delete the temporary folders that builds of ``cache`` killed on this host left (kill -9, a crash):
+    their names carry the builder's pid and host, and that process is gone. A live builder's are kept."""
+    host, removed = socket.gethostname(), []
+    if not cache.parent.is_dir():
+        return removed
+    prefix = _build_prefix(cache)
+    for tmp in cache.parent.glob(f"{prefix}*"):
+        pid, _, rest = tmp.name[len(prefix) :].partition("@")
+        if not (pid.isdigit() and rest.rpartition(".")[0] == host and tmp.is_dir()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's): its build is under way
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+class _BuildStop:
+    """SIGINT/SIGTERM while a cache is built: noted by the handler and acted on between units of work
+    (an exception raised inside pandas' reader would come out as a csv parse error); a second signal
+    stops at once. Either way the partial cache is removed and the workers ended without output."""
+
+    def __init__(self, path: Path):
+        self.path, self.signum, self.previous = path, None, {}
+
+    def __enter__(self) -> _BuildStop:
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not first:
+            self.check()
+
+    def check(self) -> None:
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"{name} while caching {self.path}: the partial cache was removed", self.signum)
+
+
+def _worker_signals() -> None:
+    """A worker leaves signals to its parent: Ctrl-C is ignored, SIGTERM (the pool ending it) ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 LAZY_UNIT_BYTES = 1 << 20  # source bytes per unit of work (one task of a worker)
@@ -185,9 +253,12 @@ def _encode_unit(unit: tuple, path: Path, text_key: str, preprocess: str) -> tup
     return b"".join(pieces), np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)), invalid
 
 
-def _map_ordered(function: Callable, items: Iterable, workers: int) -> Iterator:
+def _map_ordered(
+    function: Callable, items: Iterable, workers: int, stop: _BuildStop | None = None
+) -> Iterator:
     """``function(item)`` of each item, in order, on ``workers`` processes (1: in this one), never more
-    than a few items ahead of the consumer (``Pool.imap`` would read all of ``items`` at once)."""
+    than a few items ahead of the consumer (``Pool.imap`` would read all of ``items`` at once); ``stop``
+    is checked while waiting for a result (a worker killed by a signal never sends its own)."""
     if workers <= 1:
         yield from map(function, items)
         return
@@ -195,15 +266,24 @@ def _map_ordered(function: Callable, items: Iterable, workers: int) -> Iterator:
     context = multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     )
-    # the workers ignore Ctrl-C: this process handles it (and ends the pool), without a traceback per worker
-    with context.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    def result(pending: deque):
+        waiting = pending.popleft()
+        while True:
+            try:
+                return waiting.get(timeout=0.2)
+            except multiprocessing.TimeoutError:
+                if stop is not None:
+                    stop.check()
+
+    # this process handles the signals (and ends the pool: terminate), without a traceback per worker
+    with context.Pool(workers, initializer=_worker_signals) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.apply_async(function, (item,)))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield result(pending)
         while pending:
-            yield pending.popleft().get()
+            yield result(pending)
 
 
 def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, workers: int | None = None) -> None:
@@ -220,7 +300,9 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = cores if meta["source_size"] >= LAZY_POOL_MIN_BYTES else 1
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    # the builder's pid and host in the name: a later run removes it if this process is killed
+    prefix = f"{_build_prefix(cache)}{os.getpid()}@{socket.gethostname()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=cache.parent))
     sizes: deque = deque()  # source bytes of the units handed out, for the progress bar
 
     def units() -> Iterator[tuple]:
@@ -233,31 +315,37 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     )
     bar = progress_bar(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
                        enabled=progress, leave=False)  # fmt: skip
+    stop = _BuildStop(path)
+    results = _map_ordered(encode, units(), workers, stop)
     try:
-        samples, invalid = 0, 0
-        with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "lengths.bin").open("wb") as lengths:
-            for data, unit_lengths, unit_invalid in _map_ordered(encode, units(), workers):
-                tokens.write(data)
-                lengths.write(unit_lengths.tobytes())
-                samples += len(unit_lengths)
-                invalid += unit_invalid
-                bar.update(sizes.popleft())
-        warn_invalid_utf8(path, invalid)
-        if samples == 0:
-            what = "no text (every line is blank)" if is_text_path(path) else "no records"
-            raise DataError(f"{path}: {what}")
-        lengths = np.memmap(tmp / "lengths.bin", dtype=np.int64, mode="r", shape=(samples,))
-        starts = np.lib.format.open_memmap(
-            tmp / "starts.npy", mode="w+", dtype=np.int64, shape=(samples + 1,)
-        )
-        sample_starts(lengths, out=starts)
-        starts.flush()
-        del starts, lengths
-        (tmp / "lengths.bin").unlink()
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete cache
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+        with stop:
+            samples, invalid = 0, 0
+            with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "lengths.bin").open("wb") as lengths:
+                for data, unit_lengths, unit_invalid in results:
+                    stop.check()
+                    tokens.write(data)
+                    lengths.write(unit_lengths.tobytes())
+                    samples += len(unit_lengths)
+                    invalid += unit_invalid
+                    bar.update(sizes.popleft())
+                stop.check()
+            warn_invalid_utf8(path, invalid)
+            if samples == 0:
+                what = "no text (every line is blank)" if is_text_path(path) else "no records"
+                raise DataError(f"{path}: {what}")
+            lengths = np.memmap(tmp / "lengths.bin", dtype=np.int64, mode="r", shape=(samples,))
+            starts = np.lib.format.open_memmap(
+                tmp / "starts.npy", mode="w+", dtype=np.int64, shape=(samples + 1,)
+            )
+            sample_starts(lengths, out=starts)
+            starts.flush()
+            del starts, lengths
+            (tmp / "lengths.bin").unlink()
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks a complete cache
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
     finally:
+        results.close()  # the pool's workers ended (terminate) before anything else
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

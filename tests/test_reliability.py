@@ -715,3 +715,69 @@ def test_generate_text_saved_as_json_is_not_replaced_by_the_heatmap_values(tmp_p
     err = capsys.readouterr().err
     assert "is also --save: give the heatmap its own file" in err and one_line(err)
     assert not (tmp_path / "y.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Item 7: interrupted --lazy builds clean up; workers end quietly; SIGINT is an interruption
+# --------------------------------------------------------------------------------------------
+
+SLOW_BUILD = textwrap.dedent(
+    """
+    import sys, time
+    import sentiment_discovery.lazycache as lc
+    from sentiment_discovery.cli import Interrupted
+
+    real = lc._encode_unit
+
+    def slow(*args, **kwargs):  # every unit takes a while: the signal lands mid-build
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    lc._encode_unit, lc.LAZY_CHUNK_ROWS = slow, 5
+    try:
+        lc.lazy_corpus(sys.argv[1], workers=int(sys.argv[2]), text_key="sentence")
+    except Interrupted as e:
+        print("interrupted:", e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    print("built")
+    """
+)
+
+
+def start_slow_build(tmp_path, workers: int) -> tuple[subprocess.Popen, Path, Path]:
+    data = tmp_path / "big.csv"
+    data.write_text("sentence\n" + "".join(f"row {i} of the corpus\n" for i in range(400)))
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(data), str(workers)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lazy = tmp_path / "cache" / "sentiment-discovery" / "lazy"
+    deadline = time.monotonic() + 60
+    while not list(lazy.glob("*/.*")) and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few units in
+    assert child.poll() is None and list(lazy.glob("*/.*")), "the build never started"
+    return child, data, lazy
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 2), (signal.SIGINT, 2), (signal.SIGINT, 1)])
+def test_a_signal_during_a_lazy_build_removes_its_folder_quietly(tmp_path, signum, workers):
+    child, data, lazy = start_slow_build(tmp_path, workers)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signum, err
+    assert f"interrupted: {signal.Signals(signum).name} while caching {data}" in err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "could not parse" not in err
+    assert list(lazy.glob("*/*")) == [] and list(lazy.glob("*/.*")) == []
+
+
+def test_a_killed_lazy_build_is_removed_at_the_next_start(tmp_path, monkeypatch):
+    from sentiment_discovery.lazycache import lazy_corpus
+
+    child, data, lazy = start_slow_build(tmp_path, 1)
+    child.kill()
+    child.communicate(timeout=60)
+    (left,) = lazy.glob("*/.*")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = lazy_corpus(data, text_key="sentence")
+    assert len(corpus.starts) == 401 and not left.exists()
+    assert list(lazy.glob("*/.*")) == []
