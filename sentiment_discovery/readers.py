@@ -21,6 +21,7 @@ from typing import TextIO
 import numpy as np
 import pandas as pd
 
+from .downloads import download_hint
 from .errors import DataError
 
 
@@ -76,7 +77,7 @@ def check_path(path: str | Path) -> Path:
         raise DataError("an empty file path was given")
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file{download_hint(path)}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a csv or json file")
     if path.stat().st_size == 0:
@@ -136,10 +137,24 @@ def text_of(row: dict, path: Path, where: str, text_key: str) -> str:
     return "" if value is None else str(value)
 
 
+def check_delimiter(delim: str) -> None:
+    """``--delim``: one or more characters, taken literally (a DataError naming the flag otherwise)."""
+    if not delim:
+        raise DataError("--delim is empty: give the character between csv columns (',' or a tab)")
+    if delim in ("\\t", "\\n", "\\r", "\\"):
+        raise DataError(
+            f"--delim {delim!r} would be taken literally, backslash included; for a tab pass a real tab "
+            "character (--delim $'\\t' in bash)"
+        )
+    if any(c in delim for c in "\n\r\""):
+        raise DataError(f"--delim {delim!r} holds a line break or a quote: not a column separator")
+
+
 def csv_frames(
     path: Path, delim: str, text_key: str, chunksize: int | None = None
 ) -> Iterator[pd.DataFrame]:
     """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
+    check_delimiter(delim)
     try:
         with open_text(path) as f:
             # pandas reads a delimiter of several characters as a regex: escaped, it is the text given
@@ -346,11 +361,10 @@ class EncodedCorpus:
 
 def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool) -> Iterator[np.ndarray]:
     """Each text preprocessed and byte-encoded (the per-text cleaning is the cost), in order."""
-    from tqdm import tqdm
-
     from .preprocess import encode
+    from .progress import progress_bar
 
-    bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
+    bar = progress_bar(texts, desc=f"encoding {Path(path).name}", unit="text", enabled=progress, leave=False)
     return (encode(t, preprocess) for t in bar)
 
 
