@@ -25,7 +25,7 @@ from sentiment_discovery.finetune import (
     LabelledSplit,
     cut_middle,
     length_batches,
-    make_optimizer,
+    make_optimizers,
     pad_batch,
     pooled_features,
     split_outputs,
@@ -138,10 +138,11 @@ def test_discriminative_rates_and_groups():
     assert names[2] == ["encoder.weight"]
     assert sum(len(g) for g in names) == len(list(model.parameters()))
     opt = FinetuneOptions(lr=1e-3, head_lr=5e-3, lr_decay_per_layer=0.5, weight_decay=0.1)
-    rates = {g["name"]: g["lr"] for g in make_optimizer(model, head, opt).param_groups}
+    groups = [g for o in make_optimizers(model, head, opt) for g in o.param_groups]
+    rates = {g["name"]: g["lr"] for g in groups}
     assert rates == {"head": 5e-3, "lm0": 1e-3, "lm1": 5e-4, "lm2": 2.5e-4}
     decayed = {
-        id(p) for g in make_optimizer(model, head, opt).param_groups if g["weight_decay"] for p in g["params"]
+        id(p) for g in groups if g["weight_decay"] for p in g["params"]
     }
     assert id(head.linear.weight) in decayed and id(head.linear.bias) not in decayed
     assert id(model.encoder.weight) not in decayed
