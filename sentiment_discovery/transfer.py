@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
-from .formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
+from .formats import first_existing_model, resolve_model_path
 from .readers import ReadOptions, Records, is_json_path, read_records
 from .readout import FeatureSpec, top_neurons
 from .regression import (
@@ -203,12 +203,15 @@ def given_path(value: str | None) -> str | None:
     return None if value is None or value.strip().lower() in ("", "none") else value
 
 
-def _choose_model(given: str, *outputs: str) -> str:
-    """``--load_model``, else the first existing output of an earlier script, else the shipped model
-    (said, so that a user knows whose model answered)."""
-    chosen = given or first_existing_model(*outputs)
-    if chosen == "default":
-        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
+def _choose_model(given: str, *outputs: str, fallback: str = "default") -> str:
+    """``--load_model``, else the first existing output of an earlier script, else the shipped model of
+    the alias ``fallback`` (said, so that a user knows whose model answered)."""
+    chosen = given or first_existing_model(*outputs, fallback=fallback)
+    if not given and chosen == fallback:
+        print(
+            f"model: the shipped {fallback} model ({resolve_model_path(fallback).name}); pass --load_model "
+            "for your own"
+        )
     return chosen
 
 
@@ -408,7 +411,10 @@ def _report_classes(
 
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
-    args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
+    # the shipped classifier is the fine-tuned one (pretrained/README.md: it reads SST best)
+    args.load_model = _choose_model(
+        args.load_model, "lang_model_transfer/classifier.pt", fallback="finetuned"
+    )
     encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
         raise CheckpointError(
