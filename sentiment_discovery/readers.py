@@ -225,6 +225,56 @@ class ReadOptions:
         return cls(*(getattr(args, name) for name in cls.__dataclass_fields__))
 
 
+def parse_split(spec: str, has_valid: bool = False, has_test: bool = False) -> tuple[float, float, float]:
+    """``--split`` ("100,1,1", "0.9/0.1", "1.") -> normalised (train, val, test) proportions.
+
+    As in the original: proportions summing below 1 get the remainder appended; a separately
+    given ``--valid``/``--test`` file zeroes that part of the split.
+    """
+    try:
+        parts = [float(s) for s in spec.replace("/", ",").split(",") if s.strip()]
+    except ValueError:
+        raise DataError(f"--split {spec!r}: expected comma-separated numbers such as 100,1,1") from None
+    if not parts or any(p < 0 for p in parts) or len(parts) > 3:
+        raise DataError(f"--split {spec!r}: expected one to three non-negative proportions")
+    if sum(parts) < 1.0:
+        parts.append(1.0 - sum(parts))
+    parts = (parts + [0.0, 0.0])[:3]
+    if has_valid:
+        parts[1] = 0.0
+    if has_test:
+        parts[2] = 0.0
+    total = sum(parts)
+    if parts[0] <= 0 or total <= 0:
+        raise DataError(f"--split {spec!r}: the training part must be positive")
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def split_records(records: Records, proportions: tuple[float, ...], seed: int) -> list[Records]:
+    """``records`` cut into parts of the given ``proportions`` (``parse_split``'s), after a shuffle seeded
+    by ``seed`` (the original shuffled before cutting, so that a file sorted by label still gives mixed
+    parts); a part of proportion 0 is empty, any other holds at least one record."""
+    n = len(records)
+    wanted = [p > 0 for p in proportions]
+    if n < sum(wanted):
+        raise DataError(f"{records.path}: {n} record(s) cannot be split into {sum(wanted)} non-empty parts")
+    ends = np.rint(np.cumsum(proportions) * n).astype(np.int64)
+    counts = np.diff(ends, prepend=0)
+    counts[-1] += n - ends[-1]
+    for i in np.flatnonzero(wanted):  # a wanted part rounded to nothing takes a record from the largest
+        if counts[i] == 0:
+            counts[np.argmax(counts)] -= 1
+            counts[i] = 1
+    starts = np.cumsum(counts) - counts
+    order = np.random.default_rng(seed).permutation(n)
+    parts = []
+    for start, count in zip(starts, counts):
+        picked = order[start : start + count]
+        labels = None if records.labels is None else records.labels[picked]
+        parts.append(Records(records.path, [records.texts[i] for i in picked], labels))
+    return parts
+
+
 def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
     """The texts of a language-model corpus: a ``.txt`` file's lines, else the ``text_key`` of each record."""
     if is_text_path(path):

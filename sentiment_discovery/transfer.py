@@ -9,17 +9,18 @@ import argparse
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
 from .formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
-from .readers import ReadOptions, Records, is_json_path, read_records
+from .readers import ReadOptions, Records, is_json_path, parse_split, read_records, split_records
 from .readout import FeatureSpec, top_neurons
 from .regression import (
     CV_FOLDS,
@@ -148,26 +149,22 @@ def default_results_dir(load_model: str) -> Path:
     return path.with_name(path.stem + "_transfer")
 
 
-def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
-    """--model/--emsize/--nhid/--nlayers are only a check: the checkpoint records its architecture."""
-    config = ckpt.config
-    for flag in ("model", "emsize", "nhid", "nlayers"):
-        given = getattr(args, flag, None)
-        if given is not None and given != getattr(config, flag):
-            raise DataError(
-                f"{args.load_model}: --{flag} {given} does not match the checkpoint's "
-                f"{flag} = {getattr(config, flag)}"
-            )
-
-
 def _read_labelled(args: argparse.Namespace, path: str, need_labels: bool | None) -> Records:
     """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
     return read_records(path, ReadOptions.from_args(args), need_labels=need_labels)
 
 
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
+    """One split's file; --valid and --test with --eval_text_key/--eval_label_key where given."""
+    options = ReadOptions.from_args(args)
+    if split != "train":
+        options = replace(
+            options,
+            text_key=args.eval_text_key or options.text_key,
+            label_key=args.eval_label_key or options.label_key,
+        )
     try:
-        return _read_labelled(args, path, need_labels)
+        return read_records(path, options, need_labels=need_labels)
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
@@ -192,6 +189,27 @@ def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) 
     if reg.nonzero == 0:
         note += " (all weights zero: the features carry no usable signal at these C; widen --log2_C)"
     return f"{name}: {accs}; C = {reg.C:g}; {reg.nonzero}/{n_features} non-zero weights{note}"
+
+
+def _read_splits(args: argparse.Namespace) -> tuple[dict[str, Records], list[str]]:
+    """The splits' records, in SPLITS order: each given file, and the parts of --data that --split carves
+    for the splits without one (as the original: a given --valid/--test file zeroes its part); with the
+    names of the carved splits."""
+    paths = {"train": args.data, "val": given_path(args.valid), "test": given_path(args.test)}
+    proportions = parse_split(args.split, paths["val"] is not None, paths["test"] is not None)
+    records = {
+        split: _read_split(args, split, path, need_labels=not (split == "test" and args.no_test_eval))
+        for split, path in paths.items()
+        if path is not None
+    }
+    carved = []
+    if proportions[0] < 1:
+        parts = split_records(records["train"], proportions, args.seed)
+        carved = [split for split, part in zip(SPLITS, parts) if len(part)]
+        records.update((split, part) for split, part in zip(SPLITS, parts) if len(part))
+        sizes = ", ".join(f"{split} {len(records[split])}" for split in carved)
+        print(f"--split {args.split}: {args.data} shuffled (seed {args.seed}) and cut into {sizes} records")
+    return {split: records[split] for split in SPLITS if split in records}, carved
 
 
 def given_path(value: str | None) -> str | None:
@@ -219,7 +237,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     Cs = c_sweep(*args.log2_C)
     args.load_model = _choose_model(args.load_model, "lang_model.pt")
     ckpt = load_checkpoint(args.load_model)
-    _check_architecture(ckpt, args)
+    ckpt.config.check_given(args, args.load_model)
     model = ckpt.model
     # Unset features settings follow a transferred model's own classifier (the original's otherwise).
     recorded = ckpt.classifier.spec if ckpt.classifier is not None else FeatureSpec()
@@ -228,14 +246,9 @@ def run_transfer(args: argparse.Namespace) -> dict:
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    paths = {"train": args.data, "val": given_path(args.valid), "test": given_path(args.test)}
-    paths = {split: path for split, path in paths.items() if path is not None}
-    if "val" not in paths:
+    records, carved = _read_splits(args)
+    if "val" not in records:
         print(f"no validation split: C chosen by {CV_FOLDS}-fold cross-validation on the training split")
-    records = {
-        split: _read_split(args, split, path, need_labels=not (split == "test" and args.no_test_eval))
-        for split, path in paths.items()
-    }
     for split in ("train", "val"):  # before featurizing: fitting, and choosing C, need both classes
         if split in records:
             _check_both_classes(split, records[split])
@@ -250,18 +263,22 @@ def run_transfer(args: argparse.Namespace) -> dict:
             "preprocess": model.config.preprocess,
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             "text_key": args.text_key,
+            "eval_text_key": args.eval_text_key,
+            # carved parts depend on the proportions and the shuffle's seed
+            "split": [args.split, args.seed] if carved else None,
             "delim": args.delim,
             "loose_json": args.loose_json,
         },
     )
     features = {}
     for split, recs in records.items():
-        cached = cache.load(split, recs.path, len(recs)) if args.use_cached else None
+        cached = cache.load(split, recs.path, len(recs)) if args.use_cached and not args.preprocess else None
         if cached is not None:
             print(f"{split}: using cached features from {out_dir}")
             features[split] = cached
             continue
-        print(f"{split}: featurizing {len(recs)} texts from {recs.path}")
+        part = " (its --split part)" if split in carved else ""
+        print(f"{split}: featurizing {len(recs)} texts from {recs.path}{part}")
         features[split] = featurize(
             model,
             recs.texts,
@@ -306,6 +323,8 @@ def run_transfer(args: argparse.Namespace) -> dict:
         "standardized": True,
         "C_sweep": Cs,
         "C_chosen_by": "validation" if "val" in records else f"{CV_FOLDS}-fold cross-validation on train",
+        "split": {"proportions": args.split, "seed": args.seed, "carved": carved} if carved else None,
+        "records": {split: len(r) for split, r in records.items()},
         "all_features": {
             "accuracy": full_acc,
             "C": full.C,
@@ -392,6 +411,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
             f"{args.load_model}: holds a language model but no sentiment classifier: run transfer.py on it "
             "first and pass the classifier.pt it writes (e.g. lang_model_transfer/classifier.pt)"
         )
+    encoder.model.config.check_given(args, args.load_model)
     if args.all_layers and not encoder.all_layers:
         raise CheckpointError(
             f"{args.load_model}: --all_layers given, but this classifier uses the last layer only"

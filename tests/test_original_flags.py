@@ -1,0 +1,181 @@
+"""The original suite's flags on classifier.py, generate.py and transfer.py (issue 22): model-shape flags
+checked against the checkpoint, --split carving validation/test from --data, the evaluation keys,
+--preprocess forcing featurization."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, load_script
+from test_transfer import synthetic_splits, tiny_lm
+
+from sentiment_discovery.checkpoint import save_checkpoint
+from sentiment_discovery.model import ModelConfig, RNNModel
+from sentiment_discovery.readers import Records, parse_split, split_records
+
+H = 12
+
+
+def run_script(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(ROOT / args[0]), *args[1:]]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def two_layer_lm(path) -> str:
+    torch.manual_seed(0)
+    save_checkpoint(path, RNNModel(ModelConfig(emsize=8, nhid=H, nlayers=2)))
+    return str(path)
+
+
+def with_classifier(path, all_layers: bool = False) -> str:
+    torch.manual_seed(0)
+    model = RNNModel(ModelConfig(emsize=8, nhid=H, nlayers=2))
+    n = 2 * H if all_layers else H
+    weight = torch.zeros(n)
+    weight[3] = 1.0
+    classifier = {"weight": weight, "bias": torch.tensor(0.0), "neurons": torch.tensor([3]),
+                  "pooling": "last", "state": "cell", "all_layers": all_layers}  # fmt: skip
+    save_checkpoint(path, model, classifier=classifier)
+    return str(path)
+
+
+def fails(capsys, main, args, *expected) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------
+# model-shape flags: checked against the checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_takes_the_original_model_flags(tmp_path):
+    lm = two_layer_lm(tmp_path / "lm.pt")
+    run = run_script(
+        "generate.py", "--load_model", lm, "--model", "mLSTM", "--emsize", "8", "--nhid", str(H),
+        "--nlayers", "2", "--dropout", "0.1", "--all_layers", "--neuron", str(H + 5), "--heatmap",
+        "--gen_length", "10", "--seed", "1", "--cpu", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    # --all_layers: --neuron numbers every layer's units, H + 5 is unit 5 of layer 1
+    assert "feature 17 (layer 1, unit 5, cell state)" in run.stdout
+    assert len((tmp_path / "generated.txt").read_bytes()) == 10
+
+
+def test_generate_refuses_model_flags_the_checkpoint_contradicts(tmp_path, capsys):
+    lm = two_layer_lm(tmp_path / "lm.pt")
+    main = load_script("generate").main
+    common = ["--load_model", lm, "--gen_length", "5", "--cpu", "--save", str(tmp_path / "g.txt")]
+    fails(capsys, main, [*common, "--nhid", "4096"], "lm.pt", "--nhid 4096", "nhid 12")
+    fails(capsys, main, [*common, "--model", "LSTM"], "--model LSTM", "model mLSTM")
+    fails(capsys, main, [*common, "--nlayers", "1"], "--nlayers 1", "nlayers 2")
+    fails(capsys, main, [*common, "--tied"], "--tied given", "tied False")
+    # without --all_layers the units are the last layer's: H + 5 is out of range
+    fails(capsys, main, [*common, "--neuron", str(H + 5), "--heatmap"], "--neuron 17", "out of range")
+    clf = with_classifier(tmp_path / "clf.pt")
+    fails(capsys, main, ["--load_model", clf, "--all_layers", "--gen_length", "5", "--cpu"], "--all_layers")
+    assert main([*common, "--emsize", "8", "--nhid", str(H)]) == 0  # equal values are accepted
+
+
+def test_classifier_takes_the_original_model_flags(tmp_path, capsys):
+    clf = with_classifier(tmp_path / "clf.pt")
+    run = run_script(
+        "classifier.py", "--load_model", clf, "--model", "mLSTM", "--emsize", "8", "--nhid", str(H),
+        "--nlayers", "2", "--text", "a fine film", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert np.load(tmp_path / "clf_results.npy").shape == (1,)
+    main = load_script("classifier").main
+    common = ["--load_model", clf, "--text", "a fine film"]
+    fails(capsys, main, [*common, "--nhid", "4096"], "clf.pt", "--nhid 4096", "nhid 12")
+    fails(capsys, main, [*common, "--emsize", "64"], "--emsize 64", "emsize 8")
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer.py: --split, --eval_text_key/--eval_label_key, --preprocess
+# ---------------------------------------------------------------------------------------------
+
+
+def test_split_records_cuts_a_shuffled_file_into_disjoint_parts():
+    records = Records("f.csv", [f"text {i}" for i in range(50)], np.arange(50) % 2)
+    train, val, test = split_records(records, parse_split("0.8,0.1,0.1"), seed=3)
+    assert (len(train), len(val), len(test)) == (40, 5, 5)
+    seen = train.texts + val.texts + test.texts
+    assert sorted(seen) == sorted(records.texts) and train.texts != records.texts[:40]  # shuffled
+    for part in (train, val, test):  # each label stays with its text
+        assert [int(t.split()[1]) % 2 for t in part.texts] == part.labels.tolist()
+    again = split_records(records, parse_split("0.8,0.1,0.1"), seed=3)
+    assert [p.texts for p in again] == [train.texts, val.texts, test.texts]
+    assert split_records(records, parse_split("0.8,0.1,0.1"), seed=4)[1].texts != val.texts
+    # a tiny part still gets a record; a zero part none
+    parts = split_records(Records("f", list("abcdefghij")), parse_split("100,1,1"), seed=0)
+    assert [len(p) for p in parts] == [8, 1, 1]
+    assert [len(p) for p in split_records(Records("f", list("abc")), parse_split("1."), seed=0)] == [3, 0, 0]
+
+
+def test_transfer_split_carves_validation_and_test_from_data(tmp_path, capsys):
+    paths = synthetic_splits(tmp_path, (("train", 60), ("test", 20)))
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    transfer = load_script("transfer").main
+    base = ["--load_model", lm, "--data", paths["train"], "--log2_C", "0", "1", "--model", "mLSTM",
+            "--emsize", "8", "--nhid", "8", "--nlayers", "1"]  # fmt: skip
+    assert transfer([*base, "--valid", "none", "--test", "none", "--split", "0.7,0.2,0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "cut into train 42, val 12, test 6 records" in out and "cross-validation" not in out
+    results = json.loads((tmp_path / "lm_transfer" / "results.json").read_text())
+    assert results["records"] == {"train": 42, "val": 12, "test": 6}
+    assert results["C_chosen_by"] == "validation" and results["split"]["carved"] == ["train", "val", "test"]
+    # a given --test file zeroes the test part (as the original): only validation is carved
+    assert transfer([*base, "--valid", "none", "--test", paths["test"], "--split", "0.7,0.2,0.1"]) == 0
+    results = json.loads((tmp_path / "lm_transfer" / "results.json").read_text())
+    assert results["records"] == {"train": 47, "val": 13, "test": 20}  # 0.7 : 0.2 of 60
+    # the default --split 1. keeps all of --data for training
+    assert transfer([*base, "--valid", "none", "--test", paths["test"]]) == 0
+    results = json.loads((tmp_path / "lm_transfer" / "results.json").read_text())
+    assert results["records"] == {"train": 60, "test": 20} and results["split"] is None
+    fails(capsys, transfer, [*base, "--nhid", "16"], "--nhid 16", "nhid 8")
+
+
+def test_transfer_eval_keys_and_preprocess(tmp_path, capsys):
+    paths = synthetic_splits(tmp_path)
+    for split in ("val", "test"):  # the evaluation files name their columns otherwise
+        frame = pd.read_csv(paths[split]).rename(columns={"sentence": "review", "label": "stars"})
+        frame.to_csv(paths[split], index=False)
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    transfer = load_script("transfer").main
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+            "--log2_C", "0", "0"]  # fmt: skip
+    fails(capsys, transfer, args, "val split", "val.csv", "'sentence'")
+    args += ["--eval_text_key", "review", "--eval_label_key", "stars"]
+    assert transfer(args) == 0
+    results = json.loads((tmp_path / "lm_transfer" / "results.json").read_text())
+    assert results["records"] == {"train": 60, "val": 30, "test": 20}
+    capsys.readouterr()
+    assert transfer([*args, "--use_cached"]) == 0
+    assert capsys.readouterr().out.count("using cached features") == 3
+    assert transfer([*args, "--use_cached", "--preprocess"]) == 0  # --preprocess: featurize again
+    out = capsys.readouterr().out
+    assert "using cached" not in out and out.count("featurizing") >= 3
+
+
+@pytest.mark.parametrize("script", ["classifier.py", "generate.py", "transfer.py"])
+def test_help_lists_the_original_model_flags(script):
+    parser = load_script(script.removesuffix(".py")).build_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    assert {"--model", "--emsize", "--nhid", "--nlayers"} <= flags
+    if script == "generate.py":
+        assert {"--dropout", "--all_layers", "--tied"} <= flags
+    if script == "transfer.py":
+        assert {"--split", "--eval_text_key", "--eval_label_key", "--preprocess"} <= flags
