@@ -7,11 +7,15 @@ last byte, whatever the batch. Long batches run in chunks of ``chunk_length`` st
 carried over, and a row enters the computation only at the chunk where its text starts (rows are
 sorted longest first, so the rows running in a chunk are a prefix of the batch); memory therefore
 depends on the chunk length, not on the length of the longest text.
+
+Shapes (``chunk_plan``): rows join in groups of ``ROW_MULTIPLE`` and a chunk ends where the next group
+starts, so a chunk's row count is a multiple of 16 (or the whole batch) and few rows run on padding;
+the products then meet a handful of shape classes however the text lengths fall (matmul.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +27,38 @@ from .model import RNNModel
 from .preprocess import encode
 from .progress import progress_bar
 from .readout import FeatureSpec, Pooler
+
+ROW_MULTIPLE = 16  # rows join a batch's computation in groups of this many
+
+
+def bucket_length(n: int, multiple: int = 32) -> int:
+    """``n`` rounded up to a multiple of ``multiple``: pad a batch's length (or row count) to it so that
+    only a few distinct product shapes occur (e.g. a fine-tuning loop over sentences of any length)."""
+    return -(-n // multiple) * multiple
+
+
+def chunk_plan(
+    starts: np.ndarray, total: int, chunk_length: int, row_multiple: int = ROW_MULTIPLE
+) -> list[tuple[int, int, int]]:
+    """``(first step, end step, rows)`` of each chunk of a left-padded batch of ``total`` steps whose
+    row ``j`` starts at step ``starts[j]`` (ascending: longest text first).
+
+    Rows join in groups of ``row_multiple``, each group at its first row's start (its other rows run
+    on padding until their own start, where the reset mask zeroes their state), and a chunk ends where
+    the next group joins or after ``chunk_length`` steps. So every chunk runs a multiple of
+    ``row_multiple`` rows (or the whole batch), and rows run on padding only for the spread of starts
+    within their group, not for up to a whole chunk.
+    """
+    rows_in_batch = len(starts)
+    joins = sorted({int(starts[g]) for g in range(0, rows_in_batch, row_multiple)} - {0}) + [total]
+    plan, a = [], 0
+    for join in joins:
+        while a < join:
+            b = min(a + chunk_length, join)
+            started = int(np.searchsorted(starts, b, side="left"))  # rows whose text starts before b
+            plan.append((a, b, min(rows_in_batch, bucket_length(started, row_multiple))))
+            a = b
+    return plan
 
 
 def default_device() -> torch.device:
@@ -51,6 +87,8 @@ class _BatchRunner:
         reset = np.zeros((steps, rows), dtype=bool)
         for j in range(rows):
             start = int(self.starts[j])
+            if start >= b:  # joined with its group, its text starts in a later chunk: padding here
+                continue
             first = max(a, start)
             chunk[first - a :, j] = self.tokens[j][first - start : b - start]
             if a <= start < b:
@@ -59,13 +97,13 @@ class _BatchRunner:
         to = lambda x: torch.from_numpy(x).to(self.device)
         return to(chunk), to(reset), to(real)
 
-    def run(self, chunk_length: int) -> torch.Tensor:
+    def run(self, chunk_length: int, on_chunk: Callable[[int], object] | None = None) -> torch.Tensor:
+        """The pooled features of the batch; ``on_chunk(n)`` after each chunk of steps with the number of
+        real (non-padding) bytes it read, for progress within long texts."""
         B = len(self.tokens)
         h, c = self.model.zero_state(B, self.device)
         pooler = Pooler(self.spec, *h.shape, self.device)
-        for a in range(0, self.total, chunk_length):
-            b = min(a + chunk_length, self.total)
-            rows = int(np.searchsorted(self.starts, b, side="left"))  # rows whose text has started by b
+        for a, b, rows in chunk_plan(self.starts, self.total, chunk_length):
             x, reset, real = self._chunk_inputs(a, b, rows)
             hidden = (h[:, :rows], c[:, :rows])
             if not pooler.per_step:
@@ -76,6 +114,8 @@ class _BatchRunner:
                 pooler.add(steps, real, rows)
             h[:, :rows] = h_new.float()
             c[:, :rows] = c_new.float()
+            if on_chunk is not None:
+                on_chunk(int(real.sum()))
         lengths = torch.from_numpy(self.lengths).to(self.device)
         return pooler.features(c if self.spec.state == "cell" else h, lengths)
 
@@ -124,13 +164,15 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
         autocast(device, dtype),
-        progress_bar(total=len(tokens), unit="text", desc="featurizing", enabled=progress) as bar,
+        # counted in bytes, so that one long text shows progress too
+        progress_bar(
+            total=sum(len(t) for t in tokens), unit="B", unit_scale=True, desc="featurizing", enabled=progress
+        ) as bar,
     ):
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]
             runner = _BatchRunner(model, [tokens[i] for i in idx], device, spec)
-            out[idx] = runner.run(chunk_length).float().cpu().numpy()
-            bar.update(len(idx))
+            out[idx] = runner.run(chunk_length, bar.update).float().cpu().numpy()
     return out
 
 

@@ -4,11 +4,18 @@ Library. On CPU a float32 product can run through MKL (``torch.mm``) or oneDNN
 (``torch.ops.mkldnn._linear_pointwise``, with a weight laid out once for the per-step products);
 which is faster depends on the processor and the shape (bench/RESULTS.md: on an AVX2-only EPYC, MKL
 was as fast or faster for the large all-rows products while oneDNN's packed weights won the small
-per-step ones; on an AVX-512 EPYC, oneDNN won both, by up to 3x). So the first time a product shape
-occurs in a process it is timed both ways, and the faster library runs every product of that shape
-from then on: within a process, equal inputs give bit-identical results. Between processes the
-choice (and so the float32 rounding) may differ; ``SENTIMENT_DISCOVERY_MATMUL=mm`` (or ``onednn``)
-pins it. ``choices()`` lists what was measured and chosen. Other devices and dtypes use ``torch.mm``.
+per-step ones; on an AVX-512 EPYC, oneDNN won both, by up to 3x). The choice is made per shape
+class: each size rounded up to a bucket (``size_bucket``: powers of two and 1.5 times them), so real
+text, whose row counts and lengths change with every batch, meets a few classes, not a new shape
+per batch. The first time a class occurs on a machine its first product is timed both ways and the
+faster library runs every product of the class from then on, in this process and in later ones:
+decisions are kept in a small JSON file per machine beside the compiled kernels
+(``~/.cache/sentiment_discovery/matmul``, keyed like them by the CPU's flags and the libraries'
+versions; ``$SENTIMENT_DISCOVERY_MATMUL_CACHE`` moves it, ``python -m sentiment_discovery.matmul
+--calibrate`` fills it ahead of time). Within a process equal inputs give bit-identical results; a
+process that measured a class itself may choose differently from one that read another's decision,
+so ``SENTIMENT_DISCOVERY_MATMUL=mm`` (or ``onednn``) pins the library, e.g. for bit-identical reruns.
+``choices()`` lists what this process measured. Other devices and dtypes use ``torch.mm``.
 
 Precision. With ``dtype`` (bfloat16 for ``--bf16``, float16 for ``--fp16`` on a GPU) the operands
 are cast to it and the product comes back as float32: the libraries accumulate in float32 and round
@@ -26,19 +33,32 @@ than float32 by the rounding passes (bench/RESULTS.md), and said once in the log
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
+import hashlib
+import json
+import math
 import os
+import platform
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 BACKEND_ENV = "SENTIMENT_DISCOVERY_MATMUL"
 BACKENDS = ("mm", "onednn")
+CACHE_ENV = "SENTIMENT_DISCOVERY_CACHE"  # root of the per-machine cache (kernels, decisions)
+DECISIONS_ENV = "SENTIMENT_DISCOVERY_MATMUL_CACHE"  # folder of the decisions file alone (tests)
+# The decisions file is read whatever it holds: bounded in bytes and entries, parsed as JSON only.
+_MAX_DECISIONS_BYTES = 1 << 20
+_MAX_DECISIONS = 4096
+_MAX_KEY_CHARS = 200
 
 # Calibration rounds (each candidate timed once per round, best kept): 5 below this many FLOPs, 2 above.
 _SMALL_PRODUCT_FLOPS = 2e9
@@ -47,7 +67,7 @@ _ROUNDS_SMALL, _ROUNDS_LARGE = 5, 2
 
 @dataclass
 class Choice:
-    """One calibrated product shape: GFLOP/s measured per library and the library chosen."""
+    """One product class calibrated in this process: GFLOP/s measured per library and the one chosen."""
 
     kind: str  # "linear" (a @ w.T, all rows at once) or "step" (a weight reused at every step)
     name: str  # what the product computes, as its first caller named it
@@ -57,7 +77,7 @@ class Choice:
     chosen: str
 
 
-_choices: dict[tuple, Choice] = {}
+_choices: dict[str, Choice] = {}
 _said: set[str] = set()
 
 
@@ -69,8 +89,142 @@ def say_once(message: str) -> None:
 
 
 def choices() -> list[Choice]:
-    """The product shapes calibrated so far in this process, in order."""
+    """The product classes calibrated (timed) in this process so far, in order."""
     return list(_choices.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Decisions: per shape class, kept on disk per machine
+# --------------------------------------------------------------------------------------------
+
+
+def size_bucket(n: int) -> int:
+    """``n`` rounded up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5 times
+    them): the sizes of one bucket differ by at most 1.5x, and a library's speed with them."""
+    if n <= 2:
+        return max(n, 1)
+    power = 1 << (n - 1).bit_length()  # smallest power of two >= n
+    return power * 3 // 4 if n <= power * 3 // 4 else power
+
+
+def _cpuinfo_line(*prefixes: str) -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(prefixes):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo gives them: part of every cache key."""
+    return _cpuinfo_line("flags", "Features")
+
+
+def cache_root() -> Path:
+    """``~/.cache/sentiment_discovery`` (``$SENTIMENT_DISCOVERY_CACHE`` moves it)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sentiment_discovery")
+
+
+@functools.cache
+def _machine_key() -> str:
+    # torch's build summary names its MKL and oneDNN versions; the flags say what the CPU can run.
+    text = "\0".join([torch.__version__, torch.__config__.show(), cpu_flags(), _cpuinfo_line("model name")])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def decisions_path() -> Path:
+    """The file of this machine's decisions."""
+    folder = os.environ.get(DECISIONS_ENV) or cache_root() / "matmul"
+    return Path(folder) / f"decisions-{_machine_key()}.json"
+
+
+def _read_decisions(path: Path) -> dict[str, dict]:
+    """The decisions in ``path``, checked entry by entry; a missing file is empty, a damaged one is
+    ignored with a note (and replaced at the next write)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_DECISIONS_BYTES + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as error:
+        say_once(f"ignoring the matmul decisions file {path}: {error}")
+        return {}
+    try:
+        if len(raw) > _MAX_DECISIONS_BYTES:
+            raise ValueError(f"larger than {_MAX_DECISIONS_BYTES} bytes")
+        data = json.loads(raw.decode("utf-8"))
+        entries = data.get("decisions") if isinstance(data, dict) else None
+        if not isinstance(entries, dict):
+            raise ValueError("no 'decisions' object")
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        say_once(f"ignoring the damaged matmul decisions file {path} ({str(error)[:100]}); "
+                 "it will be rewritten")
+        return {}
+    decisions = {}
+    for key, entry in list(entries.items())[:_MAX_DECISIONS]:
+        if len(key) > _MAX_KEY_CHARS or not isinstance(entry, dict) or entry.get("chosen") not in BACKENDS:
+            continue
+        gflops = entry.get("gflops")
+        if not (isinstance(gflops, dict) and all(
+            b in BACKENDS and isinstance(g, (int, float)) and math.isfinite(g) for b, g in gflops.items()
+        )):
+            gflops = {}
+        decisions[key] = {"chosen": entry["chosen"], "gflops": gflops}
+    return decisions
+
+
+def _write_decisions(path: Path, new: dict[str, dict]) -> None:
+    """Add ``new`` to the file: read it again (another process may have added some), write the union
+    to a file of our own, rename it over the old one (readers see the old file or the new, never half
+    of one). Two processes writing at once can drop each other's newest entries, to be measured again."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read_decisions(path), **new}
+        if len(merged) > _MAX_DECISIONS:  # keep the newest (ours are last)
+            merged = dict(list(merged.items())[-_MAX_DECISIONS:])
+        text = json.dumps({"format": "sentiment_discovery matmul decisions", "version": 1,
+                           "torch": torch.__version__, "decisions": merged}, indent=0, sort_keys=False)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError as error:  # a read-only home: decisions then live as long as the process
+        say_once(f"could not save matmul decisions to {path}: {error}")
+
+
+class _Decisions:
+    """The decisions of one file: read once, then kept in memory with this process's own."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.chosen = {key: entry["chosen"] for key, entry in _read_decisions(path).items()}
+
+    def record(self, key: str, chosen: str, gflops: dict[str, float]) -> None:
+        self.chosen[key] = chosen
+        rounded = {b: round(g, 2) for b, g in gflops.items()}
+        _write_decisions(self.path, {key: {"chosen": chosen, "gflops": rounded}})
+
+
+_loaded: _Decisions | None = None
+
+
+def _decisions() -> _Decisions:
+    """This machine's decisions (read again when the file's place changes, as tests move it)."""
+    global _loaded
+    path = decisions_path()
+    if _loaded is None or _loaded.path != path:
+        _loaded = _Decisions(path)
+    return _loaded
+
+
+def decisions() -> dict[str, str]:
+    """Shape class -> library, as this process will run it (read from disk or measured here)."""
+    return dict(_decisions().chosen)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,16 +338,24 @@ def best_seconds_in_turns(runs: dict[str, Callable[[], object]], rounds: int) ->
 
 
 def _calibrate(
-    key: tuple, kind: str, name: str, shape: str, flops: float, runs: dict[str, Callable[[], Tensor]],
+    key: str, kind: str, name: str, shape: str, flops: float, runs: dict[str, Callable[[], Tensor]],
     dtype: torch.dtype,
 ) -> tuple[str, Tensor]:
-    """Time every candidate (``best_seconds_in_turns``), remember the fastest for ``key``; returns it
-    and its result (one more call of it)."""
+    """Time every candidate (``best_seconds_in_turns``), remember the fastest for the class ``key``
+    (here and on disk); returns it and its result (one more call of it)."""
     best = best_seconds_in_turns(runs, _ROUNDS_SMALL if flops < _SMALL_PRODUCT_FLOPS else _ROUNDS_LARGE)
     chosen = min(best, key=best.__getitem__)
     gflops = {backend: flops / max(seconds, 1e-9) / 1e9 for backend, seconds in best.items()}
     _choices[key] = Choice(kind, name, shape, dtype, gflops, chosen)
+    _decisions().record(key, chosen, gflops)
     return chosen, runs[chosen]()
+
+
+def _class_key(kind: str, dtype: torch.dtype, sizes: Sequence[int], layout: str, bias: bool) -> str:
+    """The shape class of a product: sizes rounded up to buckets, plus what else sets its speed."""
+    buckets = "x".join(str(size_bucket(n)) for n in sizes)
+    return (f"{kind} {str(dtype).removeprefix('torch.')} {buckets} {layout}"
+            f"{' bias' if bias else ''} threads={torch.get_num_threads()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,13 +395,12 @@ def linear(
     names = _candidates(a)
     if len(names) == 1:
         return _linear_by(names[0], a, weight, bias)
-    key = ("linear", a.dtype, tuple(a.shape), a.is_contiguous(), tuple(weight.shape), weight.is_contiguous(),
-           bias is not None, torch.get_num_threads())
-    choice = _choices.get(key)
-    if choice is not None:
-        return _linear_by(choice.chosen, a, weight, bias)
     (M, K), N = a.shape, weight.shape[0]
     layout = ("N" if a.is_contiguous() else "T") + ("T" if weight.is_contiguous() else "N")
+    key = _class_key("linear", a.dtype, (M, K, N), layout, bias is not None)
+    chosen = _decisions().chosen.get(key)
+    if chosen is not None:
+        return _linear_by(chosen, a, weight, bias)
     runs = {b: (lambda b=b: _linear_by(b, a, weight, bias)) for b in names}
     return _calibrate(key, "linear", name, f"{M}x{K} @ {K}x{N} ({layout})", 2.0 * M * K * N, runs, a.dtype)[1]
 
@@ -250,8 +411,9 @@ class StepWeight:
 
     The weight is cast to ``dtype`` once, and (with ``lay_out``, where it is chosen) laid out once in
     oneDNN's blocked format for this batch size (``torch.ops.mkldnn._reorder_linear_weight``, as
-    inductor does for frozen linears). The choice between that and ``torch.mm`` is timed once per
-    shape on a stand-in row block, before any real product, so every step of a run uses one library.
+    inductor does for frozen linears). The choice between that and ``torch.mm`` is made per shape
+    class (timed once per machine on a stand-in row block), before any real product, so every step
+    of a run uses one library.
     """
 
     def __init__(
@@ -282,18 +444,19 @@ class StepWeight:
     @staticmethod
     def _choose(weight: Tensor, batch: int, name: str) -> str:
         N, K = weight.shape
-        key = ("step", weight.dtype, batch, N, K, weight.is_contiguous(), torch.get_num_threads())
-        choice = _choices.get(key)
-        if choice is None:
+        layout = "N" + ("T" if weight.is_contiguous() else "N")
+        key = _class_key("step", weight.dtype, (batch, K, N), layout, False)
+        chosen = _decisions().chosen.get(key)
+        if chosen is None:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch)
             a = weight.new_full((batch, K), 0.5)
             runs = {
                 "mm": lambda: _linear_by("mm", a, weight, None),
                 "onednn": lambda: _linear_by("onednn", a, packed, None),
             }
-            shape = f"{batch}x{K} @ {K}x{N} (N{'T' if weight.is_contiguous() else 'N'})"
-            return _calibrate(key, "step", name, shape, 2.0 * batch * K * N, runs, weight.dtype)[0]
-        return choice.chosen
+            shape = f"{batch}x{K} @ {K}x{N} ({layout})"
+            chosen = _calibrate(key, "step", name, shape, 2.0 * batch * K * N, runs, weight.dtype)[0]
+        return chosen
 
     def __call__(self, a: Tensor) -> Tensor:
         if not self.emulated:
@@ -333,3 +496,68 @@ def linear_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` with its products (forward and backward) through ``linear``, in the autocast's
     operand dtype if one is active; the result is float32."""
     return _Linear.apply(x, weight, bias, operand_dtype(x.device.type))
+
+
+# --------------------------------------------------------------------------------------------
+# Warm-up: python -m sentiment_discovery.matmul --calibrate
+# --------------------------------------------------------------------------------------------
+
+
+def calibrate(hidden: Sequence[int], emsize: int = 64, batch: int = 128, train_batch: int = 32,
+              train: bool = True) -> list[Choice]:
+    """Decide every product class that featurization (``batch`` texts of 1-256 bytes) and, with
+    ``train``, training steps (``train_batch`` rows, 8-256 steps) of an mLSTM of each size meet, so
+    that later processes time nothing. Returns the classes measured now (none when all were known)."""
+    # Imported here: the model is built on this module, not the other way round.
+    from .featurize import featurize
+    from .model import ModelConfig, RNNModel
+
+    before = len(_choices)
+    generator = torch.Generator().manual_seed(0)
+    for nhid in hidden:
+        model = RNNModel(ModelConfig(emsize=emsize, nhid=nhid))
+        lengths = torch.linspace(1, 256, 2 * batch).long().tolist()
+        texts = ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (n,), generator=generator))
+                 for n in lengths]
+        featurize(model, texts, batch_size=batch, device="cpu", preprocess="none")
+        if not train:
+            continue
+        model.train()
+        for steps in sorted({size_bucket(n) for n in range(8, 257)}):
+            tokens = torch.randint(0, 256, (steps + 1, train_batch), generator=generator)
+            logits, _ = model(tokens[:-1])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[1:].flatten()).backward()
+            model.zero_grad(set_to_none=True)
+    return choices()[before:]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sentiment_discovery.matmul",
+        description="Decide MKL or oneDNN for every product class an mLSTM meets, once for this machine "
+        f"(kept in {decisions_path()}).",
+    )
+    parser.add_argument("--calibrate", action="store_true", help="measure the classes not yet decided")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4096], help="mLSTM sizes (default 4096)")
+    parser.add_argument("--emsize", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128, help="featurization batch size")
+    parser.add_argument("--train_batch", type=int, default=32, help="training batch size")
+    parser.add_argument("--no_train", action="store_true", help="featurization classes only")
+    args = parser.parse_args(argv)
+    if not args.calibrate:
+        known = decisions()
+        print(f"{len(known)} decisions in {decisions_path()}")
+        for key, chosen in sorted(known.items()):
+            print(f"  {key:60s} {chosen}")
+        return
+    if any(n < 1 for n in [*args.hidden, args.emsize, args.batch, args.train_batch]):
+        parser.error("--hidden, --emsize, --batch and --train_batch must be positive")
+    made = calibrate(args.hidden, args.emsize, args.batch, args.train_batch, not args.no_train)
+    for c in made:
+        ways = ", ".join(f"{'>' if b == c.chosen else ' '}{b} {g:6.1f}" for b, g in c.gflops.items())
+        print(f"  {c.kind:6s} {c.name:32s} {c.shape:28s} GFLOP/s {ways}")
+    print(f"{len(made)} classes measured; {len(decisions())} decisions in {decisions_path()}")
+
+
+if __name__ == "__main__":
+    main()

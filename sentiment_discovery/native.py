@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .matmul import say_once
+from .matmul import cache_root, cpu_flags, say_once
 
 NATIVE_ENV = "SENTIMENT_DISCOVERY_NATIVE"
-CACHE_ENV = "SENTIMENT_DISCOVERY_CACHE"
 SOURCE = Path(__file__).with_name("csrc") / "mlstm_cpu.cpp"
 # -fno-trapping-math -fno-math-errno let the compiler vectorize the branch-free exp and clamps.
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-std=c++20",
@@ -33,19 +31,8 @@ FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fope
 _COMPILE_TIMEOUT_S = 600
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sentiment_discovery"
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compile_command(compiler: str, output: Path) -> list[str]:
@@ -66,7 +53,7 @@ def build(cache: Path | None = None) -> Path:
         raise RuntimeError(f"no C++ compiler ({compiler!r} not found; set CXX)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([source, torch.__version__.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode(),
+        b"\0".join([source, torch.__version__.encode(), " ".join(FLAGS).encode(), cpu_flags().encode(),
                     compiler.encode()])
     ).hexdigest()[:16]
     cache = cache or _cache_dir()

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .safe_io import save_figure  # noqa: E402
+
 
 def plot_weights(weight: np.ndarray, neurons: np.ndarray, path: str | Path) -> None:
     """Regression weight of every feature; the top neuron(s) highlighted and labelled."""
@@ -32,7 +34,7 @@ def plot_weights(weight: np.ndarray, neurons: np.ndarray, path: str | Path) -> N
     ax.set_ylabel("regression weight")
     ax.set_title(f"L1 logistic regression weights ({np.count_nonzero(weight)} non-zero of {len(weight)})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -50,7 +52,7 @@ def plot_neuron_histogram(
     ax.set_title(f"neuron {neuron} by class{title_suffix}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

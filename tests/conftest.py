@@ -44,6 +44,14 @@ def keep_checkpoint_at_step(monkeypatch, step: int, saved: Path, copy: Path) -> 
 
 
 @pytest.fixture(autouse=True)
+def _matmul_decisions_in_tmp(tmp_path_factory, monkeypatch):
+    # Each test starts with no MKL/oneDNN decisions and never reads or writes the user's own.
+    from sentiment_discovery import matmul
+
+    monkeypatch.setenv(matmul.DECISIONS_ENV, str(tmp_path_factory.mktemp("matmul-decisions")))
+
+
+@pytest.fixture(autouse=True)
 def _one_thread_seeded():
     # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
     # make each step far slower.
