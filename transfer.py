@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--save_results",
         default="",
-        help="results folder (default <model>_transfer/): classifier.pt, results.json, features_<split>.npy "
-        "and labels_<split>.npy, probs_<split>.npy, weights.png, logit_vis/<rank>_<neuron>.png histograms",
+        help="results folder (default <model>_transfer/): classifier.pt, results.json and the original's "
+        "files: trXt/vaXt/teXt.npy features, trY/vaY/teY.npy labels, all_neurons_score.txt and "
+        "neurons_score.txt ([train, val, test] accuracy %%), all_neurons_probs_<split>.npy and "
+        "neurons_probs_<split>.npy, neurons.npy and neuron_bias.npy (the regression), weight_vis.png, "
+        "logit_vis/<rank>_<feature>.png histograms, extreme_samples.json",
     )
     cli.add_write_results_flag(
         out,

@@ -74,9 +74,14 @@ def write_predictions(
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def extreme_samples(values: np.ndarray, records: Records, n: int = N_EXTREME) -> dict:
-    """The texts with the most positive and most negative values of one neuron."""
+def extreme_samples(values: np.ndarray, records: Records, weight: float, n: int = N_EXTREME) -> dict:
+    """The texts at both ends of one neuron's values, by sentiment: "most_positive" are the texts the
+    neuron calls most positive, its highest values when its classifier ``weight`` is positive, its
+    lowest when negative (the neuron's polarity); "value" is the neuron's raw value."""
     order = np.argsort(values, kind="stable")
+    polarity = 1 if weight >= 0 else -1
+    if polarity < 0:
+        order = order[::-1]
 
     def rows(indices):
         out = []
@@ -87,7 +92,20 @@ def extreme_samples(values: np.ndarray, records: Records, n: int = N_EXTREME) ->
             out.append(row)
         return out
 
-    return {"most_positive": rows(order[::-1][:n]), "most_negative": rows(order[:n])}
+    return {"polarity": polarity, "most_positive": rows(order[::-1][:n]), "most_negative": rows(order[:n])}
+
+
+def write_scores(
+    folder: Path, name: str, accuracy_by_split: dict[str, float], probs_by_split: dict[str, np.ndarray]
+) -> None:
+    """One regression's results under the original's names: ``<name>_score.txt``, the [train, val, test]
+    accuracies in percent as a json list (null for a split that is absent or unlabelled, where the
+    original repeated another split's score), and ``<name>_probs_<split>.npy`` for every split (the
+    original's ``<name>_probs.pkl`` held the three in one pickle; this project writes none)."""
+    percent = [round(100 * accuracy_by_split[s], 6) if s in accuracy_by_split else None for s in SPLITS]
+    write_text(folder / f"{name}_score.txt", json.dumps(percent) + "\n")
+    for split, p in probs_by_split.items():
+        save_npy(folder / f"{name}_probs_{split}.npy", p.astype(np.float32))
 
 
 def file_digest(path: str | Path) -> str:
@@ -103,16 +121,22 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+# The original's file names: trXt.npy (features), trY.npy (labels), and va/te for validation and test.
+SPLIT_PREFIX = {"train": "tr", "val": "va", "test": "te"}
+
+
 class FeatureCache:
-    """Features saved as ``features_<split>.npy`` with the key they were computed under beside them
-    (``features_<split>.json``): model file digest, data file digest, pooling, state, layers,
-    preprocessing and reading options. A cached file is reused only when its key matches."""
+    """Features saved under the original's names, ``trXt.npy``/``vaXt.npy``/``teXt.npy``, with the key
+    they were computed under beside them (``trXt.key.json``): model file digest, data file digest,
+    pooling, state, layers, preprocessing and reading options. A cached file is reused only when its key
+    matches."""
 
     def __init__(self, folder: Path, base_key: dict):
         self.folder, self.base_key = folder, base_key
 
     def _paths(self, split: str) -> tuple[Path, Path]:
-        return self.folder / f"features_{split}.npy", self.folder / f"features_{split}.json"
+        name = f"{SPLIT_PREFIX[split]}Xt"
+        return self.folder / f"{name}.npy", self.folder / f"{name}.key.json"
 
     def key(self, data_path: str) -> dict:
         return {
@@ -313,6 +337,8 @@ def run_transfer(args: argparse.Namespace) -> dict:
 
     full = fit_on(None)
     neurons = top_neurons(full.weight, args.neurons)
+    spec = FeatureSpec.parse(args.pooling, args.state, args.all_layers)
+    names = [spec.describe(int(k), model.config) for k in neurons]
     classifier = make_classifier(full, mean, scale, neurons, args.pooling, args.state, args.all_layers)
     # Probabilities come from the stored classifier, exactly as classifier.py computes them.
     probs = {split: classifier.probs(f) for split, f in features.items()}
@@ -336,20 +362,23 @@ def run_transfer(args: argparse.Namespace) -> dict:
             "n_features": n_features,
             "val_accuracy_by_C": full.val_accuracy_by_C,
         },
-        "neurons": {"indices": neurons.tolist(), "weights": full.weight[neurons].tolist()},
+        "neurons": {"indices": neurons.tolist(), "names": names, "weights": full.weight[neurons].tolist()},
     }
     # --neurons >= 1 and top_neurons keeps at least one feature: there is always a top set
     top = fit_on(neurons)
     top_probs = {split: top.probs(x[:, neurons]) for split, x in std.items()}
     top_acc = accuracies(top_probs)
-    print(_report(f"top {len(neurons)} neuron(s) {neurons.tolist()}", top, top_acc, len(neurons)))
+    print(_report(f"top {len(neurons)} neuron(s) [{'; '.join(names)}]", top, top_acc, len(neurons)))
     results["neurons"].update(
         {"accuracy": top_acc, "C": top.C, "refit_weights": top.weight.tolist(), "refit_bias": top.bias}
     )
+    scores = {"all_neurons": (full_acc, probs), "neurons": (top_acc, top_probs)}
     if args.drop_neurons:
         rest = np.setdiff1d(np.arange(n_features), neurons)
         dropped = fit_on(rest)
-        dropped_acc = accuracies({split: dropped.probs(x[:, rest]) for split, x in std.items()})
+        dropped_probs = {split: dropped.probs(x[:, rest]) for split, x in std.items()}
+        dropped_acc = accuracies(dropped_probs)
+        scores["dropped_neurons"] = (dropped_acc, dropped_probs)
         print(_report(f"without the top {len(neurons)} neuron(s)", dropped, dropped_acc, len(rest)))
         results["drop_neurons"] = {
             "accuracy": dropped_acc,
@@ -357,23 +386,24 @@ def run_transfer(args: argparse.Namespace) -> dict:
             "nonzero_weights": dropped.nonzero,
         }
 
-    for split, p in probs.items():
-        save_npy(out_dir / f"probs_{split}.npy", p.astype(np.float32))
-    for split, y in labels.items():  # beside features_<split>.npy: the saved features stand on their own
-        save_npy(out_dir / f"labels_{split}.npy", y)
+    for name, (acc, split_probs) in scores.items():
+        write_scores(out_dir, name, acc, split_probs)
+    for split, y in labels.items():  # beside trXt.npy...: the saved features stand on their own
+        save_npy(out_dir / f"{SPLIT_PREFIX[split]}Y.npy", y)
+    # the full regression's weights and bias as the original's neurons.pkl / neuron_bias.pkl held them
+    save_npy(out_dir / "neurons.npy", full.weight.reshape(1, -1).astype(np.float32))
+    save_npy(out_dir / "neuron_bias.npy", np.array([full.bias], dtype=np.float32))
     shown = next(split for split in ("test", "val", "train") if split in records)
     top_values = features[shown][:, neurons[0]]
     results["extreme_samples_split"] = shown
-    write_text(
-        out_dir / "extreme_samples.json",
-        json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False),
-    )
+    extremes = {"neuron": names[0], **extreme_samples(top_values, records[shown], full.weight[neurons[0]])}
+    write_text(out_dir / "extreme_samples.json", json.dumps(extremes, indent=1, ensure_ascii=False))
     hist_split = next(split for split in ("test", "val", "train") if split in labels)
     results["histogram_split"] = hist_split
     plot_neuron_histograms(
-        features[hist_split], labels[hist_split], neurons, out_dir / "logit_vis", f" ({hist_split})"
+        features[hist_split], labels[hist_split], neurons, names, out_dir / "logit_vis", f" ({hist_split})"
     )
-    plot_weights(full.weight, neurons, out_dir / "weights.png")
+    plot_weights(full.weight, neurons, out_dir / "weight_vis.png")
     write_text(out_dir / "results.json", json.dumps(_jsonable(results), indent=1))
     save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
     if args.write_results and "test" in records:

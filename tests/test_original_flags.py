@@ -179,3 +179,78 @@ def test_help_lists_the_original_model_flags(script):
         assert {"--dropout", "--all_layers", "--tied"} <= flags
     if script == "transfer.py":
         assert {"--split", "--eval_text_key", "--eval_label_key", "--preprocess"} <= flags
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer.py's outputs under the original's names; features named by unit; polarity-aware extremes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_features_are_named_by_unit_layer_pooling_and_state():
+    from sentiment_discovery.readout import FeatureSpec
+
+    big = ModelConfig(nhid=4096)
+    spec = FeatureSpec.parse("mean,max,last")
+    assert spec.describe(398, big) == "unit 398, mean cell (feature 398)"
+    assert spec.describe(4096 + 398, big) == "unit 398, max cell (feature 4494)"
+    layers = FeatureSpec.parse("last", "hidden", all_layers=True)
+    two = ModelConfig(nhid=H, nlayers=2)
+    assert layers.describe(H + 5, two) == "unit 5 of layer 1, last hidden (feature 17)"
+
+
+def test_transfer_writes_the_original_names_for_every_split(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from sentiment_discovery import plots
+
+    titles = []
+
+    def keep_title(fig, path, **kwargs):  # the histogram titles, as drawn
+        titles.append((path.name, fig.axes[0].get_title()))
+        plt.close(fig)
+
+    monkeypatch.setattr(plots, "save_figure", keep_title)
+    paths = synthetic_splits(tmp_path)
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    out = tmp_path / "lm_transfer"
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+            "--pooling", "mean,max,last", "--neurons", "2", "--drop_neurons",
+            "--log2_C", "0", "2"]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    sizes = {"tr": 60, "va": 30, "te": 20}
+    for prefix, split in (("tr", "train"), ("va", "val"), ("te", "test")):
+        assert np.load(out / f"{prefix}Xt.npy").shape == (sizes[prefix], 3 * 8)  # mean, max, last blocks
+        assert np.load(out / f"{prefix}Y.npy").tolist() == pd.read_csv(paths[split])["label"].tolist()
+    regressions = {"all_neurons": "all_features", "neurons": "neurons", "dropped_neurons": "drop_neurons"}
+    for name, key in regressions.items():
+        score = json.loads((out / f"{name}_score.txt").read_text())
+        assert score == pytest.approx([100 * results[key]["accuracy"][s] for s in ("train", "val", "test")])
+        for split, prefix in (("train", "tr"), ("val", "va"), ("test", "te")):
+            probs = np.load(out / f"{name}_probs_{split}.npy")
+            labels = np.load(out / f"{prefix}Y.npy")
+            assert np.mean((probs > 0.5) == labels) == pytest.approx(results[key]["accuracy"][split])
+    assert np.load(out / "neurons.npy").shape == (1, 24) and np.load(out / "neuron_bias.npy").shape == (1,)
+    assert not list(out.glob("*.pkl"))
+    # the top neurons are named by what they are, in results.json and on the histograms
+    spec_names = results["neurons"]["names"]
+    assert len(spec_names) == 2
+    for k, name in zip(results["neurons"]["indices"], spec_names):
+        pooling = ("mean", "max", "last")[k // 8]
+        assert name == f"unit {k % 8}, {pooling} cell (feature {k})"
+    drawn = dict(titles)
+    for rank, (k, name) in enumerate(zip(results["neurons"]["indices"], spec_names)):
+        assert drawn[f"{rank}_{k}.png"].startswith(f"{name} by class")
+
+
+def test_extreme_samples_follow_the_polarity_of_the_weight():
+    from sentiment_discovery.transfer import extreme_samples
+
+    records = Records("f", ["low", "mid", "high"], np.array([1, 0, 0]))
+    values = np.array([-2.0, 0.0, 3.0])
+    positive = extreme_samples(values, records, weight=0.7, n=1)
+    assert positive["most_positive"][0]["text"] == "high" and positive["most_negative"][0]["text"] == "low"
+    negative = extreme_samples(values, records, weight=-0.7, n=1)  # low values read as positive
+    assert negative["polarity"] == -1
+    assert negative["most_positive"][0] == {"value": -2.0, "text": "low", "label": 1}
+    assert negative["most_negative"][0]["text"] == "high"
