@@ -127,9 +127,10 @@ def test_featurization_in_transfer_and_classifier_writes_progress_lines(tmp_path
                 "--valid", paths["val"], "--test", paths["test"], "--log2_C", "0", "0",
                 "--batch_size", "16"]  # fmt: skip
     _, stderr = run_logged(tmp_path, "transfer", transfer, env)
-    # counted in bytes of the preprocessed texts (one long text shows progress too): a job per split
-    finished = re.findall(r"^featurizing: (\S+)/\1 B \(100%\) .* done in ", stderr, flags=re.M)
-    assert len(finished) == 3, stderr[-2000:]
+    featurizing = [line for line in stderr.splitlines() if line.startswith("featurizing: ")]
+    # counted in bytes (a long text shows progress too): one finished line per split
+    finished = [line for line in featurizing if re.match(r"featurizing: (\S+)/\1 B \(100%\).*done in", line)]
+    assert len(finished) == 3, featurizing
     clf = str(tmp_path / "lm_transfer" / "classifier.pt")
     classify = [str(ROOT / "classifier.py"), "--load_model", clf, "--data", paths["test"],
                 "--batch_size", "8"]  # fmt: skip
