@@ -117,11 +117,18 @@ def add_architecture_flags(group, *, generation: bool = False) -> None:
 def add_read_flags(group) -> None:
     """How a labelled csv/json file is read (readers.ReadOptions): transfer.py and classifier.py."""
     group.add_argument("--text_key", default="sentence", help="csv column / json key of the text")
-    group.add_argument("--label_key", default="label", help="csv column / json key of the 0/1 label")
+    group.add_argument(
+        "--label_key",
+        default="label",
+        help="csv column / json key of the label: 0/1, or (transfer.py) any class values, numbers or names",
+    )
     group.add_argument("--delim", default=",", help="csv delimiter")
     group.add_argument("--loose_json", action="store_true", help="one json object per line")
     group.add_argument(
-        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
+        "--binarize_labels",
+        action="store_true",
+        help="two classes from numeric labels (ratings): each file's labels rescaled to [0, 1] by its"
+        " min and max, > 0.5 positive (the later NVIDIA suite's binarize_labels)",
     )
 
 

@@ -20,9 +20,14 @@ from .safe_io import save_figure, write_text  # noqa: E402
 
 def plot_weights(weight: np.ndarray, neurons: np.ndarray, path: str | Path) -> None:
     """Regression weight of every feature; the top neuron(s) highlighted and labelled."""
-    weight = np.asarray(weight).reshape(-1)
+    weight = np.asarray(weight)
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(np.arange(len(weight)), weight, lw=0.6, color="tab:blue")
+    if weight.ndim == 2:  # K classes: a line per class; the top neurons marked at their largest |weight|
+        for row in weight:
+            ax.plot(np.arange(weight.shape[1]), row, lw=0.6)
+        weight = weight[np.abs(weight).argmax(axis=0), np.arange(weight.shape[1])]
+    else:
+        ax.plot(np.arange(len(weight)), weight, lw=0.6, color="tab:blue")
     for rank, n in enumerate(np.asarray(neurons).reshape(-1)[:10]):
         ax.scatter([n], [weight[n]], color="tab:red", zorder=3, s=20)
         ax.annotate(

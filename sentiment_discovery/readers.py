@@ -305,6 +305,7 @@ def read_records(
     *,
     need_labels: bool | None = False,
     multiclass: bool = False,
+    label_values: bool = False,
     **settings,
 ) -> Records:
     """Read ``path`` (csv, or json when it ends in .json/.jsonl or ``loose_json``) into Records.
@@ -314,6 +315,8 @@ def read_records(
     With ``need_labels`` the ``label_key`` column must exist and hold 0/1 (or numeric values with
     ``binarize_labels``: rescaled to [0, 1] and thresholded at > 0.5, as the original suite did).
     ``multiclass``: labels may be any integers (class numbers, for fine-tuning with two or more classes).
+    ``label_values``: labels as the file holds them (numbers or strings, an object array) for the caller
+    to number (``class_names``/``class_numbers``); ``binarize_labels`` still maps numbers to 0/1.
     A UTF-8 BOM is dropped; invalid UTF-8 is replaced by U+FFFD, with a warning that counts it.
     ``settings``: fields of ``ReadOptions`` that replace those of ``options``.
     """
@@ -353,7 +356,13 @@ def read_records(
                 raise DataError(f"{path}: line 1: missing label column {label_key!r} (columns: {columns})")
             raw_labels = frame[label_key].tolist()
 
-    labels = None if raw_labels is None else _labels(path, raw_labels, options.binarize_labels, multiclass)
+    if raw_labels is None:
+        labels = None
+    elif label_values and not options.binarize_labels:
+        labels = np.empty(len(raw_labels), dtype=object)
+        labels[:] = raw_labels
+    else:
+        labels = _labels(path, raw_labels, options.binarize_labels, multiclass)
     return Records(str(path), texts, labels)
 
 
@@ -381,6 +390,37 @@ def _labels(path: Path, raw: list, binarize: bool, multiclass: bool = False) -> 
             "(pass --binarize_labels to rescale ratings such as 1-5)"
         )
     return values.astype(np.int64)
+
+
+def label_name(value) -> str:
+    """A label value's class name: a number as it reads (1.0 -> "1"), anything else as text."""
+    if _is_number(value) and not isinstance(value, str):
+        return f"{float(value):g}"
+    return str(value).strip()
+
+
+def class_names(values: np.ndarray) -> tuple[str, ...]:
+    """The classes of a split's label values, in sorted order: numbers by value, else names as text."""
+    names = {label_name(v) for v in values}
+    if all(_is_number(n) for n in names):
+        return tuple(sorted(names, key=float))
+    return tuple(sorted(names))
+
+
+def class_numbers(values: np.ndarray, names: tuple[str, ...], path: str) -> np.ndarray:
+    """Label values -> class numbers (the index of each value's name in ``names``); a value outside
+    ``names`` is a ``DataError`` naming the file and record."""
+    index = {name: k for k, name in enumerate(names)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        name = label_name(value)
+        if name not in index:
+            raise DataError(
+                f"{path}: record {i + 1}: label {name!r} is not one of the training split's classes "
+                f"({', '.join(names)})"
+            )
+        out[i] = index[name]
+    return out
 
 
 def _is_number(v) -> bool:

@@ -20,15 +20,27 @@ from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
 from .formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
-from .readers import ReadOptions, Records, is_json_path, parse_split, read_records, split_records
+from .readers import (
+    ReadOptions,
+    Records,
+    class_names,
+    class_numbers,
+    is_json_path,
+    label_name,
+    parse_split,
+    read_records,
+    split_records,
+)
 from .readout import FeatureSpec, top_neurons
 from .regression import (
     CV_FOLDS,
     Regression,
     accuracy,
     c_sweep,
+    classification_scores,
     fit_l1_regression,
     make_classifier,
+    predicted,
     standardizer,
 )
 from .safe_io import atomic_write, save_npy, write_text
@@ -51,19 +63,28 @@ def write_predictions(
     features: np.ndarray,
     text_key: str,
     label_key: str,
+    classes: tuple[str, ...] = ("0", "1"),
 ) -> None:
     """One row per text: the text, its true label (``label_key``, when the file has labels), the
     ``predicted`` label, ``prob`` (P(positive), all features), ``prob_top<N>`` (P(positive) from the top
-    N neurons alone) and ``neuron <k>`` (each top neuron's value). json when ``path`` ends in .json
-    (.jsonl: one object per line), csv otherwise."""
+    N neurons alone) and ``neuron <k>`` (each top neuron's value). Labels other than 0/1 are written by
+    class name; more than two classes get ``prob <class>`` per class and ``predicted_top<N>`` instead.
+    json when ``path`` ends in .json (.jsonl: one object per line), csv otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    named = classes != ("0", "1")
+    name_of = (lambda k: np.asarray(classes, dtype=object)[k]) if named else (lambda k: k)
     columns = {text_key: records.texts}
     if records.labels is not None:
-        columns[label_key] = records.labels
-    columns["predicted"] = (probs > 0.5).astype(int)
-    columns["prob"] = probs
-    columns[f"prob_top{len(neurons)}"] = top_probs
+        columns[label_key] = name_of(records.labels)
+    columns["predicted"] = name_of(predicted(probs))
+    if probs.ndim == 2:
+        for k, name in enumerate(classes):
+            columns[f"prob {name}"] = probs[:, k]
+        columns[f"predicted_top{len(neurons)}"] = name_of(predicted(top_probs))
+    else:
+        columns["prob"] = probs
+        columns[f"prob_top{len(neurons)}"] = top_probs
     for k in neurons:
         columns[f"neuron {int(k)}"] = features[:, int(k)]
     frame = pd.DataFrame(columns)
@@ -74,13 +95,20 @@ def write_predictions(
         atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def extreme_samples(values: np.ndarray, records: Records, weight: float, n: int = N_EXTREME) -> dict:
+def extreme_samples(
+    values: np.ndarray,
+    records: Records,
+    weight: float | None,
+    classes: tuple[str, ...] = ("0", "1"),
+    n: int = N_EXTREME,
+) -> dict:
     """The texts at both ends of one neuron's values, by sentiment: "most_positive" are the texts the
     neuron calls most positive, its highest values when its classifier ``weight`` is positive, its
-    lowest when negative (the neuron's polarity); "value" is the neuron's raw value."""
+    lowest when negative (the neuron's polarity); "value" is the neuron's raw value. ``weight`` None
+    (more than two classes, no single polarity): "highest" and "lowest" values instead. Labels are
+    shown by class name (``classes``)."""
     order = np.argsort(values, kind="stable")
-    polarity = 1 if weight >= 0 else -1
-    if polarity < 0:
+    if weight is not None and weight < 0:
         order = order[::-1]
 
     def rows(indices):
@@ -88,11 +116,21 @@ def extreme_samples(values: np.ndarray, records: Records, weight: float, n: int 
         for i in indices:
             row = {"value": float(values[i]), "text": records.texts[i]}
             if records.labels is not None:
-                row["label"] = int(records.labels[i])
+                k = int(records.labels[i])
+                row["label"] = k if classes == ("0", "1") else classes[k]
             out.append(row)
         return out
 
+    if weight is None:
+        return {"highest": rows(order[::-1][:n]), "lowest": rows(order[:n])}
+    polarity = 1 if weight >= 0 else -1
     return {"polarity": polarity, "most_positive": rows(order[::-1][:n]), "most_negative": rows(order[:n])}
+
+
+def by_metric(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{split: {metric: value}} -> {metric: {split: value}}, as results.json lists them."""
+    names = ("accuracy", "macro_f1", "mcc")
+    return {name: {split: m[name] for split, m in metrics.items()} for name in names}
 
 
 def write_scores(
@@ -175,13 +213,6 @@ def default_results_dir(load_model: str) -> Path:
     return path.with_name(path.stem + "_transfer")
 
 
-def _read_labelled(
-    args: argparse.Namespace, path: str, need_labels: bool | None, multiclass: bool = False
-) -> Records:
-    """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
-    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels, multiclass=multiclass)
-
-
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
     """One split's file; --valid and --test with --eval_text_key/--eval_label_key where given."""
     options = ReadOptions.from_args(args)
@@ -192,7 +223,7 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
             label_key=args.eval_label_key or options.label_key,
         )
     try:
-        return read_records(path, options, need_labels=need_labels)
+        return read_records(path, options, need_labels=need_labels, label_values=True)
     except DataError as e:
         hint = ""
         if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
@@ -202,21 +233,35 @@ def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bo
         raise DataError(f"{split} split: {e}{hint}") from None
 
 
-def _check_both_classes(split: str, records: Records) -> None:
-    classes = np.unique(records.labels)
-    if len(classes) < 2:
-        raise DataError(
-            f"{split} split: {records.path}: every label is {int(classes[0])}; fitting (train) and "
-            "choosing C (val) need texts of both classes, 0 and 1"
-        )
+def _number_classes(records: dict[str, Records]) -> tuple[str, ...]:
+    """Every labelled split's label values -> class numbers 0 .. K-1, the classes being the training
+    split's values in sorted order (numbers by value, else names); returns their names. Fitting needs two
+    classes in train, choosing C two in val."""
+    names = class_names(records["train"].labels)
+    for split, recs in records.items():
+        if recs.labels is not None:
+            records[split] = replace(recs, labels=class_numbers(recs.labels, names, recs.path))
+    for split in ("train", "val"):
+        if split in records and len(np.unique(records[split].labels)) < 2:
+            only = names[int(records[split].labels[0])]
+            raise DataError(
+                f"{split} split: {records[split].path}: every label is {only}; fitting (train) and "
+                "choosing C (val) need texts of at least two classes"
+            )
+    return names
 
 
-def _report(name: str, reg: Regression, acc: dict[str, float], n_features: int) -> str:
-    accs = ", ".join(f"{split} {100 * a:.2f}%" for split, a in acc.items())
+def _report(name: str, reg: Regression, metrics: dict[str, dict[str, float]], n_features: int) -> str:
+    accs = ", ".join(
+        f"{split} {100 * m['accuracy']:.2f}% (F1 {m['macro_f1']:.3f}, MCC {m['mcc']:.3f})"
+        for split, m in metrics.items()
+    )
     note = "" if reg.converged else " (did not converge: raise --epochs)"
+    n_weights = reg.weight.size  # K x features for K > 2 classes
     if reg.nonzero == 0:
         note += " (all weights zero: the features carry no usable signal at these C; widen --log2_C)"
-    return f"{name}: {accs}; C = {reg.C:g}; {reg.nonzero}/{n_features} non-zero weights{note}"
+    per = f" ({n_features} per class)" if reg.weight.ndim == 2 else ""
+    return f"{name}: {accs}; C = {reg.C:g}; {reg.nonzero}/{n_weights} non-zero weights{per}{note}"
 
 
 def _read_splits(args: argparse.Namespace) -> tuple[dict[str, Records], list[str]]:
@@ -256,7 +301,7 @@ def _choose_model(given: str, *outputs: str) -> str:
 
 def run_transfer(args: argparse.Namespace) -> dict:
     """Run transfer.py with its parsed options; returns the results dict also written to results.json."""
-    from .plots import plot_neuron_histograms, plot_weights
+    from .plots import BINARY_CLASSES, plot_neuron_histograms, plot_weights
 
     if args.neurons < 1:
         raise UsageError(f"--neurons {args.neurons}: the second regression needs at least one neuron")
@@ -277,9 +322,12 @@ def run_transfer(args: argparse.Namespace) -> dict:
     records, carved = _read_splits(args)
     if "val" not in records:
         print(f"no validation split: C chosen by {CV_FOLDS}-fold cross-validation on the training split")
-    for split in ("train", "val"):  # before featurizing: fitting, and choosing C, need both classes
-        if split in records:
-            _check_both_classes(split, records[split])
+    classes = _number_classes(records)  # before featurizing: a bad label is found in seconds
+    binary = len(classes) == 2
+    if classes not in (("0", "1"),):
+        mapping = ", ".join(f"{name} -> {k}" for k, name in enumerate(classes))
+        note = f" (P(positive) is P({classes[1]}))" if binary else ""
+        print(f"{len(classes)} classes, in sorted order: {mapping}{note}")
 
     cache = FeatureCache(
         out_dir,
@@ -329,17 +377,24 @@ def run_transfer(args: argparse.Namespace) -> dict:
         pick = (lambda x: x) if columns is None else (lambda x: x[:, columns])
         val_x = pick(std["val"]) if "val" in std else None
         return fit_l1_regression(
-            pick(std["train"]), labels["train"], val_x, labels.get("val"), Cs, args.epochs, args.seed
-        )
+            pick(std["train"]), labels["train"], val_x, labels.get("val"), Cs, args.epochs, args.seed,
+            n_classes=len(classes),
+        )  # fmt: skip
 
-    def accuracies(probs: dict[str, np.ndarray]) -> dict[str, float]:
-        return {split: accuracy(probs[split], y) for split, y in labels.items()}
+    def accuracies(probs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+        """accuracy, macro F1 and MCC of each labelled split"""
+        return {split: classification_scores(probs[split], y) for split, y in labels.items()}
 
     full = fit_on(None)
-    neurons = top_neurons(full.weight, args.neurons)
+    # K > 2 classes: a feature's strength is its largest |weight| over the classes (Readout's order);
+    # each class's own top features are listed in results.json
+    strength = full.weight if binary else np.abs(full.weight).max(axis=0)
+    neurons = top_neurons(strength, args.neurons)
     spec = FeatureSpec.parse(args.pooling, args.state, args.all_layers)
     names = [spec.describe(int(k), model.config) for k in neurons]
-    classifier = make_classifier(full, mean, scale, neurons, args.pooling, args.state, args.all_layers)
+    classifier = make_classifier(
+        full, mean, scale, neurons, args.pooling, args.state, args.all_layers, None if binary else classes
+    )
     # Probabilities come from the stored classifier, exactly as classifier.py computes them.
     probs = {split: classifier.probs(f) for split, f in features.items()}
     full_acc = accuracies(probs)
@@ -356,21 +411,29 @@ def run_transfer(args: argparse.Namespace) -> dict:
         "split": {"proportions": args.split, "seed": args.seed, "carved": carved} if carved else None,
         "records": {split: len(r) for split, r in records.items()},
         "all_features": {
-            "accuracy": full_acc,
+            **by_metric(full_acc),
             "C": full.C,
             "nonzero_weights": full.nonzero,
             "n_features": n_features,
             "val_accuracy_by_C": full.val_accuracy_by_C,
         },
-        "neurons": {"indices": neurons.tolist(), "names": names, "weights": full.weight[neurons].tolist()},
+        "classes": list(classes),
+        "neurons": {
+            "indices": neurons.tolist(), "names": names, "weights": full.weight[..., neurons].tolist()
+        },
     }
+    if not binary:
+        results["neurons"]["per_class"] = {
+            name: top_neurons(full.weight[k], args.neurons).tolist() for k, name in enumerate(classes)
+        }
     # --neurons >= 1 and top_neurons keeps at least one feature: there is always a top set
     top = fit_on(neurons)
     top_probs = {split: top.probs(x[:, neurons]) for split, x in std.items()}
     top_acc = accuracies(top_probs)
     print(_report(f"top {len(neurons)} neuron(s) [{'; '.join(names)}]", top, top_acc, len(neurons)))
     results["neurons"].update(
-        {"accuracy": top_acc, "C": top.C, "refit_weights": top.weight.tolist(), "refit_bias": top.bias}
+        {**by_metric(top_acc), "C": top.C, "refit_weights": top.weight.tolist(),
+         "refit_bias": np.asarray(top.bias).tolist()}  # fmt: skip
     )
     scores = {"all_neurons": (full_acc, probs), "neurons": (top_acc, top_probs)}
     if args.drop_neurons:
@@ -381,31 +444,35 @@ def run_transfer(args: argparse.Namespace) -> dict:
         scores["dropped_neurons"] = (dropped_acc, dropped_probs)
         print(_report(f"without the top {len(neurons)} neuron(s)", dropped, dropped_acc, len(rest)))
         results["drop_neurons"] = {
-            "accuracy": dropped_acc,
+            **by_metric(dropped_acc),
             "C": dropped.C,
             "nonzero_weights": dropped.nonzero,
         }
 
-    for name, (acc, split_probs) in scores.items():
-        write_scores(out_dir, name, acc, split_probs)
+    for name, (metrics, split_probs) in scores.items():
+        write_scores(out_dir, name, by_metric(metrics)["accuracy"], split_probs)
     for split, y in labels.items():  # beside trXt.npy...: the saved features stand on their own
         save_npy(out_dir / f"{SPLIT_PREFIX[split]}Y.npy", y)
     # the full regression's weights and bias as the original's neurons.pkl / neuron_bias.pkl held them
-    save_npy(out_dir / "neurons.npy", full.weight.reshape(1, -1).astype(np.float32))
-    save_npy(out_dir / "neuron_bias.npy", np.array([full.bias], dtype=np.float32))
+    save_npy(out_dir / "neurons.npy", full.weight.reshape(-1, n_features).astype(np.float32))
+    save_npy(out_dir / "neuron_bias.npy", np.asarray(full.bias, dtype=np.float32).reshape(-1))
     shown = next(split for split in ("test", "val", "train") if split in records)
     top_values = features[shown][:, neurons[0]]
     results["extreme_samples_split"] = shown
-    extremes = {"neuron": names[0], **extreme_samples(top_values, records[shown], full.weight[neurons[0]])}
+    weight = full.weight[neurons[0]] if binary else None
+    extremes = {"neuron": names[0], **extreme_samples(top_values, records[shown], weight, classes)}
     write_text(out_dir / "extreme_samples.json", json.dumps(extremes, indent=1, ensure_ascii=False))
     hist_split = next(split for split in ("test", "val", "train") if split in labels)
     results["histogram_split"] = hist_split
     plot_neuron_histograms(
-        features[hist_split], labels[hist_split], neurons, names, out_dir / "logit_vis", f" ({hist_split})"
-    )
+        features[hist_split], labels[hist_split], neurons, names, out_dir / "logit_vis", f" ({hist_split})",
+        classes=BINARY_CLASSES if classes == ("0", "1") else classes,
+    )  # fmt: skip
     plot_weights(full.weight, neurons, out_dir / "weight_vis.png")
     write_text(out_dir / "results.json", json.dumps(_jsonable(results), indent=1))
-    save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
+    # two classes named otherwise than 0/1: the readout is P(class 1); the names go beside it
+    extra = {"class_names": list(classes)} if binary and classes != ("0", "1") else None
+    save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier, extra=extra)
     if args.write_results and "test" in records:
         write_predictions(
             args.write_results,
@@ -416,6 +483,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             features["test"],
             args.text_key,
             args.label_key,
+            classes,
         )
         print(f"wrote test predictions to {args.write_results}")
     print(f"results in {out_dir}/ (classifier: {out_dir / 'classifier.pt'})")
@@ -448,7 +516,7 @@ def _report_classes(
         f"classifier weights; {counts}"
     )
     if records.labels is not None:
-        names = np.array([str(int(v)) for v in records.labels])
+        names = np.array([label_name(v) for v in records.labels])
         print(f"accuracy {100 * float(np.mean(names == np.array(classes)[predicted])):.2f}%")
     if records.path == "--text":
         for text, row, k in zip(records.texts, probs, predicted):
@@ -478,7 +546,10 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     if args.text:
         records = Records("--text", list(args.text))
     else:
-        records = _read_labelled(args, args.data, need_labels=None, multiclass=readout.classes is not None)
+        # a K-class classifier's labels are read as the file holds them (numbers or names) and compared
+        # by class name
+        options = ReadOptions.from_args(args)
+        records = read_records(args.data, options, need_labels=None, label_values=readout.classes is not None)
     features = encoder.transform(records.texts, progress=True)
     probs = readout.probs(features, args.neurons)
 

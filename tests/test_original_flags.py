@@ -254,3 +254,135 @@ def test_extreme_samples_follow_the_polarity_of_the_weight():
     assert negative["polarity"] == -1
     assert negative["most_positive"][0] == {"value": -2.0, "text": "low", "label": 1}
     assert negative["most_negative"][0]["text"] == "high"
+
+
+# ---------------------------------------------------------------------------------------------
+# labels other than 0/1: several classes, names, accuracy + macro F1 + MCC, --binarize_labels
+# ---------------------------------------------------------------------------------------------
+
+
+def test_class_names_sort_numbers_by_value_and_names_as_text():
+    from sentiment_discovery.errors import DataError
+    from sentiment_discovery.readers import class_names, class_numbers
+
+    values = np.array([10, 2, 2.0, 1], dtype=object)
+    assert class_names(values) == ("1", "2", "10")  # 10 after 2: by value, not as text
+    assert class_numbers(values, ("1", "2", "10"), "f.csv").tolist() == [2, 1, 1, 0]
+    names = class_names(np.array(["pos", "neg", "neu", "neg"], dtype=object))
+    assert names == ("neg", "neu", "pos")
+    with pytest.raises(DataError, match=r"f.csv: record 2: label 'bad' is not one of .*neg, neu, pos"):
+        class_numbers(np.array(["pos", "bad"], dtype=object), names, "f.csv")
+
+
+def word_soup_classes(
+    folder, names=("neg", "neu", "pos"), sizes=(("train", 60), ("val", 30), ("test", 30))
+) -> dict[str, str]:
+    """Texts of three word lists (bad / plain / good words), labelled by ``names`` in turn."""
+    rng = np.random.default_rng(0)
+    words = [["bad", "awful", "dull"], ["okay", "plain", "average"], ["good", "great", "fun"]]
+    paths = {}
+    for split, n in sizes:
+        classes = np.arange(n) % len(names)
+        texts = [" ".join(rng.choice(words[k], size=3)) for k in classes]
+        paths[split] = str(folder / f"{split}.csv")
+        frame = pd.DataFrame({"sentence": texts, "label": [names[k] for k in classes]})
+        frame.to_csv(paths[split], index=False)
+    return paths
+
+
+def test_transfer_fits_several_named_classes_and_classifier_reads_them(tmp_path, capsys):
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from sentiment_discovery.checkpoint import load_checkpoint
+
+    paths = word_soup_classes(tmp_path)
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    out = tmp_path / "lm_transfer"
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+            "--neurons", "2", "--log2_C", "-2", "2",
+            "--write_results", str(tmp_path / "pred.csv")]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    assert "3 classes, in sorted order: neg -> 0, neu -> 1, pos -> 2" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["neg", "neu", "pos"]
+    readout = load_checkpoint(out / "classifier.pt").classifier
+    assert readout.classes == ("neg", "neu", "pos") and tuple(readout.weight.shape) == (3, 8)
+    assert set(results["neurons"]["per_class"]) == {"neg", "neu", "pos"}
+    for split, prefix in (("train", "tr"), ("val", "va"), ("test", "te")):
+        probs = np.load(out / f"all_neurons_probs_{split}.npy")
+        y = np.load(out / f"{prefix}Y.npy")
+        assert probs.shape == (len(y), 3)
+        guess = probs.argmax(axis=1)
+        assert results["all_features"]["accuracy"][split] == pytest.approx(np.mean(guess == y))
+        scores = results["all_features"]
+        assert scores["macro_f1"][split] == pytest.approx(f1_score(y, guess, average="macro"))
+        assert scores["mcc"][split] == pytest.approx(matthews_corrcoef(y, guess))
+    assert results["all_features"]["accuracy"]["test"] > 0.5  # three word lists: well above chance (1/3)
+    written = pd.read_csv(tmp_path / "pred.csv")
+    assert written["label"].tolist() == pd.read_csv(paths["test"])["label"].tolist()
+    assert set(written["predicted"]) <= {"neg", "neu", "pos"} and "prob neu" in written.columns
+    # classifier.py reads the same names and scores the test split as transfer.py did
+    classify = ["--load_model", str(out / "classifier.pt"), "--data", paths["test"]]
+    assert load_script("classifier").main(classify) == 0
+    accuracy = 100 * results["all_features"]["accuracy"]["test"]
+    assert f"accuracy {accuracy:.2f}%" in capsys.readouterr().out
+
+
+def test_sst_folded_with_text_length_into_four_classes(tmp_path):
+    from conftest import fixture_path
+
+    frame = pd.read_csv(fixture_path("binary_sst", "train.csv")).head(160)
+    long = frame["sentence"].str.len() > frame["sentence"].str.len().median()
+    frame["label"] = frame["label"] * 2 + long.astype(int)  # 0..3: sentiment x length
+    parts = {"train": frame.iloc[:100], "val": frame.iloc[100:130], "test": frame.iloc[130:]}
+    paths = {}
+    for split, part in parts.items():
+        paths[split] = str(tmp_path / f"{split}.csv")
+        part.to_csv(paths[split], index=False)
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+            "--log2_C", "0", "1"]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    out = tmp_path / "lm_transfer"
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == ["0", "1", "2", "3"]
+    assert np.load(out / "teY.npy").tolist() == parts["test"]["label"].tolist()
+    assert np.load(out / "neurons.npy").shape == (4, 8) and np.load(out / "neuron_bias.npy").shape == (4,)
+    assert json.loads((out / "neurons_score.txt").read_text())[2] == pytest.approx(
+        100 * results["neurons"]["accuracy"]["test"]
+    )
+
+
+def test_two_classes_named_otherwise_and_binarize_labels(tmp_path, capsys):
+    from sentiment_discovery.checkpoint import load_checkpoint
+
+    paths = word_soup_classes(tmp_path, names=("10", "2"), sizes=(("train", 40), ("val", 20)))
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", "none",
+            "--log2_C", "0", "0"]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    assert "2 classes, in sorted order: 2 -> 0, 10 -> 1 (P(positive) is P(10))" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "lm_transfer" / "classifier.pt")
+    assert ckpt.classifier.classes is None and ckpt.extra["class_names"] == ["2", "10"]
+    labels = pd.read_csv(paths["train"])["label"]
+    assert np.load(tmp_path / "lm_transfer" / "trY.npy").tolist() == (labels == 10).astype(int).tolist()
+
+    # --binarize_labels (the later suite's): ratings rescaled to [0, 1] over the file, > 0.5 positive
+    ratings = {}
+    for split, n in (("train", 40), ("val", 20)):
+        frame = pd.read_csv(paths[split])
+        frame["label"] = np.arange(n) % 5 + 1  # 1..5: 4 and 5 are positive
+        ratings[split] = str(tmp_path / f"r_{split}.csv")
+        frame.to_csv(ratings[split], index=False)
+    args = ["--load_model", lm, "--data", ratings["train"], "--valid", ratings["val"], "--test", "none",
+            "--log2_C", "0", "0", "--binarize_labels", "--save_results", str(tmp_path / "bin")]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    results = json.loads((tmp_path / "bin" / "results.json").read_text())
+    assert results["classes"] == ["0", "1"]
+    expected = (np.arange(40) % 5 + 1 >= 4).astype(int)
+    assert np.load(tmp_path / "bin" / "trY.npy").tolist() == expected.tolist()
+    # without it, five ratings are five classes; a rating the training split lacks is refused in one line
+    frame = pd.read_csv(ratings["val"])
+    frame.loc[3, "label"] = 7
+    frame.to_csv(ratings["val"], index=False)
+    fails(capsys, load_script("transfer").main, args[:-3], "r_val.csv", "record 4", "label '7'")

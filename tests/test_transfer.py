@@ -162,7 +162,8 @@ def test_transfer_bad_inputs(tmp_path, capsys):
 
     ratings = tmp_path / "ratings.csv"
     pd.DataFrame({"label": [1, 5, 3], "sentence": ["a", "b", "c"]}).to_csv(ratings, index=False)
-    fails([*base, "--data", str(ratings)], "ratings.csv", "0 or 1")
+    # ratings are classes now (1, 3, 5): the validation file's 0 is not one of them
+    fails([*base, "--data", str(ratings)], "val.csv", "not one of the training split's classes (1, 3, 5)")
     unlabelled = tmp_path / "unlabelled.csv"
     pd.DataFrame({"sentence": ["a", "b"]}).to_csv(unlabelled, index=False)
     fails([*base, "--data", str(unlabelled)], "unlabelled.csv", "'label'")
