@@ -63,6 +63,7 @@ from .plots import char_cells
 from .preprocess import encode_bytes, text_slice
 from .readers import ReadOptions, read_records
 from .readout import FeatureSpec, Readout
+from .safe_io import atomic_write
 from .transfer import file_digest
 
 DEFAULT_DATA = "data/binary_sst/val.csv"
@@ -228,10 +229,13 @@ class CorpusStats:
     unit_range: np.ndarray  # float32 [L * H]: colour range of each unit's per-byte values (> 0)
 
     def save(self, path: Path, key: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=self.features, unit_range=self.unit_range, key=np.array(json.dumps(key)))
-        os.replace(tmp, path)
+        """Atomically (safe_io); an ``OutputError`` (an ``OSError``) where ``path`` cannot be written."""
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=self.features, unit_range=self.unit_range, key=np.array(json.dumps(key)))
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path, key: dict, n_texts: int, n_features: int, n_units: int) -> CorpusStats | None:

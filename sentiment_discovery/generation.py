@@ -36,6 +36,7 @@ classifier weight (``--negate`` declares it negative), ``--overwrite +1`` writes
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from .model import RNNModel
 from .preprocess import decode, encode, text_slice
 from .readout import FeatureSpec, Readout
 from .recurrent import State
+from .safe_io import write_bytes, write_text
 
 N_BYTES = 256  # only the first 256 logits are bytes (the decoder may carry extra ids)
 OVERWRITE_MODES = ("hidden", "cell")
@@ -67,6 +69,22 @@ GREEDY_TEMPERATURE = 1e-6  # at or below this, sampling is argmax
 
 class GenerationError(UsageError):
     """A request that cannot be carried out (no neuron to show or force, neuron out of range ...)."""
+
+
+def check_generation_flags(
+    temperature: float = 1.0, gen_length: int = 0, overwrite: float | None = None, log_interval: int = 0
+) -> None:
+    """The sampling settings (generate.py's flags of the same names), each a GenerationError naming it."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(
+            f"--temperature {temperature} must be a finite number >= 0 (0: always the likeliest)"
+        )
+    if gen_length < -1:
+        raise GenerationError(f"--gen_length {gen_length} must be >= 0, or -1 to analyse --text only")
+    if overwrite is not None and not math.isfinite(overwrite):
+        raise GenerationError(f"--overwrite {overwrite} must be a finite number (+1 positive, -1 negative)")
+    if log_interval < 0:
+        raise GenerationError(f"--log-interval {log_interval} must be >= 0 (0: no progress lines)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +243,7 @@ def generate(
     ``Encoder.cell_transform`` does. ``on_byte(index, byte, value)`` is called as each byte is read
     (generation only), to show a text as it comes.
     """
+    check_generation_flags(temperature, gen_length, overwrite, log_interval)
     if overwrite is not None and neuron is None:
         raise GenerationError(
             "--overwrite needs a neuron: give --neuron, or load a checkpoint with a classifier"
@@ -368,12 +387,13 @@ def write_values(path: str | os.PathLike, generation: Generation, *, polarity: i
         ],
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
 # The script (generate.py)
 # --------------------------------------------------------------------------------------------
+
 
 def classifier_probability(
     model: RNNModel, classifier: Readout, texts: list[str], device=None, **precision: bool
@@ -385,6 +405,7 @@ def classifier_probability(
 
 def run_generate(args) -> Generation:
     """generate.py: load, pick the neuron, generate or analyse, print and save text, heatmap, values."""
+    check_generation_flags(args.temperature, args.gen_length, args.overwrite, args.log_interval)
     load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt", "lang_model.pt")
     print(f"model: {resolve_model_path(load_model)}")
     ckpt = load_checkpoint(load_model)
@@ -440,7 +461,7 @@ def run_generate(args) -> Generation:
     save = Path(args.save)
     save.parent.mkdir(parents=True, exist_ok=True)
     data = result.text_bytes
-    save.write_bytes(data)  # the bytes as generated: sampling can produce invalid UTF-8
+    write_bytes(save, data)  # the bytes as generated: sampling can produce invalid UTF-8
     invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
     note = f"; {invalid} of them not valid UTF-8 (printed as U+FFFD, saved as generated)" if invalid else ""
     print(f"text saved to {save} ({len(data)} bytes{note})")

@@ -37,6 +37,7 @@ from .readers import (
     tight_json_rows,
     warn_invalid_utf8,
 )
+from .safe_io import short_name
 
 LAZY_CACHE_VERSION = 1
 
@@ -52,7 +53,7 @@ def lazy_cache_dir(path: str | Path, text_key: str, delim: str, loose_json: bool
     variant = f"{preprocess}-{hashlib.sha1(options).hexdigest()[:10]}"
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    return user_cache / "sentiment-discovery" / "lazy" / f"{path.name}-{digest}" / variant
+    return user_cache / "sentiment-discovery" / "lazy" / short_name(f"{path.name}-{digest}") / variant
 
 
 def lazy_corpus(

@@ -137,10 +137,24 @@ def text_of(row: dict, path: Path, where: str, text_key: str) -> str:
     return "" if value is None else str(value)
 
 
+def check_delimiter(delim: str) -> None:
+    """``--delim``: one or more characters, taken literally (a DataError naming the flag otherwise)."""
+    if not delim:
+        raise DataError("--delim is empty: give the character between csv columns (',' or a tab)")
+    if delim in ("\\t", "\\n", "\\r", "\\"):
+        raise DataError(
+            f"--delim {delim!r} would be taken literally, backslash included; for a tab pass a real tab "
+            "character (--delim $'\\t' in bash)"
+        )
+    if any(c in delim for c in "\n\r\""):
+        raise DataError(f"--delim {delim!r} holds a line break or a quote: not a column separator")
+
+
 def csv_frames(
     path: Path, delim: str, text_key: str, chunksize: int | None = None
 ) -> Iterator[pd.DataFrame]:
     """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
+    check_delimiter(delim)
     try:
         with open_text(path) as f:
             # pandas reads a delimiter of several characters as a regex: escaped, it is the text given

@@ -55,6 +55,7 @@ from .runfiles import (
     snapshot_path,
     snapshots,
 )
+from .safe_io import refuse_symlink, save_figure
 
 LN2 = math.log(2.0)
 
@@ -224,6 +225,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(path)  # appended to line by line: never through a planted link
         kept = []
         if resume_step is not None and path.exists():
             # a resumed run keeps what was logged up to its checkpoint, not what came after it
@@ -263,7 +265,7 @@ def plot_bpc(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_figure(fig, png_path, dpi=100)
     plt.close(fig)
 
 
@@ -656,7 +658,7 @@ def _lock_save(lock: SaveLock) -> None:
 def _pretrain(args, device: torch.device) -> dict:
     from .batching import LMDataOptions, lm_splits
     from .checkpoint import load_checkpoint
-    from .model import ModelConfig
+    from .model import ModelConfig, check_size_flags, device_memory
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
     progress = rank == 0  # a bar on a terminal, progress lines in a log (progress.py)
@@ -666,12 +668,17 @@ def _pretrain(args, device: torch.device) -> dict:
     train_state = None
     if args.load:
         checkpoint = load_checkpoint(args.load)
+        if not args.eval_only:
+            memory = device_memory(device)
+            check_size_flags(checkpoint.config, args.batch_size, args.seq_length, memory, loaded=True)
         model, train_state = checkpoint.model, checkpoint.train_state
         main_print(
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
         )
     else:
-        model = RNNModel(ModelConfig.from_args(args))
+        config = ModelConfig.from_args(args)
+        check_size_flags(config, args.batch_size, args.seq_length, device_memory(device))
+        model = RNNModel(config)
     # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
     with distributed.main_process_first() if args.lazy else nullcontext():
         data = LMDataOptions.from_args(

@@ -30,6 +30,7 @@ from .regression import (
     make_classifier,
     standardizer,
 )
+from .safe_io import atomic_write, save_npy, write_text
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -65,10 +66,11 @@ def write_predictions(
     for k in neurons:
         columns[f"neuron {int(k)}"] = features[:, int(k)]
     frame = pd.DataFrame(columns)
+    lines = path.suffix.lower() == ".jsonl"
     if is_json_path(path):
-        frame.to_json(path, orient="records", lines=path.suffix.lower() == ".jsonl", force_ascii=False)
+        atomic_write(path, lambda tmp: frame.to_json(tmp, orient="records", lines=lines, force_ascii=False))
     else:
-        frame.to_csv(path, index=False)
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def extreme_samples(values: np.ndarray, records: Records, n: int = N_EXTREME) -> dict:
@@ -132,8 +134,8 @@ class FeatureCache:
 
     def save(self, split: str, data_path: str, features: np.ndarray) -> None:
         npy, meta = self._paths(split)
-        np.save(npy, features)
-        meta.write_text(json.dumps(self.key(data_path), indent=1))
+        save_npy(npy, features)
+        write_text(meta, json.dumps(self.key(data_path), indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,14 +339,15 @@ def run_transfer(args: argparse.Namespace) -> dict:
         }
 
     for split, p in probs.items():
-        np.save(out_dir / f"probs_{split}.npy", p.astype(np.float32))
+        save_npy(out_dir / f"probs_{split}.npy", p.astype(np.float32))
     for split, y in labels.items():  # beside features_<split>.npy: the saved features stand on their own
-        np.save(out_dir / f"labels_{split}.npy", y)
+        save_npy(out_dir / f"labels_{split}.npy", y)
     shown = next(split for split in ("test", "val", "train") if split in records)
     top_values = features[shown][:, neurons[0]]
     results["extreme_samples_split"] = shown
-    (out_dir / "extreme_samples.json").write_text(
-        json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False)
+    write_text(
+        out_dir / "extreme_samples.json",
+        json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False),
     )
     hist_split = next(split for split in ("test", "val", "train") if split in labels)
     results["histogram_split"] = hist_split
@@ -352,7 +355,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
         features[hist_split], labels[hist_split], neurons, out_dir / "logit_vis", f" ({hist_split})"
     )
     plot_weights(full.weight, neurons, out_dir / "weights.png")
-    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    write_text(out_dir / "results.json", json.dumps(_jsonable(results), indent=1))
     save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
     if args.write_results and "test" in records:
         write_predictions(
@@ -435,7 +438,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     save_probs.parent.mkdir(parents=True, exist_ok=True)
     if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
         save_probs = save_probs.with_name(save_probs.name + ".npy")
-    np.save(save_probs, probs.astype(np.float32))
+    save_npy(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
     if readout.classes is not None:
         _report_classes(records, probs, readout.classes, encoder, kept)
