@@ -658,11 +658,12 @@ class Explorer:
                 "seed": seed,
             }
         )
+        prompt_bytes = len(prefix) - shown_from  # gen_length counts these, not the "\n " before them
         with self.lock:
             result = generate(
                 self.model,
                 prompt,
-                gen_length=len(prefix) + length,
+                gen_length=prompt_bytes + length,
                 temperature=temperature,
                 seed=seed,
                 neuron=neuron,
@@ -682,6 +683,7 @@ class Explorer:
             {
                 "done": True,
                 "text": result.text,
+                "generated_bytes": len(result.tokens) - result.n_warmup,
                 **(
                     self.prediction(states)
                     if states is not None

@@ -242,6 +242,7 @@ def test_steer_streams_the_text_with_the_unit_forced(server):
     assert code == 200 and kind == "application/x-ndjson"
     lines = [json.loads(line) for line in data.decode().splitlines()]
     assert lines[0]["unit"]["feature"] == 2 * H + 3 and lines[-1]["done"]
+    assert lines[-1]["generated_bytes"] == request["length"]
     chars = [c for line in lines for c in line.get("chars", [])]
     assert "".join(c for c, _, _ in chars) == lines[-1]["text"]
     generated = [v for _, v, is_generated in chars if is_generated]
