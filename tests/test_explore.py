@@ -209,6 +209,14 @@ def test_unit_page_lists_the_extremes_and_the_histogram(server):
     assert sum(r["histogram"]["negative"]) == int((labels == 0).sum())
     assert sum(r["histogram"]["positive"]) == int((labels == 1).sum())
     assert all(t["chars"] and "label" in t for t in r["most"])
+    explorer = server.explorer
+    for t in (r["most"][0], r["least"][0], r["least"][-1]):  # read in a batch = read alone
+        alone = ex.run_states(explorer.model, encode(explorer.texts[t["index"]]).tobytes())
+        assert np.allclose(
+            [v for _, v in t["chars"]],
+            [v for _, v in explorer.coloured(alone, explorer.feature(7))],
+            atol=1e-4,
+        )
     assert 0.5 <= r["unit"]["accuracy"] <= 1
 
 
