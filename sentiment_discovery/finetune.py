@@ -39,7 +39,6 @@ from .checkpoint import SAVE_DTYPES, load_checkpoint, save_checkpoint
 from .cli import Interrupted, pick_seed
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import default_device
-from .formats import check_optimizer_state
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
@@ -444,7 +443,6 @@ class Finetuner:
     ):
         self.model, self.head = model.to(device), head.to(device)
         self.classes, self.splits, self.opt, self.device, self.seed = classes, splits, opt, device, seed
-        self.load = load
         self.train = splits["train"]
         self.dtype = reduced_dtype(device, opt.fp16, opt.bf16)
         self.spec = opt.spec
@@ -515,8 +513,6 @@ class Finetuner:
             raise CheckpointError(
                 f"cannot resume: the checkpoint's classes {ours['classes']} are not {self.classes}"
             )
-        shapes = [tuple(p.shape) for group in self.optimizer.param_groups for p in group["params"]]
-        check_optimizer_state(state["optimizer"], shapes, self.load or "--load_model")
         self.head.load_state_dict(ours["head"])
         set_trainable(
             self.groups, trainable_groups(state["step"], self.opt, len(self.groups), self.steps_per_epoch)

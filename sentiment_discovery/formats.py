@@ -790,9 +790,8 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
     best = state["best_val_bpc"]
     if not (_finite(best) or best == math.inf):
         raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
-    if config is not None and "finetune" not in state:
+    if config is not None:
         check_optimizer_state(state["optimizer"], model_parameter_shapes(config), source)
-    # a fine-tuning state's optimizer also holds the head's parameters: finetune.py checks it against its own
     elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
     scheduler = state["scheduler"]
