@@ -203,5 +203,5 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
 def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:
     """Load any supported checkpoint, its format detected: a native ``.pt`` or ``.safetensors`` file,
     an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py); or an alias of
-    ``formats.MODEL_ALIASES`` (``default``, ``openai``); None is the shipped default model."""
+    ``formats.MODEL_ALIASES`` (``default``, ``finetuned``, ``openai``); None is the shipped default model."""
     return build_checkpoint(read_checkpoint_file(path))

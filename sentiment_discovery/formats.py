@@ -433,8 +433,12 @@ def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | 
 
 FORMAT_NAME = "sentiment-discovery"
 FORMAT_VERSION = 1
-# The model that ships with the package (pretrained/README.md: how it was made, what it scores).
+# The models that ship with the package (pretrained/README.md: how they were made, what they score): the
+# language model with its transferred classifier (``default``: the LM of main.py, transfer.py and
+# generate.py), and that model fine-tuned with its classifier on Binary SST (``finetuned``: the classifier
+# of classifier.py and Encoder().predict_proba, the better one).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
+DEFAULT_CLASSIFIER = DEFAULT_MODEL.with_name("mlstm1024_imdb_sst_finetuned.safetensors")
 # where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
 OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
 
@@ -443,19 +447,20 @@ OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
 # relative to the working directory, as the scripts' data defaults (the repository root).
 MODEL_ALIASES = {
     "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
+    "finetuned": (DEFAULT_CLASSIFIER, "pip install . (the shipped model is package data)"),
     "openai": (Path("data") / OPENAI_MODEL, "python data/download.py openai"),
 }
 
 
-def first_existing_model(*candidates: str) -> str:
+def first_existing_model(*candidates: str, fallback: str = "default") -> str:
     """The first of the scripts' conventional outputs that exists (a user's own model wins), else
-    ``default``, the shipped model."""
-    return next((path for path in candidates if Path(path).exists()), "default")
+    ``fallback``, a shipped model's alias."""
+    return next((path for path in candidates if Path(path).exists()), fallback)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """``path`` itself, or for an alias (``default``, ``openai``) with no file of that name, the file it
-    stands for. None is ``default``, the shipped model."""
+    """``path`` itself, or for an alias (``default``, ``finetuned``, ``openai``) with no file of that name,
+    the file it stands for. None is ``default``, the shipped model."""
     path = Path("default" if path is None else path)
     if path.exists() or str(path) not in MODEL_ALIASES:
         return path
@@ -785,9 +790,8 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
     best = state["best_val_bpc"]
     if not (_finite(best) or best == math.inf):
         raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
-    if config is not None and "finetune" not in state:
+    if config is not None:
         check_optimizer_state(state["optimizer"], model_parameter_shapes(config), source)
-    # a fine-tuning state's optimizer also holds the head's parameters: finetune.py checks it against its own
     elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
     scheduler = state["scheduler"]
