@@ -468,9 +468,11 @@ class Finetuner:
                 and sibling(load, ".best.pt").is_file()
             ):
                 shutil.copy2(sibling(load, ".best.pt"), self.best_path)
-        elif self.best_path.exists():
-            moved = move_aside(self.best_path)
-            self.log(f"{self.best_path} is another run's: moved it aside to {moved}")
+        else:  # a new run: the previous run's checkpoint and outputs are moved aside, never overwritten
+            for path in (Path(opt.save), self.best_path, self.results_path, self.plot_path):
+                moved = move_aside(path)
+                if moved is not None:
+                    self.log(f"{path} is another run's: moved it aside to {moved}")
         self.progress = sys.stderr.isatty() if opt.progress is None else opt.progress
 
     # -- state ---------------------------------------------------------------------------------
