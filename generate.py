@@ -52,9 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--visualize",
         action="store_true",
         help="draw the neuron's sentiment (value x polarity) under each character of the text, in rows "
-        "of 64: <save stem>.png (+ .json values)",
+        "of 64, on a scale centred on 0 with a colour bar: <save stem>.png (+ .json values)",
     )
-    p.add_argument("--heatmap_path", default=None, help="PNG path instead of <save stem>.png")
+    p.add_argument(
+        "--heatmap_path",
+        default=None,
+        help="PNG path instead of <save stem>.png (a .html path: the HTML heatmap only)",
+    )
+    p.add_argument(
+        "--heatmap_html",
+        action="store_true",
+        help="also write the heatmap as a self-contained HTML file (<heatmap stem>.html), values on hover",
+    )
+    p.add_argument(
+        "--heatmap_range",
+        type=cli.finite_float(above=0),
+        default=None,
+        help="colour scale -R..R (default: the largest |value| shown)",
+    )
     p.add_argument(
         "--overwrite",
         type=float,

@@ -35,11 +35,9 @@ classifier weight (``--negate`` declares it negative), ``--overwrite +1`` writes
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +57,7 @@ from .model import RNNModel
 from .preprocess import decode, encode, text_slice
 from .readout import FeatureSpec, Readout
 from .recurrent import State
-from .safe_io import save_figure, write_bytes, write_text
+from .safe_io import write_bytes, write_text
 
 N_BYTES = 256  # only the first 256 logits are bytes (the decoder may carry extra ids)
 OVERWRITE_MODES = ("hidden", "cell")
@@ -233,6 +231,7 @@ def generate(
     bf16: bool = False,
     log_interval: int = 0,
     log: Callable[[str], None] = print,
+    on_byte: Callable[[int, int, float | None], None] | None = None,
 ) -> Generation:
     """Warm the model up on ``text`` and sample until the text (warm-up text + generated, the ``"\\n "``
     before it left out) is ``gen_length`` bytes (-1: analyse only).
@@ -241,7 +240,8 @@ def generate(
     in the way ``overwrite_mode`` says: see the module docstring) needs ``neuron``.
     ``bf16``/``fp16``: reduced-precision matrix products, as featurization (matmul.reduced_dtype).
     Analysis (``gen_length`` -1) takes the values from ``featurize.byte_states``, as
-    ``Encoder.cell_transform`` does.
+    ``Encoder.cell_transform`` does. ``on_byte(index, byte, value)`` is called as each byte is read
+    (generation only), to show a text as it comes.
     """
     check_generation_flags(temperature, gen_length, overwrite, log_interval)
     if overwrite is not None and neuron is None:
@@ -289,6 +289,8 @@ def generate(
                     hidden[i][neuron.layer, 0, neuron.unit] = overwrite
             if neuron is not None:
                 values.append(float(hidden[state_index][neuron.layer, 0, neuron.unit]))
+            if on_byte is not None:
+                on_byte(step, tokens[step], values[-1] if values else None)
             if step + 1 == len(tokens) < total:
                 tokens.append(_sample(logits[0, 0], temperature, generator))
                 n_done = len(tokens) - len(prefix)
@@ -342,158 +344,8 @@ def _analyse(
 
 
 # --------------------------------------------------------------------------------------------
-# Heatmap
+# Values file (the heatmap itself is drawn by plots.py)
 # --------------------------------------------------------------------------------------------
-
-NEWLINE_SYMBOL = "\u21b5"  # drawn at the end of a line that a newline byte breaks
-COLORMAP = "RdYlGn"  # red (negative) - yellow - green (positive), like the original figures
-DPI = 128
-CELL_W_PX, CELL_H_PX = 13, 22
-MARGIN_PX, HEADER_PX = 16, 30
-FONT_PT = 9
-
-
-def char_cells(tokens: np.ndarray) -> list[tuple[int, str]]:
-    """One ``(index of its last byte, character)`` per displayed character.
-
-    Valid UTF-8 sequences are one character; a byte that does not start one is shown as U+FFFD,
-    so any byte string can be drawn.
-    """
-    data = bytes(int(t) for t in tokens)
-    cells = []
-    i = 0
-    while i < len(data):
-        lead = data[i]
-        length = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
-        try:
-            char = codecs.decode(data[i : i + length], "utf-8")
-        except UnicodeDecodeError:
-            char, length = "\ufffd", 1
-        cells.append((i + length - 1, char))
-        i += length
-    return cells
-
-
-def layout_lines(chars: list[str], width: int) -> list[list[int]]:
-    """``chars`` in rows of ``width`` (the original's fixed grid), indices per row; a newline ends its row.
-
-    A word (a run of characters other than space and newline) that would run past the end of a row
-    starts the next row instead, unless it is longer than a row: then it is split where rows end.
-    """
-    rows: list[list[int]] = [[]]
-    i = 0
-    while i < len(chars):
-        if chars[i] == "\n":
-            rows[-1].append(i)
-            rows.append([])
-            i += 1
-            continue
-        end = i + 1
-        if chars[i] != " ":
-            while end < len(chars) and chars[end] not in (" ", "\n"):
-                end += 1
-        if chars[i] != " " and len(rows[-1]) + (end - i) > width >= end - i and rows[-1]:
-            rows.append([])  # the whole word fits on a fresh row: do not split it
-        for k in range(i, end):
-            if len(rows[-1]) == width:
-                rows.append([])
-            rows[-1].append(k)
-        i = end
-    if not rows[-1] and len(rows) > 1:
-        rows.pop()  # nothing after a final newline
-    return rows
-
-
-@dataclass
-class HeatmapLayout:
-    lines: list[list[int]]  # indices into ``cells`` per line
-    cells: list[tuple[int, str]]  # (token index, character)
-    width: int  # characters per line
-
-    @property
-    def size_px(self) -> tuple[int, int]:
-        """(width, height) of the PNG in pixels."""
-        return (2 * MARGIN_PX + self.width * CELL_W_PX, HEADER_PX + len(self.lines) * CELL_H_PX + MARGIN_PX)
-
-    def cell_origin_px(self, row: int, col: int) -> tuple[int, int]:
-        """Top-left pixel (x, y) of a character cell."""
-        return MARGIN_PX + col * CELL_W_PX, HEADER_PX + row * CELL_H_PX
-
-
-def plot_heatmap(
-    tokens: np.ndarray,
-    values: np.ndarray,
-    path: str | os.PathLike,
-    *,
-    negate: bool = False,
-    width: int = 64,
-    title: str = "",
-    generated_from: int | None = None,
-) -> HeatmapLayout:
-    """Draw ``tokens`` in lines, each character on the colour of ``values`` (clipped to -1..1).
-
-    ``negate`` flips the colours, for a neuron whose positive direction is negative sentiment.
-    ``generated_from``: index of the first generated byte, marked by a bar before its character.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from matplotlib.colors import Normalize
-    from matplotlib.patches import Rectangle
-
-    cells = char_cells(tokens)
-    layout = HeatmapLayout(layout_lines([ch for _, ch in cells], width), cells, width)
-    w_px, h_px = layout.size_px
-    if title:  # a short text must not clip its title (about 0.6 em per character)
-        w_px = max(w_px, int(2 * MARGIN_PX + 0.6 * len(title) * FONT_PT * DPI / 72))
-    colormap, norm = matplotlib.colormaps[COLORMAP], Normalize(-1.0, 1.0, clip=True)
-    shown = -values if negate else values
-    ends = [token_index for token_index, _ in cells]
-    first_generated = None if generated_from is None else int(np.searchsorted(ends, generated_from))
-
-    fig = plt.figure(figsize=(w_px / DPI, h_px / DPI), dpi=DPI)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, w_px)
-    ax.set_ylim(h_px, 0)  # pixel coordinates, y downwards
-    ax.axis("off")
-    rects, colours = [], []
-    for row, line in enumerate(layout.lines):
-        for col, cell in enumerate(line):
-            token_index, ch = cells[cell]
-            x, y = layout.cell_origin_px(row, col)
-            rects.append(Rectangle((x, y), CELL_W_PX, CELL_H_PX))
-            if cell == first_generated:
-                ax.add_patch(
-                    Rectangle(
-                        (x - 1, y), 2, CELL_H_PX, facecolor="black", linewidth=0, antialiased=False, zorder=2
-                    )
-                )
-            colours.append(colormap(norm(float(shown[token_index]))))
-            label = NEWLINE_SYMBOL if ch == "\n" else ch if ch.isprintable() else "\ufffd"
-            if not label.isspace():
-                ax.text(
-                    x + CELL_W_PX / 2,
-                    y + CELL_H_PX / 2,
-                    label,
-                    ha="center",
-                    va="center",
-                    fontsize=FONT_PT,
-                    family="monospace",
-                )
-    ax.add_collection(
-        PatchCollection(rects, facecolors=colours, edgecolors="none", antialiased=False, zorder=0)
-    )
-    if title:
-        ax.text(MARGIN_PX, HEADER_PX / 2, title, ha="left", va="center", fontsize=FONT_PT)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # Generated bytes can be any character; the font draws a box for those it lacks.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        save_figure(fig, path, dpi=DPI)
-    plt.close(fig)
-    return layout
 
 
 def write_values(path: str | os.PathLike, generation: Generation, *, polarity: int = 1) -> None:
@@ -502,6 +354,8 @@ def write_values(path: str | os.PathLike, generation: Generation, *, polarity: i
     Every byte the model read is listed, preprocessing padding included (``"text": false``); the
     heatmap shows the others. ``generation`` must have been run with a neuron.
     """
+    from .plots import char_cells  # matplotlib only when writing heatmap files
+
     chars = {index: ch for index, ch in char_cells(generation.tokens)}
     neuron = generation.neuron
     shown = generation.text_slice
@@ -557,7 +411,12 @@ def run_generate(args) -> Generation:
     ckpt = load_checkpoint(load_model)
     model, classifier = ckpt.model, ckpt.classifier
     neuron = select_neuron(model, classifier, args.neuron, ckpt.extra.get("default_neuron"))
-    flags_on = (("--heatmap", args.heatmap), ("--overwrite", args.overwrite is not None))
+    heatmap_html = args.heatmap_html or str(args.heatmap_path or "").lower().endswith((".html", ".htm"))
+    flags_on = (
+        ("--heatmap", args.heatmap and not heatmap_html),
+        ("--heatmap_html", heatmap_html),
+        ("--overwrite", args.overwrite is not None),
+    )
     wanted = [flag for flag, on in flags_on if on]
     if neuron is None and wanted:
         verb = "need" if len(wanted) > 1 else "needs"
@@ -611,18 +470,27 @@ def run_generate(args) -> Generation:
         probs = classifier_probability(model, classifier, texts, device, fp16=args.fp16, bf16=args.bf16)
         parts = ["whole text", "generated part"]
         print("classifier P(positive): " + ", ".join(f"{name} {p:.4f}" for name, p in zip(parts, probs)))
-    if args.heatmap:
-        png = Path(args.heatmap_path) if args.heatmap_path else save.with_suffix(".png")
+    if args.heatmap or heatmap_html:
+        from .plots import plot_heatmap, write_heatmap_html
+
+        target = Path(args.heatmap_path) if args.heatmap_path else save.with_suffix(".png")
         shown = result.text_slice
-        plot_heatmap(
-            result.tokens[shown],
-            result.values[shown],
-            png,
+        drawing = dict(
             negate=polarity < 0,
-            title=f"{neuron.label()}; value x polarity {polarity:+d}: red negative, green positive",
+            title=f"{neuron.label()}; value x polarity {polarity:+d}",
             generated_from=result.n_warmup - shown.start if args.gen_length >= 0 else None,
+            value_range=args.heatmap_range,
+            caption="value x polarity: red negative, green positive sentiment",
         )
-        values_path = png.with_suffix(".json")
+        written = []
+        if target.suffix.lower() not in (".html", ".htm"):
+            plot_heatmap(result.tokens[shown], result.values[shown], target, **drawing)
+            written.append(str(target))
+        if heatmap_html:
+            page = target if target.suffix.lower() in (".html", ".htm") else target.with_suffix(".html")
+            write_heatmap_html(result.tokens[shown], result.values[shown], page, **drawing)
+            written.append(str(page))
+        values_path = target.with_suffix(".json")
         write_values(values_path, result, polarity=polarity)
-        print(f"heatmap saved to {png}, per-byte values to {values_path}")
+        print(f"heatmap saved to {', '.join(written)}, per-byte values to {values_path}")
     return result

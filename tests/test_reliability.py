@@ -423,7 +423,7 @@ def resumable_state(model: RNNModel) -> dict:
             lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(7)),
             r"optimizer state 0\.exp_avg has shape",
         ),
-        (lambda s: s["optimizer"]["param_groups"][0].update(params=[0]), "does not list the model's"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(params=[0]), "does not list the "),
         (
             lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan")),
             "without a finite learning rate",
@@ -470,8 +470,8 @@ def test_featurizing_one_long_text_reports_progress_within_it(monkeypatch):
     updates = []
 
     class Bar:
-        def __init__(self, total, disable, **kwargs):
-            self.total, self.disable = total, disable
+        def __init__(self, total, enabled, **kwargs):
+            self.total, self.enabled = total, enabled
 
         def __enter__(self):
             return self
@@ -482,7 +482,7 @@ def test_featurizing_one_long_text_reports_progress_within_it(monkeypatch):
         def update(self, n):
             updates.append(n)
 
-    monkeypatch.setattr(featurize_module, "tqdm", Bar)
+    monkeypatch.setattr(featurize_module, "progress_bar", Bar)
     text = "a fairly long text " * 200
     Encoder(tiny_model(), device="cpu").transform(text, progress=True)
     assert len(updates) > 10  # chunk by chunk within the one text
