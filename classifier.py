@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", nargs="+", action="extend", default=None, help="classify these texts instead of --data"
     )
     cli.add_read_flags(p)
-    p.add_argument("--all_layers", action="store_true", help="check that the classifier uses every layer")
+    arch = p.add_argument_group("architecture (the checkpoint's; given, checked)")
+    cli.add_architecture_flags(arch)
+    arch.add_argument("--all_layers", action="store_true", help="check that the classifier uses every layer")
     p.add_argument(
         "--neurons",
         type=cli.int_at_least(1, -1),

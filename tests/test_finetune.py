@@ -26,7 +26,7 @@ from sentiment_discovery.finetune import (
     LabelledSplit,
     cut_middle,
     length_batches,
-    make_optimizer,
+    make_optimizers,
     pad_batch,
     pooled_features,
     split_outputs,
@@ -142,8 +142,11 @@ def test_discriminative_rates_and_groups():
     tied_names = [[n for n, _ in g] for g in tied.layer_groups()]
     assert tied_names[2] == ["encoder.weight"] and "decoder.bias" in tied_names[0]
     assert sum(len(g) for g in tied_names) == len(list(tied.parameters()))
+    # the model's optimizer lists its parameters in the model's own order (what a checkpoint's check expects)
+    lm_optimizer, _ = make_optimizers(model, head, FinetuneOptions())
+    assert [g["params"][0] for g in lm_optimizer.param_groups] == list(model.parameters())
     opt = FinetuneOptions(lr=1e-3, head_lr=5e-3, lr_decay_per_layer=0.5, weight_decay=0.1)
-    groups = make_optimizer(model, head, opt).param_groups
+    groups = [g for o in make_optimizers(model, head, opt) for g in o.param_groups]
     rates = {g["name"]: g["lr"] for g in groups}
     assert rates == {"head": 5e-3, "lm0": 1e-3, "lm1": 5e-4, "lm2": 2.5e-4}
     decayed = {
