@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_dtype",
         choices=("fp32", "fp16", "bf16"),
         default="fp32",
-        help="dtype of the weights in the checkpoints written: fp16/bf16 take about half the bytes "
-        "(loading makes them float32; resuming from one continues from the rounded weights)",
+        help="dtype of the model weights in the checkpoints written: fp16/bf16 store the weights in half "
+        "the bytes, so <stem>.best.pt (weights alone) halves; the resumable --save also holds the "
+        "optimizer state, which stays float32 (Adam: two values per weight), so it shrinks by about a "
+        "sixth. Loading makes the weights float32; resuming from one continues from the rounded weights",
     )
     t.add_argument(
         "--loss_scale", type=finite_float(above=0), default=1.0, help="static loss scale with --fp16"

@@ -5,12 +5,17 @@ free local port, in its environment). N is ``--nproc`` (or torchrun's name, ``--
 when given, else the number of visible GPUs, else 1 (on a CPU-only machine pass ``--nproc`` for
 several processes). ``pip install .`` installs this module, so it runs from any directory.
 Rank 0 writes to this terminal; rank i > 0 to ``distributed_logs/<--save stem>/<i>.log``, as the
-original. When a worker fails the others are stopped; the exit status is the first failure's.
+original (each log starts with the command it ran and ends with its exit status). When a worker
+fails the others are stopped; the exit status is the first failure's. SIGINT/SIGTERM to the launcher
+(Ctrl-C, kill) are forwarded to every worker, which writes its checkpoint and exits; the launcher
+waits for them and exits with their status (130 or 143). A second signal makes them abort at once.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -35,42 +40,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In a worker, before it runs: SIGTERM it if the launcher dies (even by SIGKILL), Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(script_args: list[str], nproc: int) -> int:
-    """Run ``nproc`` workers of ``script_args`` (script then its flags); wait; the first failure's status."""
+    """Run ``nproc`` workers of ``script_args`` (script then its flags); wait; the first failure's status.
+
+    SIGINT/SIGTERM to the launcher (Ctrl-C, kill) go to every worker, which saves a checkpoint and
+    exits; the launcher waits for them and exits with their status. Workers run in their own process
+    group, so that a terminal's Ctrl-C reaches them once (through the launcher), not twice: a second
+    signal makes them abort at once, without a checkpoint (send it for that).
+    """
     log_dir = Path("distributed_logs") / save_stem(script_args[1:])
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    # unbuffered: a rank's lines reach its log as they are printed, also when it is killed
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     logs = [None] + [(log_dir / f"{rank}.log").open("w") for rank in range(1, nproc)]
-    workers = [
-        subprocess.Popen(
-            [sys.executable, *script_args, "--world_size", str(nproc), "--rank", str(rank)],
-            env=env,
-            stdout=log,
-            stderr=log and subprocess.STDOUT,
-        )
-        for rank, log in enumerate(logs)
+    commands = [
+        [sys.executable, *script_args, "--world_size", str(nproc), "--rank", str(rank)]
+        for rank in range(nproc)
     ]
-    codes = [w.poll() for w in workers]
+    for rank, log in enumerate(logs[1:], 1):  # only rank 0 prints progress: say in each log what ran
+        log.write(f"multiproc: rank {rank} of {nproc}: {shlex.join(commands[rank])}\n")
+        log.flush()
+    received: list[int] = []
+
+    def forward(signum, frame) -> None:
+        received.append(signum)
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signum)
+
+    workers: list[subprocess.Popen] = []
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        # stop at the first failure: it would leave the others waiting for it in a collective
-        while None in codes and not any(codes):
+        for rank, log in enumerate(logs):
+            workers.append(
+                subprocess.Popen(
+                    commands[rank],
+                    env=env,
+                    stdout=log,
+                    stderr=log and subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        codes = [w.poll() for w in workers]
+        # stop at the first failure (it would leave the others waiting for it in a collective); after a
+        # forwarded signal, wait for every worker's checkpoint instead
+        while None in codes and (received or not any(codes)):
             time.sleep(0.2)
             codes = [w.poll() for w in workers]
     finally:
         for w in workers:
-            if w.poll() is None:
+            if w.poll() is None and not received:
                 w.terminate()
         for w in workers:
             w.wait()
-        for log in logs[1:]:
-            log.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    final = [w.returncode for w in workers]
+    for rank, log in enumerate(logs[1:], 1):
+        log.write(f"multiproc: rank {rank} exited with status {final[rank]}\n")
+        log.close()
+    if received:  # every worker ran to its checkpoint: report them all
+        codes = final
     failed = [(rank, code) for rank, code in enumerate(codes) if code]
-    for rank, code in failed:
-        where = "above" if rank == 0 else f"in {log_dir / f'{rank}.log'}"
-        print(f"multiproc: rank {rank} exited with status {code} (output {where})", file=sys.stderr)
-    if failed and len(failed) < nproc:
-        print("multiproc: stopped the other ranks", file=sys.stderr)
-    return (failed[0][1] if failed[0][1] > 0 else 1) if failed else 0
+    if received:
+        name = signal.Signals(received[0]).name
+        print(
+            f"multiproc: {name} forwarded to the {nproc} workers; they exited with {codes}", file=sys.stderr
+        )
+    else:
+        for rank, code in failed:
+            where = "above" if rank == 0 else f"in {log_dir / f'{rank}.log'}"
+            print(f"multiproc: rank {rank} exited with status {code} (output {where})", file=sys.stderr)
+        if failed and len(failed) < nproc:
+            print("multiproc: stopped the other ranks", file=sys.stderr)
+    if not failed:
+        return 0
+    code = failed[0][1]
+    return code if code > 0 else 128 - code  # killed by signal N: the shell's 128 + N
 
 
 USAGE = "usage: python -m multiproc [--nproc N | --nproc_per_node N] SCRIPT [ARGS...]"

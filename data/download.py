@@ -1,24 +1,32 @@
 """Fetch what the repository does not ship (run from anywhere):
 
-    python data/download.py imdb       # IMDB -> data/imdb/{train,val,test}.csv
+    python data/download.py imdb       # IMDB -> data/imdb/{train,val,test}.csv and data/imdb/unsup.json
     python data/download.py openai     # OpenAI's 4096-unit mLSTM -> data/openai/mlstm_openai.safetensors
 
 IMDB: Maas et al. (2011) Large Movie Review Dataset v1.0 from Stanford, written as
 label,sentence,rating; its 25,000 training reviews are split 20,000 train / 5,000 val (shuffled with a
-fixed seed), and its 25,000 test reviews become test.csv. (Binary SST ships in data/binary_sst/.)
+fixed seed), and its 25,000 test reviews become test.csv. Its 50,000 unlabelled reviews (train/unsup/)
+become unsup.json, main.py's default corpus where the original had it: a json list of
+{"sentence": text} objects in the archive's order, one per line, which main.py reads with no flag
+(the original read a .json file as one json value unless given --loose_json). (Binary SST ships in
+data/binary_sst/.)
 
 OpenAI: the 15 .npy shards of the model/ folder of OpenAI's generating-reviews-discovering-sentiment
 release (MIT License), each downloaded under a temporary name (an interrupted download resumes on a
 rerun), its header checked against the release's layout before it is read, then converted once into
 one checkpoint that every script loads as ``--load_model openai``.
-Nothing here runs at test time; without network access it stops with a clear message.
+Nothing here runs at test time; without network access it stops with a clear message. With the
+package installed (pip install -e .), a download reports its progress (a bar on a terminal, lines in a
+log).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import http.client
+import json
 import math
 import random
 import re
@@ -30,10 +38,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
-IMDB_VAL = 5000
+IMDB_SIZES = {"train": 25000, "test": 25000, "unsup": 50000}  # reviews in each folder of the release
+IMDB_VAL = 5  # 1 in 5 training reviews (5,000) goes to val.csv
 SEED = 1234
 OPENAI_URL = "https://github.com/openai/generating-reviews-discovering-sentiment/raw/master/model/"
 NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plain array file
@@ -41,6 +51,16 @@ NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plai
 
 class DownloadError(Exception):
     pass
+
+
+def progress(**kwargs):
+    """The package's progress report (a bar on a terminal, lines in a log), or none where the package is
+    not installed (a download needs only the standard library)."""
+    try:
+        from sentiment_discovery.progress import progress_bar
+    except ImportError:
+        return contextlib.nullcontext(SimpleNamespace(update=lambda n=1: None))
+    return progress_bar(**kwargs)
 
 
 def fetch(
@@ -67,12 +87,17 @@ def fetch(
             total = have + int(length) if length and length.isdigit() else None
             if max_bytes is not None and total is not None and total > max_bytes:
                 raise DownloadError(f"{url}: {total:,} bytes, more than the {max_bytes:,} expected")
-            with open(partial, "ab" if resumed else "wb") as out:
+            name = f"downloading {url.rsplit('/', 1)[-1]}"
+            with (
+                open(partial, "ab" if resumed else "wb") as out,
+                progress(total=total, initial=have, desc=name, unit="B", unit_scale=True) as bar,
+            ):
                 while block := response.read(1 << 20):
                     received += len(block)
                     if max_bytes is not None and have + received > max_bytes:
                         raise DownloadError(f"{url}: more than the {max_bytes:,} bytes expected")
                     out.write(block)
+                    bar.update(len(block))
             if total is not None and have + received < total:
                 raise http.client.IncompleteRead(b"", total - have - received)
     except urllib.error.HTTPError as e:
@@ -99,15 +124,24 @@ def fetch(
     partial.replace(dest)
 
 
-def _imdb_rows(archive: tarfile.TarFile, split: str) -> list[tuple[int, str, int]]:
-    rows = []
-    name = re.compile(rf"aclImdb/{split}/(pos|neg)/\d+_(\d+)\.txt$")
-    for member in archive.getmembers():
-        match = name.match(member.name)
-        if match:
+def _imdb_reviews(archive: tarfile.TarFile, expected: int) -> dict[str, list]:
+    """The reviews of the release in archive order, per folder: (label, text, rating) for train and test
+    (label 1 for pos/, 0 for neg/, the rating from the file name), the text for train/unsup/."""
+    name = re.compile(r"aclImdb/(train|test)/(pos|neg|unsup)/\d+_(\d+)\.txt$")
+    reviews: dict[str, list] = {"train": [], "test": [], "unsup": []}
+    with progress(total=expected, desc="reading the archive", unit="review") as bar:
+        for member in archive:  # one pass in archive order: a gzip stream reads forward
+            match = name.match(member.name)
+            if not match:
+                continue
+            split, folder, rating = match.groups()
             text = archive.extractfile(member).read().decode("utf-8")
-            rows.append((int(match.group(1) == "pos"), text, int(match.group(2))))
-    return rows
+            if folder == "unsup":
+                reviews["unsup"].append(text)
+            else:
+                reviews[split].append((int(folder == "pos"), text, int(rating)))
+            bar.update(1)
+    return reviews
 
 
 def _write(path: Path, rows: list[tuple[int, str, int]]) -> None:
@@ -117,23 +151,39 @@ def _write(path: Path, rows: list[tuple[int, str, int]]) -> None:
         writer.writerows(rows)
 
 
-def download_imdb(root: Path) -> None:
+def _write_unsup(path: Path, texts: list[str]) -> None:
+    """A json list, one {"sentence": text} object per line (readable without --loose_json)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n")
+        f.write(",\n".join(json.dumps({"sentence": text}, ensure_ascii=False) for text in texts))
+        f.write("\n]\n")
+
+
+def download_imdb(root: Path, url: str = IMDB_URL, sizes: dict[str, int] = IMDB_SIZES) -> None:
+    """IMDB into ``root/imdb/``: train/val/test.csv and unsup.json. ``sizes``: the reviews expected in
+    each folder of the archive (a different count is refused)."""
     folder = root / "imdb"
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tarball = Path(tmp) / "aclImdb_v1.tar.gz"
-        fetch(IMDB_URL, tarball)
+        fetch(url, tarball)
         with tarfile.open(tarball) as archive:
-            train, test = _imdb_rows(archive, "train"), _imdb_rows(archive, "test")
-    if len(train) != 25000 or len(test) != 25000:
-        got = f"{len(train)} train and {len(test)} test reviews"
-        raise DownloadError(f"{IMDB_URL}: expected 25,000 train and 25,000 test reviews, got {got}")
+            reviews = _imdb_reviews(archive, sum(sizes.values()))
+    got = {split: len(rows) for split, rows in reviews.items()}
+    if got != sizes:
+        expected = ", ".join(f"{n:,} {split}" for split, n in sizes.items())
+        found = ", ".join(f"{n:,} {split}" for split, n in got.items())
+        raise DownloadError(f"{url}: expected {expected} reviews, got {found}")
+    train, test = reviews["train"], reviews["test"]
     random.Random(SEED).shuffle(train)
     random.Random(SEED).shuffle(test)
-    _write(folder / "train.csv", train[IMDB_VAL:])
-    _write(folder / "val.csv", train[:IMDB_VAL])
+    val = len(train) // IMDB_VAL
+    _write(folder / "train.csv", train[val:])
+    _write(folder / "val.csv", train[:val])
     _write(folder / "test.csv", test)
-    print(f"IMDB in {folder}")
+    _write_unsup(folder / "unsup.json", reviews["unsup"])
+    unsup = len(reviews["unsup"])
+    print(f"IMDB in {folder}: train.csv, val.csv, test.csv, and unsup.json ({unsup:,} unlabelled reviews)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +36,17 @@ import safetensors.torch
 import torch
 
 from .errors import CheckpointError, UsageError
-from .formats import FORMAT_NAME, FORMAT_VERSION, RawCheckpoint, read_checkpoint_file
+from .formats import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    RawCheckpoint,
+    check_train_state,
+    check_views,
+    read_checkpoint_file,
+)
 from .model import ModelConfig, RNNModel
 from .readout import Readout
+from .safe_io import atomic_write, refuse_symlink, temp_affixes
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -62,50 +68,28 @@ class Checkpoint:
         return self.model.config
 
 
-def _temp_affixes(path: Path) -> tuple[str, str]:
-    """Prefix and suffix of the temporary files that writes of ``path`` use (``.<name>.*.tmp``)."""
-    return f".{path.name}.", ".tmp"
-
-
 def stale_temp_files(path: str | os.PathLike) -> list[Path]:
     """Temporary files of writes of ``path`` (its name may be a glob) that exist: a killed write's."""
     path = Path(path)
-    prefix, suffix = _temp_affixes(path)
+    prefix, suffix = temp_affixes(path)
     return list(path.parent.glob(f"{prefix}*{suffix}"))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = _temp_affixes(path)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a checkpoint is an ordinary file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """``target`` becomes a copy of the written checkpoint ``source``: a hard link where the file
     system allows one (checkpoints are only ever replaced by rename, so the link keeps its bytes),
     else an atomic copy."""
+    refuse_symlink(target)
     Path(target).unlink(missing_ok=True)
     try:
         os.link(source, target)
     except OSError:
-        _atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoint_dict(
@@ -171,23 +155,34 @@ def _save_safetensors(path: str | os.PathLike, ckpt: dict) -> None:
         "classifier": json.dumps(classifier),
         "extra": json.dumps(ckpt["extra"]),
     }
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     """Build the model of ``raw`` (its config and the tensors' shapes checked first: allocation bounded
     by the file's tensors), then check its classifier against that model."""
+    for part in ("tensors", "classifier", "train_state"):
+        check_views(getattr(raw, part), raw.source, "" if part == "tensors" else part)
     try:
         model = RNNModel.from_state(raw.config, raw.tensors, raw.file_keys)
     except UsageError as e:
         raise CheckpointError(f"{raw.source}: {e}") from None
+    not_finite = [
+        raw.file_keys.get(k, k)
+        for k, t in raw.tensors.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if not_finite:
+        names = ", ".join(not_finite[:5])
+        raise CheckpointError(f"{raw.source}: weights hold NaN or infinite values: {names}")
+    train_state = check_train_state(raw.train_state, raw.source, model.config)  # shapes against the model
     stored = raw.classifier
     classifier = None if stored is None else Readout.from_dict(stored, model.config, raw.source)
     extra = raw.extra if isinstance(raw.extra, dict) else {}
     neuron, units = extra.get("default_neuron"), model.config.nhid * model.config.nlayers
     if neuron is not None and not (isinstance(neuron, int) and 0 <= neuron < units):
         raise CheckpointError(f"{raw.source}: extra default_neuron = {neuron!r} is not a unit of the model")
-    return Checkpoint(model, classifier, raw.train_state, raw.source_format, extra)
+    return Checkpoint(model, classifier, train_state, raw.source_format, extra)
 
 
 def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:

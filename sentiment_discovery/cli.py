@@ -61,7 +61,7 @@ def run_script(
     try:
         run(args)
     except (*INPUT_ERRORS, OSError) as e:
-        if isinstance(e, OSError) and e.filename is None:  # not about a path the user gave: a bug
+        if not isinstance(e, INPUT_ERRORS) and e.filename is None:  # an OSError not about a given path: a bug
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

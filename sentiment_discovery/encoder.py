@@ -17,6 +17,18 @@ from .preprocess import encode, text_slice
 from .readout import FeatureSpec, Readout
 
 
+def _texts(texts) -> list[str]:
+    """``texts`` (one string or a sequence of them) as a list; a TypeError naming what else was given."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Sequence):
+        raise TypeError(f"texts must be a str or a sequence of str, got {type(texts).__name__}")
+    wrong = next(((i, t) for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if wrong is not None:
+        raise TypeError(f"texts must be str: item {wrong[0]} is {type(wrong[1]).__name__} ({wrong[1]!r:.40})")
+    return list(texts)
+
+
 @dataclass
 class ByteValues:
     """One text's per-byte neuron values (``Encoder.cell_transform``)."""
@@ -87,7 +99,7 @@ class Encoder:
 
     def transform(self, texts: Sequence[str] | str, progress: bool = False) -> np.ndarray:
         """Features ``[n_texts, n_features]`` float32."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _texts(texts)
         return featurize(
             self.model,
             texts,
@@ -108,7 +120,7 @@ class Encoder:
         features and byte ``t``'s those of the text cut after byte ``t``; a feature of another pooling
         (or of a block of concatenated poolings, ``mean,max,last``) gives the per-byte values of its unit.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = _texts(texts)
         tokens = [encode(text, self.model.config.preprocess) for text in texts]
         block = self.spec.block_size(self.model.config)  # features of one pooling
         n_features = self.spec.num_features(self.model.config)
@@ -132,6 +144,8 @@ class Encoder:
     ) -> np.ndarray:
         """Probability of positive sentiment ``[n_texts]``; ``neurons`` >= 0 keeps only that many
         largest-|weight| classifier weights (-1: all)."""
+        if not isinstance(neurons, int) or isinstance(neurons, bool) or neurons < -1:
+            raise ValueError(f"neurons must be -1 (all) or a count >= 0, got {neurons!r}")
         if self.classifier is None:
             raise CheckpointError(
                 "this checkpoint holds no sentiment classifier (a bare language model): run transfer.py "

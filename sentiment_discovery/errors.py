@@ -17,4 +17,9 @@ class UsageError(ValueError):
     an output path that cannot be written); the message names the flag or path."""
 
 
-INPUT_ERRORS = (DataError, CheckpointError, UsageError)
+class OutputError(OSError):
+    """An output that cannot be written (a symlink planted at it, a full disk, no permission), in one
+    line naming it (safe_io.py)."""
+
+
+INPUT_ERRORS = (DataError, CheckpointError, UsageError, OutputError)

@@ -15,17 +15,17 @@ the products then meet a handful of shape classes however the text lengths fall 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
+from .progress import progress_bar
 from .readout import FeatureSpec, Pooler
 
 ROW_MULTIPLE = 16  # rows join a batch's computation in groups of this many
@@ -97,7 +97,9 @@ class _BatchRunner:
         to = lambda x: torch.from_numpy(x).to(self.device)
         return to(chunk), to(reset), to(real)
 
-    def run(self, chunk_length: int) -> torch.Tensor:
+    def run(self, chunk_length: int, on_chunk: Callable[[int], object] | None = None) -> torch.Tensor:
+        """The pooled features of the batch; ``on_chunk(n)`` after each chunk of steps with the number of
+        real (non-padding) bytes it read, for progress within long texts."""
         B = len(self.tokens)
         h, c = self.model.zero_state(B, self.device)
         pooler = Pooler(self.spec, *h.shape, self.device)
@@ -112,6 +114,8 @@ class _BatchRunner:
                 pooler.add(steps, real, rows)
             h[:, :rows] = h_new.float()
             c[:, :rows] = c_new.float()
+            if on_chunk is not None:
+                on_chunk(int(real.sum()))
         lengths = torch.from_numpy(self.lengths).to(self.device)
         return pooler.features(c if self.spec.state == "cell" else h, lengths)
 
@@ -141,7 +145,8 @@ def featurize(
     (``mean,max,last``: their features concatenated in that order); ``state``: ``cell`` (c, the
     original's choice) or ``hidden`` (h); ``all_layers``. ``preprocess`` defaults to the
     model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
-    available) and put in eval mode. ``bf16``: the matrix products take bfloat16 operands (state and
+    available) and put in eval mode. ``progress``: a bar on a terminal, progress lines in a log
+    (progress.py). ``bf16``: the matrix products take bfloat16 operands (state and
 gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py).
     """
     spec = spec or FeatureSpec.parse(pooling, state, all_layers)
@@ -159,13 +164,15 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
         autocast(device, dtype),
-        tqdm(total=len(tokens), disable=not progress, unit="text", desc="featurizing") as bar,
+        # counted in bytes, so that one long text shows progress too
+        progress_bar(
+            total=sum(len(t) for t in tokens), unit="B", unit_scale=True, desc="featurizing", enabled=progress
+        ) as bar,
     ):
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]
             runner = _BatchRunner(model, [tokens[i] for i in idx], device, spec)
-            out[idx] = runner.run(chunk_length).float().cpu().numpy()
-            bar.update(len(idx))
+            out[idx] = runner.run(chunk_length, bar.update).float().cpu().numpy()
     return out
 
 

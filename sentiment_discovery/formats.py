@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError
-from .model import ModelConfig
+from .model import MAX_UNITS, ModelConfig, RNNModel
 
 OPENAI_FORMAT = "openai-shards"
 NVIDIA_FORMAT = "nvidia-2018"
@@ -43,6 +45,7 @@ OPENAI_EMBED = 64
 OPENAI_SENTIMENT_NEURON = 2388  # reported by OpenAI for its 4096-unit release
 OPENAI_TO_OUR_GATES = (0, 1, 3, 2)  # OpenAI i, f, o, u -> ours i, f, g (= u), o
 NVIDIA_PAD_VOCAB = 257  # August 2018 on: id 0 is padding, byte b is id b + 1
+NPY_HEADER_MAX = 4096  # bytes; numpy writes ~128: a larger header is not a plain array file
 
 
 @dataclass
@@ -100,13 +103,81 @@ def openai_shard_dir(path: str | Path) -> Path | None:
     return None
 
 
+def npy_header(path: Path) -> tuple[tuple[int, ...], str, int]:
+    """Shape, dtype and data offset of a ``.npy`` file, from its header alone (bounded in size)."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read(f, max_header_size=NPY_HEADER_MAX)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{path}: not a plain .npy array ({e})") from None
+        if fortran_order:
+            raise CheckpointError(f"{path}: a Fortran-ordered array; OpenAI's shards are C-ordered")
+        return tuple(shape), dtype.str, f.tell()
+
+
+_SHARD_NAMES = (
+    "embedding",
+    "Wx",
+    *["Wh block"] * 4,
+    "Wmx",
+    "Wmh",
+    "b",
+    "gx",
+    "gh",
+    "gmx",
+    "gmh",
+    "output W",
+    "output b",
+)
+
+
+def check_openai_headers(files: Sequence[Path]) -> None:
+    """The 15 shard headers against OpenAI's layout (E and H from ``6.npy``, Wmx ``[E, H]``) and each
+    file's size, before a byte of data is read: a header cannot make us allocate what the file lacks."""
+    headers = [npy_header(f) for f in files]
+    wmx = headers[6][0]
+    if len(wmx) != 2 or not all(1 <= n <= MAX_UNITS for n in wmx):
+        raise CheckpointError(f"{files[6]}: Wmx shape {wmx}, expected [E, H] with E, H in 1 .. {MAX_UNITS}")
+    E, H = wmx
+    expected = openai_shard_shapes(H, E)
+    block_columns = 0
+    for index, (f, (shape, dtype, offset), want) in enumerate(zip(files, headers, expected)):
+        if 2 <= index <= 5:  # column blocks of Wh [H, 4H]
+            fits = len(shape) == 2 and shape[0] == H and 1 <= shape[1] <= 4 * H
+            block_columns += shape[1] if fits else 0
+            want = f"({H}, <= {4 * H})"
+        else:
+            fits = shape == want
+        if not fits or dtype != "<f4":
+            raise CheckpointError(
+                f"{f.parent}: shards do not fit an mLSTM with E={E}, H={H}: "
+                f"{f.name} ({_SHARD_NAMES[index]}): "
+                f"{shape} vs expected {want} ({dtype}; float32 <f4 needed)"
+            )
+        size, needed = f.stat().st_size, offset + 4 * int(np.prod(shape))
+        if size != needed:
+            raise CheckpointError(f"{f}: {size:,} bytes where its header announces {needed:,}")
+    if block_columns != 4 * H:
+        raise CheckpointError(
+            f"{files[2].parent}: 2.npy ... 5.npy hold {block_columns} columns of Wh, expected {4 * H}"
+        )
+
+
 def read_openai_shards(directory: str | Path) -> list[np.ndarray]:
-    """The 15 arrays ``0.npy`` ... ``14.npy`` (``allow_pickle=False``: plain numbers only)."""
+    """The 15 arrays ``0.npy`` ... ``14.npy`` (``allow_pickle=False``: plain numbers only), each header
+    checked against the layout and its file's size first."""
     directory = Path(directory)
     files = [directory / f"{i}.npy" for i in range(OPENAI_SHARD_COUNT)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{directory}: OpenAI shard directory lacks {', '.join(missing)}")
+    check_openai_headers(files)
     shards = []
     for f in files:
         try:
@@ -431,6 +502,124 @@ def read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable safetensors checkpoint ({reason})") from None
 
 
+# Bytes per element of the storage classes a torch file names (persistent ids); an unknown one counts
+# as the widest, so that a file can only claim more, never less, than it holds.
+_STORAGE_BYTES = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "QUInt8Storage": 1,
+    "QInt8Storage": 1, "ShortStorage": 2, "HalfStorage": 2, "BFloat16Storage": 2, "IntStorage": 4,
+    "FloatStorage": 4, "QInt32Storage": 4, "LongStorage": 8, "DoubleStorage": 8,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+}  # fmt: skip
+MAX_ZIP_ENTRIES = 100_000  # a checkpoint has a handful per tensor
+
+
+class _Stub:
+    """Stands for every class a pickle names while ``_claimed_storage_bytes`` reads it (a subclass per
+    name): creating, calling, building or filling one does nothing, so no code of the file runs."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Reads a torch pickle without running anything; adds up the bytes its storages claim."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.claimed: dict[str, int] = {}
+
+    def find_class(self, module, name):
+        return type(str(name), (_Stub,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+            storage_type, key, numel = pid[1], str(pid[2]), pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise CheckpointError(f"a storage of {numel!r} elements")
+            width = _STORAGE_BYTES.get(getattr(storage_type, "__name__", ""), 16)
+            self.claimed[key] = max(self.claimed.get(key, 0), numel * width)
+        return _Stub()
+
+
+def _claimed_storage_bytes(pickled) -> int:
+    """The bytes the storages of one torch pickle (a file object at its start) claim, all together."""
+    scan = _StorageScan(pickled)
+    scan.load()
+    return sum(scan.claimed.values())
+
+
+def check_torch_file_sizes(path: Path) -> None:
+    """Every size a torch file declares fits in the file, before torch allocates anything from them.
+
+    A zip checkpoint's entries must be stored, not compressed (torch.save never compresses; a small
+    compressed entry can unpack to gigabytes), and lie within the file; in either format, the storages
+    the pickle declares may not add up to more bytes than the file holds. (Tensor views on those
+    storages are checked in ``check_tensors``.)"""
+    size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.infolist()
+                if len(entries) > MAX_ZIP_ENTRIES:
+                    raise CheckpointError(f"{path}: a zip of {len(entries):,} entries is not a checkpoint")
+                packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+                if packed:
+                    raise CheckpointError(
+                        f"{path}: compressed entries ({', '.join(packed[:3])}): torch.save writes none, and "
+                        "their unpacked size is not bounded by the file's; refused"
+                    )
+                outside = [
+                    e.filename
+                    for e in entries
+                    if e.file_size != e.compress_size or e.header_offset + e.file_size > size
+                ]
+                if outside or sum(e.file_size for e in entries) > size:
+                    raise CheckpointError(f"{path}: zip entries claim more bytes than the file holds")
+                pickles = [
+                    e.filename
+                    for e in entries
+                    if e.filename.endswith("/data.pkl") or e.filename == "data.pkl"
+                ]
+                if len(pickles) != 1:
+                    raise CheckpointError(
+                        f"{path}: a zip without exactly one data.pkl is not a torch checkpoint"
+                    )
+                with archive.open(pickles[0]) as f:
+                    claimed = _claimed_storage_bytes(f)
+        else:  # the legacy format: magic number, protocol, system info, then the object's pickle
+            with open(path, "rb") as f:
+                for _ in range(3):
+                    _StorageScan(f).load()
+                claimed = _claimed_storage_bytes(f)
+    except CheckpointError as e:
+        message = str(e)
+        raise CheckpointError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except Exception as e:  # not readable without running it: torch.load must not try either
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: cannot read it as a checkpoint ({type(e).__name__}: {first})"
+        ) from None
+    if claimed > size:
+        raise CheckpointError(
+            f"{path}: its tensors claim {claimed:,} bytes but the file holds {size:,} (crafted or corrupt)"
+        )
+
+
 def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     """``torch.load`` with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
 
@@ -449,6 +638,7 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointError(
             f"{path}: not a checkpoint (neither a torch file, a safetensors file nor an OpenAI shard folder)"
         )
+    check_torch_file_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -512,8 +702,60 @@ TRAIN_STATE_COUNTS = ("step", "total_steps", "epoch", "batch", "rows", "batches_
 TRAIN_STATE_KEYS = (*TRAIN_STATE_COUNTS, "best_val_bpc", "optimizer", "scheduler", "hidden", "rng")
 
 
-def check_train_state(state, source: str) -> dict | None:
-    """A stored training state holds every part a resume needs, of the right kinds."""
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_rng(rng, source: str, name: str) -> None:
+    """A generator state as ``torch.get_rng_state`` gives it (``torch.set_rng_state`` takes no other)."""
+    reference = torch.get_rng_state()
+    generator = rng.get("torch") if isinstance(rng, dict) else None
+    if not (
+        isinstance(generator, torch.Tensor)
+        and generator.dtype == reference.dtype
+        and tuple(generator.shape) == tuple(reference.shape)
+    ):
+        raise CheckpointError(
+            f"{source}: train_state {name} lacks the torch generator state (a uint8 tensor of "
+            f"{reference.numel()} bytes)"
+        )
+
+
+def model_parameter_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
+    """The model's parameter shapes in ``parameters()`` order (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in RNNModel(config).parameters()]
+
+
+def check_optimizer_state(optimizer, shapes: list[tuple[int, ...]], source: str) -> None:
+    """An optimizer state dict over parameters of ``shapes`` (in the optimizer's order): its groups name
+    each parameter once, and every per-parameter tensor (Adam's moments ...) has its parameter's shape."""
+    bad = f"{source}: train_state optimizer"
+    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+        raise CheckpointError(f"{bad} is not an optimizer state dict")
+    groups, per_param = optimizer["param_groups"], optimizer["state"]
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        raise CheckpointError(f"{bad} param_groups is not a list of groups")
+    if not isinstance(per_param, dict):
+        raise CheckpointError(f"{bad} state is not a dict")
+    ids = [i for g in groups for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
+    if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(shapes))):
+        raise CheckpointError(f"{bad} does not list the {len(shapes)} parameters once each")
+    if not all(_finite(g.get("lr")) and g["lr"] >= 0 for g in groups):
+        raise CheckpointError(f"{bad} has a group without a finite learning rate 'lr'")
+    for key, values in per_param.items():
+        if key not in range(len(shapes)) or not isinstance(values, dict):
+            raise CheckpointError(f"{bad} state has an entry {key!r} that is no parameter's")
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and tuple(value.shape) != shapes[key]:
+                raise CheckpointError(
+                    f"{bad} state {key}.{name} has shape {tuple(value.shape)}, its parameter {shapes[key]}"
+                )
+
+
+def check_train_state(state, source: str, config: ModelConfig | None = None) -> dict | None:
+    """A stored training state holds every part a resume needs, of the right kinds and, given the model's
+    ``config``, the right shapes: a resume never fails halfway with a traceback."""
     if state is None:
         return None
     if not isinstance(state, dict):
@@ -524,22 +766,80 @@ def check_train_state(state, source: str) -> dict | None:
     for key in TRAIN_STATE_COUNTS:
         if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
             raise CheckpointError(f"{source}: train_state {key} = {state[key]!r} is not a count")
-    if not isinstance(state["best_val_bpc"], (int, float)):
-        raise CheckpointError(
-            f"{source}: train_state best_val_bpc = {state['best_val_bpc']!r} is not a number"
-        )
-    optimizer = state["optimizer"]
-    if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
+    best = state["best_val_bpc"]
+    if not (_finite(best) or best == math.inf):
+        raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
+    if config is not None and "finetune" not in state:
+        check_optimizer_state(state["optimizer"], model_parameter_shapes(config), source)
+    # a fine-tuning state's optimizer also holds the head's parameters: finetune.py checks it against its own
+    elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
-    if not isinstance(state["scheduler"], dict):
-        raise CheckpointError(f"{source}: train_state scheduler is not a scheduler state dict")
+    scheduler = state["scheduler"]
+    if not (
+        isinstance(scheduler, dict)
+        and isinstance(scheduler.get("lr_lambdas"), list)
+        and isinstance(scheduler.get("base_lrs"), list)
+        and all(_finite(lr) for lr in scheduler["base_lrs"])
+        and isinstance(scheduler.get("last_epoch"), int)
+    ):
+        raise CheckpointError(
+            f"{source}: train_state scheduler is not the linear decay's state dict (lr_lambdas, base_lrs, "
+            "last_epoch)"
+        )
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        raise CheckpointError(f"{source}: train_state scaler is not a GradScaler state dict")
     hidden = state["hidden"]
     if hidden is not None and not (
         isinstance(hidden, (list, tuple))
         and len(hidden) == 2
-        and all(isinstance(t, torch.Tensor) for t in hidden)
+        and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in hidden)
     ):
         raise CheckpointError(f"{source}: train_state hidden is not a (hidden, cell) pair of tensors")
-    if not (isinstance(state["rng"], dict) and isinstance(state["rng"].get("torch"), torch.Tensor)):
-        raise CheckpointError(f"{source}: train_state rng lacks the torch generator state")
+    if hidden is not None and config is not None:
+        want = (config.nlayers, state["rows"], config.nhid)
+        if any(tuple(t.shape) != want for t in hidden):
+            shapes = ", ".join(str(tuple(t.shape)) for t in hidden)
+            raise CheckpointError(f"{source}: train_state hidden has shapes {shapes}, expected {want} each")
+    _check_rng(state["rng"], source, "rng")
+    rank_rng = state.get("rank_rng")
+    if rank_rng is not None:
+        if not isinstance(rank_rng, list):
+            raise CheckpointError(f"{source}: train_state rank_rng is not a list of generator states")
+        for i, rng in enumerate(rank_rng):
+            _check_rng(rng, source, f"rank_rng[{i}]")
+    interval = state.get("interval")
+    if interval is not None and not (
+        isinstance(interval, dict) and all(_finite(interval.get(k, 0)) for k in ("nats", "bytes", "steps"))
+    ):
+        raise CheckpointError(f"{source}: train_state interval is not a dict of finite numbers")
     return state
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """``t`` owns its elements: no stride repeats one (stride 0) or overlaps another, and they all lie
+    in its storage. Only then does its shape say how many bytes it stands for."""
+    dims = sorted((stride, size) for stride, size in zip(t.stride(), t.shape) if size > 1)
+    span = 1
+    for stride, size in dims:
+        if stride < span:
+            return False
+        span = stride * size
+    last = t.storage_offset() + sum((size - 1) * stride for stride, size in dims)
+    return t.numel() == 0 or (last + 1) * t.element_size() <= t.untyped_storage().nbytes()
+
+
+def check_views(obj, source: str, where: str = "") -> None:
+    """Every tensor anywhere in ``obj`` (weights, classifier, training state) owns its elements: a file
+    whose tiny storage a stride-0 view spreads over a huge shape is refused before anything copies it."""
+    if isinstance(obj, torch.Tensor):
+        if not _dense(obj):
+            raise CheckpointError(
+                f"{source}: tensor {where or '?'} of shape {tuple(obj.shape)} repeats or overlaps its "
+                f"elements (strides {obj.stride()}): not a saved tensor, a crafted file"
+            )
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            check_views(value, source, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_views(value, source, f"{where}[{i}]")

@@ -37,6 +37,7 @@ from .readers import (
     tight_json_rows,
     warn_invalid_utf8,
 )
+from .safe_io import short_name
 
 LAZY_CACHE_VERSION = 1
 
@@ -52,7 +53,7 @@ def lazy_cache_dir(path: str | Path, text_key: str, delim: str, loose_json: bool
     variant = f"{preprocess}-{hashlib.sha1(options).hexdigest()[:10]}"
     user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    return user_cache / "sentiment-discovery" / "lazy" / f"{path.name}-{digest}" / variant
+    return user_cache / "sentiment-discovery" / "lazy" / short_name(f"{path.name}-{digest}") / variant
 
 
 def lazy_corpus(
@@ -213,7 +214,7 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     core for files of LAZY_POOL_MIN_BYTES or more), and the bytes and sample lengths go to disk as
     they come; the sample offsets are then summed from the lengths file, memmap to memmap.
     """
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -230,8 +231,8 @@ def build_lazy_cache(path: Path, cache: Path, meta: dict, progress: bool, worker
     encode = functools.partial(
         _encode_unit, path=path, text_key=meta["text_key"], preprocess=meta["preprocess"]
     )
-    bar = tqdm(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
-               disable=not progress, leave=False)  # fmt: skip
+    bar = progress_bar(total=meta["source_size"], desc=f"caching {path.name}", unit="B", unit_scale=True,
+                       enabled=progress, leave=False)  # fmt: skip
     try:
         samples, invalid = 0, 0
         with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "lengths.bin").open("wb") as lengths:

@@ -10,6 +10,7 @@ the last step alone). Its submodules keep the names of the original's state dict
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -22,9 +23,10 @@ from .preprocess import PREPROCESSORS
 from .recurrent import RNN_TYPES, State, TorchRNN, check_rnn_type, make_rnn, mLSTM, mLSTMLayer
 
 __all__ = ["ModelConfig", "RNNModel", "Steps", "mLSTM", "mLSTMLayer", "TorchRNN", "RNN_TYPES"]
+__all__ += ["MAX_UNITS", "MAX_LAYERS"]
 
-# Bounds on a config read from a file, checked before anything is built from it. The released models
-# have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
+# Bounds on a model's size, from a file or from flags, checked before anything is built. The released
+# models have 4096 units; 64k x 64k recurrent matrices would already be 16 GB each.
 MAX_UNITS = 1 << 16
 MAX_LAYERS = 64
 
@@ -186,6 +188,20 @@ class RNNModel(nn.Module):
         """The state after the last step, without the decoder and without keeping per-step states."""
         return self.rnn(self.drop(self.encoder(tokens)), hidden, reset)[1]
 
+    def layer_groups(self) -> list[list[tuple[str, nn.Parameter]]]:
+        """The named parameters by depth, top-down: [decoder and top recurrent layer], [the layer below],
+        ..., [byte embedding] (fine-tuning's discriminative rates and gradual unfreezing go by these).
+        A tied decoder's weight is the embedding's and belongs to the embedding's group."""
+        owner = {}  # parameter id -> depth; named_parameters lists a shared (tied) parameter once
+        n = len(self.rnn.layers)
+        for depth, module in [(0, self.decoder)] + [(n - 1 - i, m) for i, m in enumerate(self.rnn.layers)]:
+            owner.update({id(p): depth for p in module.parameters()})
+        owner.update({id(p): n for p in self.encoder.parameters()})
+        groups: list[list[tuple[str, nn.Parameter]]] = [[] for _ in range(n + 1)]
+        for name, p in self.named_parameters():
+            groups[owner.get(id(p), 0)].append((name, p))  # anything else trains with the top group
+        return groups
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -227,3 +243,62 @@ class RNNModel(nn.Module):
         """State-dict shapes of the model of ``config``, built on the meta device (no memory)."""
         with torch.device("meta"):
             return {k: tuple(v.shape) for k, v in RNNModel(config).state_dict().items()}
+
+
+def machine_memory() -> int | None:
+    """Bytes of RAM of this machine (``/proc/meminfo`` MemTotal, else ``os.sysconf``); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_memory(device: torch.device | str) -> int | None:
+    """Bytes of memory training on ``device`` can use: a GPU's own, else the machine's RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return machine_memory()
+
+
+def training_memory(config: ModelConfig, batch_size: int, seq_length: int) -> int:
+    """A lower estimate of the bytes training ``config`` takes: float32 parameters with their gradients and
+    two optimizer moments, and per step and row of a batch the activations backpropagation keeps (the
+    gates, states and inputs of every layer, the logits and their gradients)."""
+    with torch.device("meta"):
+        parameters = RNNModel(config).num_parameters()
+    per_step = config.nlayers * 10 * config.nhid + config.emsize + 3 * config.ntoken
+    return 4 * (4 * parameters + batch_size * max(seq_length, 1) * per_step)
+
+
+def check_size_flags(
+    config: ModelConfig, batch_size: int, seq_length: int, memory: int | None = None, *, loaded: bool = False
+) -> None:
+    """The size flags (``--nhid``, ``--emsize``, ``--nlayers``; ``--batch_size`` x ``--seq_length``) within
+    the limits a checkpoint has, and a model that fits in ``memory`` (default: this machine's RAM) when
+    trained at that batch size: a UsageError naming the flags otherwise, before anything is allocated.
+    ``loaded``: the architecture is a checkpoint's (already checked), only the batch is the flags'."""
+    if not loaded:
+        for flag, value, high in (
+            ("--nhid", config.nhid, MAX_UNITS),
+            ("--emsize", config.emsize, MAX_UNITS),
+            ("--nlayers", config.nlayers, MAX_LAYERS),
+        ):
+            if value > high:
+                raise UsageError(f"{flag} {value} is above the limit of {high} (the same as for checkpoints)")
+    memory = machine_memory() if memory is None else memory  # (device_memory(device) for a GPU)
+    needed = training_memory(config, batch_size, seq_length)
+    if memory is not None and needed > memory:
+        what = "the model of --load" if loaded else f"--nhid {config.nhid} x --nlayers {config.nlayers}"
+        raise UsageError(
+            f"{what} with --batch_size {batch_size} x --seq_length {seq_length} needs at least "
+            f"{needed / 2**30:,.1f} GiB to train; this machine has {memory / 2**30:,.1f} GiB: "
+            "use smaller values"
+        )

@@ -21,6 +21,7 @@ from typing import TextIO
 import numpy as np
 import pandas as pd
 
+from .downloads import download_hint
 from .errors import DataError
 
 
@@ -76,7 +77,7 @@ def check_path(path: str | Path) -> Path:
         raise DataError("an empty file path was given")
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file{download_hint(path)}")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a csv or json file")
     if path.stat().st_size == 0:
@@ -136,10 +137,24 @@ def text_of(row: dict, path: Path, where: str, text_key: str) -> str:
     return "" if value is None else str(value)
 
 
+def check_delimiter(delim: str) -> None:
+    """``--delim``: one or more characters, taken literally (a DataError naming the flag otherwise)."""
+    if not delim:
+        raise DataError("--delim is empty: give the character between csv columns (',' or a tab)")
+    if delim in ("\\t", "\\n", "\\r", "\\"):
+        raise DataError(
+            f"--delim {delim!r} would be taken literally, backslash included; for a tab pass a real tab "
+            "character (--delim $'\\t' in bash)"
+        )
+    if any(c in delim for c in "\n\r\""):
+        raise DataError(f"--delim {delim!r} holds a line break or a quote: not a column separator")
+
+
 def csv_frames(
     path: Path, delim: str, text_key: str, chunksize: int | None = None
 ) -> Iterator[pd.DataFrame]:
     """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
+    check_delimiter(delim)
     try:
         with open_text(path) as f:
             # pandas reads a delimiter of several characters as a regex: escaped, it is the text given
@@ -235,7 +250,12 @@ def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) 
 
 
 def read_records(
-    path: str | Path, options: ReadOptions | None = None, *, need_labels: bool | None = False, **settings
+    path: str | Path,
+    options: ReadOptions | None = None,
+    *,
+    need_labels: bool | None = False,
+    multiclass: bool = False,
+    **settings,
 ) -> Records:
     """Read ``path`` (csv, or json when it ends in .json/.jsonl or ``loose_json``) into Records.
 
@@ -243,6 +263,7 @@ def read_records(
     record) and then requires them everywhere.
     With ``need_labels`` the ``label_key`` column must exist and hold 0/1 (or numeric values with
     ``binarize_labels``: rescaled to [0, 1] and thresholded at > 0.5, as the original suite did).
+    ``multiclass``: labels may be any integers (class numbers, for fine-tuning with two or more classes).
     A UTF-8 BOM is dropped; invalid UTF-8 is replaced by U+FFFD, with a warning that counts it.
     ``settings``: fields of ``ReadOptions`` that replace those of ``options``.
     """
@@ -282,11 +303,11 @@ def read_records(
                 raise DataError(f"{path}: line 1: missing label column {label_key!r} (columns: {columns})")
             raw_labels = frame[label_key].tolist()
 
-    labels = None if raw_labels is None else _labels(path, raw_labels, options.binarize_labels)
+    labels = None if raw_labels is None else _labels(path, raw_labels, options.binarize_labels, multiclass)
     return Records(str(path), texts, labels)
 
 
-def _labels(path: Path, raw: list, binarize: bool) -> np.ndarray:
+def _labels(path: Path, raw: list, binarize: bool, multiclass: bool = False) -> np.ndarray:
     try:
         values = np.array([float(v) for v in raw], dtype=np.float64)
     except (TypeError, ValueError):
@@ -298,6 +319,11 @@ def _labels(path: Path, raw: list, binarize: bool) -> np.ndarray:
         scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
         return (scaled > 0.5).astype(np.int64)
     seen = sorted(set(values.tolist()))
+    if multiclass:
+        bad = next((v for v in raw if not (float(v).is_integer() and abs(float(v)) < 2**31)), None)
+        if bad is not None:
+            raise DataError(f"{path}: record {raw.index(bad) + 1}: label {bad!r} is not a class number")
+        return values.astype(np.int64)
     if not set(seen) <= {0.0, 1.0}:
         shown = ", ".join(f"{v:g}" for v in seen[:10]) + (" ..." if len(seen) > 10 else "")
         raise DataError(
@@ -335,11 +361,10 @@ class EncodedCorpus:
 
 def _encoded_texts(texts: list[str], path: str, preprocess: str, progress: bool) -> Iterator[np.ndarray]:
     """Each text preprocessed and byte-encoded (the per-text cleaning is the cost), in order."""
-    from tqdm import tqdm
-
     from .preprocess import encode
+    from .progress import progress_bar
 
-    bar = tqdm(texts, desc=f"encoding {Path(path).name}", unit="text", disable=not progress, leave=False)
+    bar = progress_bar(texts, desc=f"encoding {Path(path).name}", unit="text", enabled=progress, leave=False)
     return (encode(t, preprocess) for t in bar)
 
 

@@ -266,6 +266,13 @@ class Readout(Mapping):
                 if value is None
                 else _sized(_numbers(value, key, source), key, source, features).float().reshape(-1)
             )
+        for key, value in (("weight", weight), ("bias", bias), *scaling.items()):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{source}: classifier {key} holds NaN or infinite values")
+        if scaling["scale"] is not None and not bool((scaling["scale"] > 0).all()):
+            raise CheckpointError(
+                f"{source}: classifier scale has values <= 0 (standardizing divides by them)"
+            )
         neurons = stored.get("neurons")
         if neurons is not None:
             neurons = _numbers(neurons, "neurons", source)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import stale_temp_files
 from .errors import UsageError
+from .safe_io import sibling_name
 
 
 def sibling(save: str | Path, suffix: str) -> Path:
@@ -80,7 +81,7 @@ class SaveLock:
 
     def __init__(self, save: str | Path):
         save = Path(save)
-        self.save, self.path = save, save.with_name(f".{save.name}.lock")
+        self.save, self.path = save, sibling_name(save, ".", ".lock")
         self.file = None
 
     def acquire(self) -> None:

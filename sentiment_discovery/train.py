@@ -40,8 +40,10 @@ from .batching import PAD_TARGET, Batch, LMSplits, TBPTTBatches
 from .checkpoint import SAVE_DTYPES, CheckpointError, copy_checkpoint, save_checkpoint
 from .cli import Interrupted, pick_seed
 from .errors import UsageError
+from .estimate import RunCost
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
+from .progress import progress_bar
 from .recurrent import State
 from .runfiles import (
     SaveLock,
@@ -53,6 +55,7 @@ from .runfiles import (
     snapshot_path,
     snapshots,
 )
+from .safe_io import refuse_symlink, save_figure
 
 LN2 = math.log(2.0)
 
@@ -68,7 +71,7 @@ class TrainOptions:
     save: str = "lang_model.pt"
     save_iters: int = 2000  # batches between checkpoints (with a validation); 0 = only at the end
     keep_checkpoints: int = 0  # also keep the last K checkpoints as <stem>.step<N>.pt; 0 = none
-    progress: bool = True  # progress bars (pretrain: only when stderr is a terminal)
+    progress: bool = True  # a bar on a terminal, progress lines in a log (progress.py)
     fp16: bool = False  # float16 products with loss scaling on GPU; on CPU the same as bf16
     bf16: bool = False  # bfloat16 operands for every matrix product (matmul.py); no loss scaling
     loss_scale: float = 1.0  # static loss scale (with fp16)
@@ -187,7 +190,8 @@ def evaluate(
     model.eval()
     hidden, nats, count = None, 0.0, 0
     if batches.rows:  # a process may hold no rows of a split with fewer shards than processes
-        for batch in tqdm(batches, desc=f"{batches.name} BPC", leave=False, disable=not progress):
+        bar = progress_bar(batches, desc=f"{batches.name} BPC", unit="batch", leave=False, enabled=progress)
+        for batch in bar:
             if stop is not None and stop():
                 model.train(was_training)
                 return None
@@ -221,6 +225,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(path)  # appended to line by line: never through a planted link
         kept = []
         if resume_step is not None and path.exists():
             # a resumed run keeps what was logged up to its checkpoint, not what came after it
@@ -260,7 +265,7 @@ def plot_bpc(metrics_path: Path, png_path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    save_figure(fig, png_path, dpi=100)
     plt.close(fig)
 
 
@@ -521,18 +526,22 @@ class Trainer:
         if self.resumed:
             where = f"epoch {self.epoch}, batch {self.batch_index}"
             self.log(f"resuming at step {self.step}/{self.total_steps} ({where})")
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=self.step,
             desc="train",
             unit="batch",
-            disable=not (opt.progress and self.is_main),
+            enabled=opt.progress and self.is_main,
         )
+        cost = RunCost(self.model.config, len(self.train), self.total_steps - self.step, self.device.type)
         interval_start = time.perf_counter()
         last_val_step = last_save_step = None
         while self.step < self.total_steps:
             n = self.train.targets_in_batch(self.batch_index)  # of all processes' rows
+            began = time.perf_counter()
             self.interval_nats += self.train_step(self.train.batch(self.batch_index), n)
+            for line in cost.add_step(time.perf_counter() - began):
+                self.log(line)
             self.interval_bytes += n
             self.bytes_seen += n
             self.step += 1
@@ -649,23 +658,27 @@ def _lock_save(lock: SaveLock) -> None:
 def _pretrain(args, device: torch.device) -> dict:
     from .batching import LMDataOptions, lm_splits
     from .checkpoint import load_checkpoint
-    from .model import ModelConfig
+    from .model import ModelConfig, check_size_flags, device_memory
 
     world_size, rank = distributed.get_world_size(), distributed.get_rank()
-    # Bars redraw with carriage returns: on a terminal only; a log file gets the plain log lines.
-    progress = rank == 0 and sys.stderr.isatty()
+    progress = rank == 0  # a bar on a terminal, progress lines in a log (progress.py)
     seed = distributed.broadcast(pick_seed(args.seed))
     main_print(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
     torch.manual_seed(seed)
     train_state = None
     if args.load:
         checkpoint = load_checkpoint(args.load)
+        if not args.eval_only:
+            memory = device_memory(device)
+            check_size_flags(checkpoint.config, args.batch_size, args.seq_length, memory, loaded=True)
         model, train_state = checkpoint.model, checkpoint.train_state
         main_print(
             f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
         )
     else:
-        model = RNNModel(ModelConfig.from_args(args))
+        config = ModelConfig.from_args(args)
+        check_size_flags(config, args.batch_size, args.seq_length, device_memory(device))
+        model = RNNModel(config)
     # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
     with distributed.main_process_first() if args.lazy else nullcontext():
         data = LMDataOptions.from_args(
@@ -687,6 +700,12 @@ def _pretrain(args, device: torch.device) -> dict:
                     f"  note: the training split fills only {part.total_rows} rows of a batch of "
                     f"{args.batch_size * world_size}"
                 )
+    if rank > 0 and splits.train is not None:
+        # rank 0 logs the run; the others say once what they hold, so that their logs (multiproc.py:
+        # distributed_logs/<stem>/<rank>.log) show they ran, and end with a line when they finish
+        first, last = splits.train.row_range
+        print(f"rank {rank} of {world_size} on {device}: training rows {first}-{last - 1} of each batch; "
+              "rank 0 logs the run", flush=True)  # fmt: skip
     dtype = reduced_dtype(device, args.fp16, args.bf16)
     main_print(
         f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}"
@@ -704,4 +723,7 @@ def _pretrain(args, device: torch.device) -> dict:
                 main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
         return result
     options = TrainOptions.from_args(args, progress=progress)
-    return Trainer(model, splits, options, device, train_state).run()
+    result = Trainer(model, splits, options, device, train_state).run()
+    if rank > 0:
+        print(f"rank {rank} of {world_size}: finished, {result['step']} updates", flush=True)
+    return result

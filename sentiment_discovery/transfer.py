@@ -9,7 +9,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from .regression import (
     make_classifier,
     standardizer,
 )
+from .safe_io import atomic_write, save_npy, write_text
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -66,10 +66,11 @@ def write_predictions(
     for k in neurons:
         columns[f"neuron {int(k)}"] = features[:, int(k)]
     frame = pd.DataFrame(columns)
+    lines = path.suffix.lower() == ".jsonl"
     if is_json_path(path):
-        frame.to_json(path, orient="records", lines=path.suffix.lower() == ".jsonl", force_ascii=False)
+        atomic_write(path, lambda tmp: frame.to_json(tmp, orient="records", lines=lines, force_ascii=False))
     else:
-        frame.to_csv(path, index=False)
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def extreme_samples(values: np.ndarray, records: Records, n: int = N_EXTREME) -> dict:
@@ -133,8 +134,8 @@ class FeatureCache:
 
     def save(self, split: str, data_path: str, features: np.ndarray) -> None:
         npy, meta = self._paths(split)
-        np.save(npy, features)
-        meta.write_text(json.dumps(self.key(data_path), indent=1))
+        save_npy(npy, features)
+        write_text(meta, json.dumps(self.key(data_path), indent=1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +162,11 @@ def _check_architecture(ckpt: Checkpoint, args: argparse.Namespace) -> None:
             )
 
 
-def _read_labelled(args: argparse.Namespace, path: str, need_labels: bool | None) -> Records:
+def _read_labelled(
+    args: argparse.Namespace, path: str, need_labels: bool | None, multiclass: bool = False
+) -> Records:
     """``path`` read with the data flags; ``need_labels=None``: labels when the file has them."""
-    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels)
+    return read_records(path, ReadOptions.from_args(args), need_labels=need_labels, multiclass=multiclass)
 
 
 def _read_split(args: argparse.Namespace, split: str, path: str, need_labels: bool) -> Records:
@@ -270,7 +273,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
             pooling=args.pooling,
             state=args.state,
             all_layers=args.all_layers,
-            progress=sys.stderr.isatty(),
+            progress=True,
             fp16=args.fp16,
             bf16=args.bf16,
         )
@@ -336,14 +339,15 @@ def run_transfer(args: argparse.Namespace) -> dict:
         }
 
     for split, p in probs.items():
-        np.save(out_dir / f"probs_{split}.npy", p.astype(np.float32))
+        save_npy(out_dir / f"probs_{split}.npy", p.astype(np.float32))
     for split, y in labels.items():  # beside features_<split>.npy: the saved features stand on their own
-        np.save(out_dir / f"labels_{split}.npy", y)
+        save_npy(out_dir / f"labels_{split}.npy", y)
     shown = next(split for split in ("test", "val", "train") if split in records)
     top_values = features[shown][:, neurons[0]]
     results["extreme_samples_split"] = shown
-    (out_dir / "extreme_samples.json").write_text(
-        json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False)
+    write_text(
+        out_dir / "extreme_samples.json",
+        json.dumps(extreme_samples(top_values, records[shown]), indent=1, ensure_ascii=False),
     )
     hist_split = next(split for split in ("test", "val", "train") if split in labels)
     results["histogram_split"] = hist_split
@@ -351,7 +355,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
         features[hist_split], labels[hist_split], neurons, out_dir / "logit_vis", f" ({hist_split})"
     )
     plot_weights(full.weight, neurons, out_dir / "weights.png")
-    (out_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    write_text(out_dir / "results.json", json.dumps(_jsonable(results), indent=1))
     save_checkpoint(out_dir / "classifier.pt", model, classifier=classifier)
     if args.write_results and "test" in records:
         write_predictions(
@@ -384,6 +388,24 @@ def _jsonable(obj):
 # --------------------------------------------------------------------------------------------
 
 
+def _report_classes(
+    records: Records, probs: np.ndarray, classes: tuple[str, ...], encoder: Encoder, kept: str
+) -> None:
+    """classifier.py's lines for a classifier of more than two classes: counts, accuracy, per-text class."""
+    predicted = probs.argmax(axis=1)
+    counts = ", ".join(f"{int((predicted == k).sum())} {name}" for k, name in enumerate(classes))
+    print(
+        f"{len(probs)} texts from {records.path}; pooling {encoder.pooling}, state {encoder.state}, {kept} "
+        f"classifier weights; {counts}"
+    )
+    if records.labels is not None:
+        names = np.array([str(int(v)) for v in records.labels])
+        print(f"accuracy {100 * float(np.mean(names == np.array(classes)[predicted])):.2f}%")
+    if records.path == "--text":
+        for text, row, k in zip(records.texts, probs, predicted):
+            print(f"{row[k]:.4f}  {classes[k]}  {text[:80]!r}")
+
+
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
     args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
@@ -397,12 +419,17 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         raise CheckpointError(
             f"{args.load_model}: --all_layers given, but this classifier uses the last layer only"
         )
+    readout = encoder.classifier
+    if readout.classes is not None and args.write_results:
+        raise UsageError(
+            f"--write_results: {args.load_model} holds a {len(readout.classes)}-class classifier; the "
+            "per-text results file is written for binary ones (the probabilities go to --save_probs)"
+        )
     if args.text:
         records = Records("--text", list(args.text))
     else:
-        records = _read_labelled(args, args.data, need_labels=None)
-    features = encoder.transform(records.texts, progress=sys.stderr.isatty())
-    readout = encoder.classifier
+        records = _read_labelled(args, args.data, need_labels=None, multiclass=readout.classes is not None)
+    features = encoder.transform(records.texts, progress=True)
     probs = readout.probs(features, args.neurons)
 
     save_probs = Path(args.save_probs)
@@ -411,8 +438,12 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     save_probs.parent.mkdir(parents=True, exist_ok=True)
     if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
         save_probs = save_probs.with_name(save_probs.name + ".npy")
-    np.save(save_probs, probs.astype(np.float32))
+    save_npy(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
+    if readout.classes is not None:
+        _report_classes(records, probs, readout.classes, encoder, kept)
+        print(f"probabilities saved to {save_probs} ([texts, classes], classes {', '.join(readout.classes)})")
+        return probs
     print(
         f"{len(probs)} texts from {records.path}; pooling {encoder.pooling}, state {encoder.state}, "
         f"{kept} classifier weights; {int((probs > 0.5).sum())} positive, {int((probs <= 0.5).sum())} "

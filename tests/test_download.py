@@ -4,13 +4,21 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 from test_formats import random_openai_shards
 from test_transfer import sst_slices
 
@@ -30,7 +38,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class ShardServer:
     """Serves ``files`` (name -> bytes) on 127.0.0.1, with HTTP ranges; records each request's path and
     Range header. ``faults[name]``: "cut" sends half the body and hangs up, "truncate" serves half the
-    file as if whole."""
+    file as if whole, "slow" pauses a second halfway."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.faults, self.requests = files, {}, []
@@ -56,7 +64,13 @@ class ShardServer:
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 body = body[start:]
-                self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
+                if fault == "slow":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    time.sleep(1.0)
+                    self.wfile.write(body[len(body) // 2 :])
+                else:
+                    self.wfile.write(body[: len(body) // 2] if fault == "cut" else body)
 
             def log_message(self, *args):
                 pass
@@ -204,3 +218,84 @@ def test_a_hostile_header_or_size_is_refused_before_reading(tmp_path, server):
     with pytest.raises(download.DownloadError, match="more than the .* expected"):
         download.download_openai(root, server.url, hidden=H)
     assert leftovers(root) == [] and not list(root.rglob("*.part"))
+
+
+# ---------------------------------------------------------------------------------------------
+# IMDB, with its unlabelled reviews as main.py's default corpus
+# ---------------------------------------------------------------------------------------------
+
+IMDB_FIXTURE_SIZES = {"train": 10, "test": 4, "unsup": 6}
+
+
+def unsup_review(i: int) -> str:
+    return f'Unlabelled review {i}: "quoted"<br /><br />naïve\\ end,\nwith a line break.'
+
+
+def imdb_tarball() -> bytes:
+    """A small aclImdb_v1.tar.gz in the release's layout, with the files the download must skip."""
+    files = {"aclImdb/README": "readme", "aclImdb/imdb.vocab": "a\nb", "aclImdb/train/urls_unsup.txt": "x"}
+    for split, n in (("train", 10), ("test", 4)):
+        for i in range(n):
+            folder, rating = ("pos", 7 + i % 4) if i % 2 else ("neg", 1 + i % 4)
+            files[f"aclImdb/{split}/{folder}/{i}_{rating}.txt"] = f"{split} review {i}, rated {rating}."
+    for i in range(6):
+        files[f"aclImdb/train/unsup/{i}_0.txt"] = unsup_review(i)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_imdb_writes_the_unlabelled_corpus_that_main_reads_by_default(tmp_path, monkeypatch, capsys):
+    tarball = imdb_tarball()
+    server = ShardServer({"aclImdb_v1.tar.gz": tarball})
+    server.faults["aclImdb_v1.tar.gz"] = "slow"
+    monkeypatch.setenv("SENTIMENT_DISCOVERY_PROGRESS_INTERVAL", "0.05")
+    try:
+        download.download_imdb(tmp_path / "data", server.url + "aclImdb_v1.tar.gz", IMDB_FIXTURE_SIZES)
+    finally:
+        server.close()
+    out, err = capsys.readouterr()
+    assert "unsup.json (6 unlabelled reviews)" in out
+    # the transfer paused a second: reported in lines while it waited (stderr is no terminal here)
+    size = len(tarball)  # < 1000: no unit prefix
+    assert re.search(rf"downloading aclImdb_v1\.tar\.gz: [\d.]+/{size} B \(0%\)", err), err
+    assert f"downloading aclImdb_v1.tar.gz: {size}/{size} B (100%)" in err
+    imdb = tmp_path / "data" / "imdb"
+    unsup = json.loads((imdb / "unsup.json").read_text(encoding="utf-8"))  # one json value: no --loose_json
+    assert unsup == [{"sentence": unsup_review(i)} for i in range(6)]
+    lines = (imdb / "unsup.json").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 6 + 2 and lines[1].startswith('{"sentence": "Unlabelled review 0')  # one per line
+    assert [len(pd.read_csv(imdb / f"{s}.csv")) for s in ("train", "val", "test")] == [8, 2, 4]
+    assert set(pd.read_csv(imdb / "train.csv")["label"]) == {0, 1}
+
+    # `python main.py` with no data flag (a tiny model) reads it; with no corpus it names the download
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tiny = ["--nhid", "8", "--emsize", "4", "--batch_size", "2", "--seq_length", "16", "--train_iters", "2",
+            "--num_shards", "6", "--split", "4,1,1", "--cpu"]  # fmt: skip
+    run = subprocess.run([sys.executable, str(ROOT / "main.py"), *tiny], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train: " in run.stdout and (tmp_path / "lang_model.pt").exists()
+    (imdb / "unsup.json").unlink()
+    run = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 2 and run.stderr == (
+        "error: data/imdb/unsup.json: no such file (run `python data/download.py imdb` in the repository "
+        "root to get it)\n"
+    )
+
+
+def test_an_imdb_archive_of_another_size_is_refused(tmp_path):
+    server = ShardServer({"aclImdb_v1.tar.gz": imdb_tarball()})
+    try:
+        sizes = {**IMDB_FIXTURE_SIZES, "unsup": 7}
+        with pytest.raises(download.DownloadError, match="expected 10 train, 4 test, 7 unsup reviews, got"):
+            download.download_imdb(tmp_path, server.url + "aclImdb_v1.tar.gz", sizes)
+    finally:
+        server.close()
+    assert not list((tmp_path / "imdb").iterdir())

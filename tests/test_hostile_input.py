@@ -43,9 +43,14 @@ def one_line(message: str) -> bool:
 
 
 def valid_state() -> dict:
+    """The training state of ``tiny_model`` as a run writes it (a real optimizer and schedule)."""
+    from sentiment_discovery.train import linear_decay
+
+    optimizer = torch.optim.Adam(tiny_model().parameters())
     state = {"step": 3, "total_steps": 9, "epoch": 0, "batch": 3, "rows": 2, "batches_per_epoch": 9,
-             "bytes_seen": 10, "best_val_bpc": 8.0, "optimizer": {"state": {}, "param_groups": []},
-             "scheduler": {}, "hidden": None, "rng": {"torch": torch.get_rng_state()}}  # fmt: skip
+             "bytes_seen": 10, "best_val_bpc": 8.0, "optimizer": optimizer.state_dict(),
+             "scheduler": linear_decay(optimizer, 9).state_dict(), "hidden": None,
+             "rng": {"torch": torch.get_rng_state()}}  # fmt: skip
     return state
 
 

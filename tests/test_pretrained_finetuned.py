@@ -1,0 +1,67 @@
+"""The shipped fine-tuned classifier: it loads from the package and still reads sentiment as its card says.
+
+A regression test of the shipped file, as tests/test_pretrained.py is for the transferred model: Binary
+SST test accuracy with its own features and classifier must stay within half a point of the number
+recorded with it (and in the model card).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+from sentiment_discovery.checkpoint import load_checkpoint
+from sentiment_discovery.encoder import Encoder
+from sentiment_discovery.formats import DEFAULT_MODEL
+from sentiment_discovery.readers import read_records
+
+FINETUNED = DEFAULT_MODEL.parent / "mlstm1024_imdb_sst_finetuned.safetensors"
+CARD = DEFAULT_MODEL.parent / "README.md"
+
+
+@pytest.fixture(scope="module")
+def finetuned():
+    return load_checkpoint(FINETUNED)
+
+
+def test_the_finetuned_model_is_an_mlstm_with_a_classifier_stored_in_half_the_bytes(finetuned):
+    assert finetuned.config.model == "mLSTM" and finetuned.config.nhid == 1024
+    classifier = finetuned.classifier
+    assert classifier is not None
+    assert classifier["pooling"] == "mean,max,last" and classifier["state"] == "cell"
+    assert classifier["weight"].shape == (3 * 1024,)
+    n_params = sum(p.numel() for p in finetuned.model.parameters())
+    assert FINETUNED.stat().st_size < 2.2 * n_params < 25e6  # float16 weights, under 25 MB
+    assert all(p.dtype == torch.float32 for p in finetuned.model.parameters())  # loading upcasts
+
+
+def test_finetuned_model_differs_from_the_transferred_one(finetuned):
+    """Fine-tuning moved the language model itself, not only the head."""
+    shipped = load_checkpoint(DEFAULT_MODEL).model.state_dict()
+    tuned = finetuned.model.state_dict()
+    assert shipped.keys() == tuned.keys()
+    assert any(not torch.equal(shipped[k], tuned[k]) for k in shipped)
+
+
+def test_finetuned_model_keeps_its_binary_sst_test_accuracy(finetuned):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the one larger featurization of this file
+    try:
+        test = read_records(ROOT / "data" / "binary_sst" / "test.csv", need_labels=True)
+        probs = Encoder(finetuned.model, finetuned.classifier, device="cpu").predict_proba(test.texts)
+    finally:
+        torch.set_num_threads(threads)
+    accuracy = float(np.mean((probs > 0.5) == (test.labels == 1)))
+    recorded = finetuned.extra["sst_accuracy"]["test"]
+    assert accuracy >= recorded - 0.005, (accuracy, recorded)
+    assert f"{100 * recorded:.1f}%" in CARD.read_text()  # the card states the recorded number
+
+
+def test_finetuned_encoder_reads_obvious_sentiment(finetuned):
+    encoder = Encoder(finetuned.model, finetuned.classifier, device="cpu")
+    negative, positive = encoder.predict_proba(
+        ["A dull, boring, badly acted waste of time.", "A wonderful, moving and beautifully acted film."]
+    )
+    assert negative < 0.5 < positive
