@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(for a model without classifier, whose polarity is otherwise taken as positive)",
     )
     p.add_argument("--text", default="", help="warm-up text (with --gen_length -1: the text analysed)")
+    arch = p.add_argument_group("architecture (the checkpoint's; given, checked)")
+    cli.add_architecture_flags(arch, generation=True)
+    arch.add_argument(
+        "--all_layers",
+        action="store_true",
+        help="--neuron numbers the units of every layer (layer * nhid + unit), as a classifier on every "
+        "layer's features does; with a classifier, checked against it",
+    )
     return p
 
 

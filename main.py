@@ -152,10 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="label",
         help="label column/key (unused by language modelling; accepted so the original commands run)",
     )
-    d.add_argument("--eval_text_key", default=None, help="text key of --valid/--test (default: --text_key)")
-    d.add_argument(
-        "--eval_label_key", default=None, help="label key of --valid/--test (unused here, as --label_key)"
-    )
+    cli.add_eval_key_flags(d, "; unused by language modelling, as --label_key")
     d.add_argument(
         "--persist_state",
         type=int,

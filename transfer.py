@@ -15,22 +15,29 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_load_model_flag(
         p, "language-model checkpoint", "lang_model.pt if present, else the shipped model"
     )
-    arch = p.add_argument_group(
-        "architecture (recorded in the checkpoint; given, they are checked against it)"
-    )
-    arch.add_argument("--model", default=None)
-    arch.add_argument("--emsize", type=cli.int_at_least(1), default=None)
-    arch.add_argument("--nhid", type=cli.int_at_least(1), default=None)
-    arch.add_argument("--nlayers", type=cli.int_at_least(1), default=None)
+    cli.add_architecture_flags(p.add_argument_group("architecture (the checkpoint's; given, checked)"))
     data = p.add_argument_group("data")
     data.add_argument("--data", default="data/binary_sst/train.csv", help="labelled training texts")
     data.add_argument(
         "--valid",
         default="data/binary_sst/val.csv",
-        help="labelled validation texts (choose C); 'none' or '': C by 3-fold cross-validation on --data",
+        help="labelled validation texts (choose C); 'none' or '': a part of --split, else C by 3-fold "
+        "cross-validation on --data",
     )
-    data.add_argument("--test", default="data/binary_sst/test.csv", help="test texts ('' for none)")
+    data.add_argument(
+        "--test",
+        default="data/binary_sst/test.csv",
+        help="test texts ('none' or '': a part of --split, else none)",
+    )
+    data.add_argument(
+        "--split",
+        default="1.",
+        help="train/val/test proportions of --data's records (shuffled with --seed), as the original: a part "
+        "is carved only for a split whose file is 'none' (e.g. --valid none --split 0.9,0.1); default 1.: "
+        "all of --data trains",
+    )
     cli.add_read_flags(data)
+    cli.add_eval_key_flags(data)
     data.add_argument("--no_test_eval", action="store_true", help="the test set has no labels")
     feat = p.add_argument_group("features")
     feat.add_argument(
@@ -50,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_inference_precision_flags(feat)
     feat.add_argument(
         "--use_cached", action="store_true", help="reuse saved features if model/data/settings match"
+    )
+    feat.add_argument(
+        "--preprocess",
+        action="store_true",
+        help="force preprocessing and featurizing the texts again, saved features or not (the original's "
+        "'force preprocessing of datasets'; the opposite of --use_cached)",
     )
     reg = p.add_argument_group("regression")
     reg.add_argument(
@@ -72,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument(
         "--save_results",
         default="",
-        help="results folder (default <model>_transfer/): classifier.pt, results.json, features_<split>.npy "
-        "and labels_<split>.npy, probs_<split>.npy, weights.png, logit_vis/<rank>_<neuron>.png histograms",
+        help="results folder (default <model>_transfer/): classifier.pt, results.json and the original's "
+        "files: trXt/vaXt/teXt.npy features, trY/vaY/teY.npy labels, all_neurons_score.txt and "
+        "neurons_score.txt ([train, val, test] accuracy %%), all_neurons_probs_<split>.npy and "
+        "neurons_probs_<split>.npy, neurons.npy and neuron_bias.npy (the regression), weight_vis.png, "
+        "logit_vis/<rank>_<feature>.png histograms, extreme_samples.json",
     )
     cli.add_write_results_flag(
         out,

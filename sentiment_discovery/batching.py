@@ -26,34 +26,9 @@ import torch
 
 from .errors import DataError
 from .lazycache import lazy_corpus
-from .readers import CorpusOptions, EncodedCorpus, load_corpus
+from .readers import CorpusOptions, EncodedCorpus, load_corpus, parse_split
 
 PAD_TARGET = -100  # target of a padded step; the default ignore_index of torch's cross_entropy
-
-
-def parse_split(spec: str, has_valid: bool = False, has_test: bool = False) -> tuple[float, float, float]:
-    """``--split`` ("100,1,1", "0.9/0.1", "1.") -> normalised (train, val, test) proportions.
-
-    As in the original: proportions summing below 1 get the remainder appended; a separately
-    given ``--valid``/``--test`` file zeroes that part of the split.
-    """
-    try:
-        parts = [float(s) for s in spec.replace("/", ",").split(",") if s.strip()]
-    except ValueError:
-        raise DataError(f"--split {spec!r}: expected comma-separated numbers such as 100,1,1") from None
-    if not parts or any(p < 0 for p in parts) or len(parts) > 3:
-        raise DataError(f"--split {spec!r}: expected one to three non-negative proportions")
-    if sum(parts) < 1.0:
-        parts.append(1.0 - sum(parts))
-    parts = (parts + [0.0, 0.0])[:3]
-    if has_valid:
-        parts[1] = 0.0
-    if has_test:
-        parts[2] = 0.0
-    total = sum(parts)
-    if parts[0] <= 0 or total <= 0:
-        raise DataError(f"--split {spec!r}: the training part must be positive")
-    return parts[0] / total, parts[1] / total, parts[2] / total
 
 
 def shard_starts(num_samples: int, num_shards: int) -> np.ndarray:

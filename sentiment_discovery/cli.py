@@ -89,18 +89,60 @@ def add_load_model_flag(group, holds: str, default: str) -> None:
     group.add_argument(
         "--load_model",
         default=None,
-        help=f"{holds} (default: {default}; 'default' names the shipped one)",
+        help=f"{holds} (default: {default}; 'default' names the shipped language model with its "
+        "transferred classifier, 'finetuned' the shipped fine-tuned one)",
     )
+
+
+def add_architecture_flags(group, *, generation: bool = False) -> None:
+    """main.py's model-shape flags, which the original's inference scripts took to build the model before
+    loading it: here the checkpoint records its architecture, so a given one is checked against it
+    (``ModelConfig.check_given``). ``generation``: generate.py's ``--dropout`` and ``--tied`` too."""
+    given = "given, checked against the checkpoint, which decides the architecture"
+    group.add_argument("--model", default=None, help=f"recurrent type ({given})")
+    group.add_argument("--emsize", type=int_at_least(1), default=None, help=f"byte embedding size ({given})")
+    group.add_argument("--nhid", type=int_at_least(1), default=None, help=f"units per layer ({given})")
+    group.add_argument("--nlayers", type=int_at_least(1), default=None, help=f"layers ({given})")
+    if generation:
+        group.add_argument(
+            "--tied", action="store_true", default=None, help=f"tied embedding and decoder ({given})"
+        )
+        group.add_argument(
+            "--dropout",
+            type=finite_float(0, below=1),
+            default=None,
+            help="accepted for the original's commands; no effect: generation runs without dropout",
+        )
 
 
 def add_read_flags(group) -> None:
     """How a labelled csv/json file is read (readers.ReadOptions): transfer.py and classifier.py."""
     group.add_argument("--text_key", default="sentence", help="csv column / json key of the text")
-    group.add_argument("--label_key", default="label", help="csv column / json key of the 0/1 label")
+    group.add_argument(
+        "--label_key",
+        default="label",
+        help="csv column / json key of the label: 0/1, or (transfer.py) any class values, numbers or names",
+    )
     group.add_argument("--delim", default=",", help="csv delimiter")
     group.add_argument("--loose_json", action="store_true", help="one json object per line")
     group.add_argument(
-        "--binarize_labels", action="store_true", help="rescale numeric labels to [0, 1], > 0.5 positive"
+        "--binarize_labels",
+        action="store_true",
+        help="two classes from numeric labels (ratings): each file's labels rescaled to [0, 1] by its"
+        " min and max, > 0.5 positive (the later NVIDIA suite's binarize_labels)",
+    )
+
+
+def add_eval_key_flags(group, label_use: str = "") -> None:
+    """``--eval_text_key``/``--eval_label_key``: the keys of the --valid/--test files where they differ
+    from --text_key/--label_key (main.py, transfer.py); ``label_use`` completes the label's help."""
+    group.add_argument(
+        "--eval_text_key", default=None, help="text key of --valid/--test (default: --text_key)"
+    )
+    group.add_argument(
+        "--eval_label_key",
+        default=None,
+        help=f"label key of --valid/--test (default: --label_key){label_use}",
     )
 
 

@@ -138,16 +138,21 @@ def select_neuron(
     classifier: Readout | dict | None,
     neuron: int | None = None,
     default_neuron: int | None = None,
+    all_layers: bool = False,
 ) -> Neuron | None:
     """The neuron to show/force: ``neuron`` (a feature index; ``None`` or -1: the classifier's top one,
     else ``default_neuron``, the unit a released model documents, such as OpenAI's 2388).
 
     Feature indices follow the classifier's ``FeatureSpec`` (readout.py: a block per pooling, each of
     the last layer's units or of every layer's); the neuron is the unit of the state a feature pools.
-    Without classifier, ``neuron`` and ``default_neuron`` there is none (``None``).
+    Without classifier, ``neuron`` and ``default_neuron`` there is none (``None``). ``all_layers``
+    (generate.py's flag): without classifier, ``neuron`` numbers every layer's units (layer * nhid + unit);
+    with one, its features must be every layer's.
     """
     readout = Readout.of(classifier, model.config)
-    spec = readout.spec if readout is not None else FeatureSpec()
+    spec = readout.spec if readout is not None else FeatureSpec(all_layers=all_layers)
+    if all_layers and not spec.all_layers:
+        raise GenerationError("--all_layers given, but the classifier uses the last layer's features only")
     if neuron is None or neuron == -1:
         if readout is not None and len(readout.neurons):
             neuron = int(readout.neurons[0])
@@ -409,8 +414,11 @@ def run_generate(args) -> Generation:
     load_model = args.load_model or first_existing_model("lang_model_transfer/classifier.pt", "lang_model.pt")
     print(f"model: {resolve_model_path(load_model)}")
     ckpt = load_checkpoint(load_model)
+    ckpt.config.check_given(args, load_model)
     model, classifier = ckpt.model, ckpt.classifier
-    neuron = select_neuron(model, classifier, args.neuron, ckpt.extra.get("default_neuron"))
+    neuron = select_neuron(
+        model, classifier, args.neuron, ckpt.extra.get("default_neuron"), all_layers=args.all_layers
+    )
     heatmap_html = args.heatmap_html or str(args.heatmap_path or "").lower().endswith((".html", ".htm"))
     flags_on = (
         ("--heatmap", args.heatmap and not heatmap_html),

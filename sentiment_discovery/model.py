@@ -43,6 +43,10 @@ _CONFIG_TYPES = {  # ModelConfig field -> accepted types (bool is an int to Pyth
 }
 
 
+# main.py's model flags that other scripts accept only as a check of the checkpoint (ModelConfig.check_given)
+ARCHITECTURE_FLAGS = ("model", "emsize", "nhid", "nlayers", "tied")
+
+
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model; stored in every checkpoint."""
@@ -109,6 +113,19 @@ class ModelConfig:
         if cfg.tied and cfg.nhid != cfg.emsize:
             raise UsageError(f"config tied needs nhid == emsize (nhid {cfg.nhid}, emsize {cfg.emsize})")
         return cfg
+
+    def check_given(self, args, source: str) -> None:
+        """The original's model-shape flags on the inference scripts (``ARCHITECTURE_FLAGS`` of ``args``,
+        None when not given) equal this config's: the checkpoint decides the architecture, so a flag
+        can only confirm it; a ``UsageError`` naming both values otherwise."""
+        for name in ARCHITECTURE_FLAGS:
+            given, stored = getattr(args, name, None), getattr(self, name)
+            if given is not None and given != stored:
+                flag = f"--{name} given" if isinstance(given, bool) else f"--{name} {given}"
+                raise UsageError(
+                    f"{source}: {flag} does not match the checkpoint's {name} {stored} (the checkpoint "
+                    "decides the architecture: drop the flag, or load another model)"
+                )
 
     def check(self) -> None:
         """The settings fit together: the recurrent type is known, tied sizes are equal."""

@@ -20,9 +20,14 @@ from .safe_io import save_figure, write_text  # noqa: E402
 
 def plot_weights(weight: np.ndarray, neurons: np.ndarray, path: str | Path) -> None:
     """Regression weight of every feature; the top neuron(s) highlighted and labelled."""
-    weight = np.asarray(weight).reshape(-1)
+    weight = np.asarray(weight)
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot(np.arange(len(weight)), weight, lw=0.6, color="tab:blue")
+    if weight.ndim == 2:  # K classes: a line per class; the top neurons marked at their largest |weight|
+        for row in weight:
+            ax.plot(np.arange(weight.shape[1]), row, lw=0.6)
+        weight = weight[np.abs(weight).argmax(axis=0), np.arange(weight.shape[1])]
+    else:
+        ax.plot(np.arange(len(weight)), weight, lw=0.6, color="tab:blue")
     for rank, n in enumerate(np.asarray(neurons).reshape(-1)[:10]):
         ax.scatter([n], [weight[n]], color="tab:red", zorder=3, s=20)
         ax.annotate(
@@ -42,18 +47,29 @@ def plot_weights(weight: np.ndarray, neurons: np.ndarray, path: str | Path) -> N
     plt.close(fig)
 
 
+BINARY_CLASSES = ("negative", "positive")
+CLASS_COLOURS = ("tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:gray")
+
+
 def plot_neuron_histogram(
-    values: np.ndarray, labels: np.ndarray, neuron: int, path: str | Path, title_suffix: str = ""
+    values: np.ndarray,
+    labels: np.ndarray,
+    name: str,
+    path: str | Path,
+    title_suffix: str = "",
+    classes: tuple[str, ...] = BINARY_CLASSES,
 ) -> None:
-    """Histogram of one neuron's values, negative and positive texts in separate colours."""
+    """Histogram of one feature's values (``name``: what it is, ``FeatureSpec.describe``), the texts of
+    each class (label k: ``classes[k]``) in their own colour."""
     values, labels = np.asarray(values), np.asarray(labels)
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.histogram_bin_edges(values, bins=40)
-    ax.hist(values[labels == 0], bins=bins, alpha=0.6, color="tab:red", label="negative")
-    ax.hist(values[labels == 1], bins=bins, alpha=0.6, color="tab:green", label="positive")
-    ax.set_xlabel(f"value of neuron {neuron}")
+    for k, cls in enumerate(classes):
+        colour = CLASS_COLOURS[k] if len(classes) <= len(CLASS_COLOURS) else None
+        ax.hist(values[labels == k], bins=bins, alpha=0.6, color=colour, label=cls)
+    ax.set_xlabel("value")
     ax.set_ylabel("texts")
-    ax.set_title(f"neuron {neuron} by class{title_suffix}")
+    ax.set_title(f"{name} by class{title_suffix}", fontsize=10)
     ax.legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
@@ -61,18 +77,25 @@ def plot_neuron_histogram(
 
 
 def plot_neuron_histograms(
-    features: np.ndarray, labels: np.ndarray, neurons: np.ndarray, folder: str | Path, title_suffix: str = ""
+    features: np.ndarray,
+    labels: np.ndarray,
+    neurons: np.ndarray,
+    names: list[str],
+    folder: str | Path,
+    title_suffix: str = "",
+    classes: tuple[str, ...] = BINARY_CLASSES,
 ) -> list[Path]:
-    """One histogram by class per top neuron: ``<folder>/<rank>_<neuron>.png`` (rank 0 = strongest), as the
-    original's ``logit_vis/``; earlier histograms in ``folder`` are removed first. Returns the paths."""
+    """One histogram by class per top neuron (``names[i]`` its title): ``<folder>/<rank>_<neuron>.png``
+    (rank 0 = strongest), as the original's ``logit_vis/``; earlier histograms in ``folder`` are removed
+    first. Returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*_*.png"):
         old.unlink()
     paths = []
-    for rank, neuron in enumerate(np.asarray(neurons).reshape(-1)):
+    for rank, (neuron, name) in enumerate(zip(np.asarray(neurons).reshape(-1), names)):
         path = folder / f"{rank}_{int(neuron)}.png"
-        plot_neuron_histogram(features[:, neuron], labels, int(neuron), path, title_suffix)
+        plot_neuron_histogram(features[:, neuron], labels, name, path, title_suffix, classes)
         paths.append(path)
     return paths
 

@@ -239,6 +239,56 @@ class ReadOptions:
         return cls(*(getattr(args, name) for name in cls.__dataclass_fields__))
 
 
+def parse_split(spec: str, has_valid: bool = False, has_test: bool = False) -> tuple[float, float, float]:
+    """``--split`` ("100,1,1", "0.9/0.1", "1.") -> normalised (train, val, test) proportions.
+
+    As in the original: proportions summing below 1 get the remainder appended; a separately
+    given ``--valid``/``--test`` file zeroes that part of the split.
+    """
+    try:
+        parts = [float(s) for s in spec.replace("/", ",").split(",") if s.strip()]
+    except ValueError:
+        raise DataError(f"--split {spec!r}: expected comma-separated numbers such as 100,1,1") from None
+    if not parts or any(p < 0 for p in parts) or len(parts) > 3:
+        raise DataError(f"--split {spec!r}: expected one to three non-negative proportions")
+    if sum(parts) < 1.0:
+        parts.append(1.0 - sum(parts))
+    parts = (parts + [0.0, 0.0])[:3]
+    if has_valid:
+        parts[1] = 0.0
+    if has_test:
+        parts[2] = 0.0
+    total = sum(parts)
+    if parts[0] <= 0 or total <= 0:
+        raise DataError(f"--split {spec!r}: the training part must be positive")
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def split_records(records: Records, proportions: tuple[float, ...], seed: int) -> list[Records]:
+    """``records`` cut into parts of the given ``proportions`` (``parse_split``'s), after a shuffle seeded
+    by ``seed`` (the original shuffled before cutting, so that a file sorted by label still gives mixed
+    parts); a part of proportion 0 is empty, any other holds at least one record."""
+    n = len(records)
+    wanted = [p > 0 for p in proportions]
+    if n < sum(wanted):
+        raise DataError(f"{records.path}: {n} record(s) cannot be split into {sum(wanted)} non-empty parts")
+    ends = np.rint(np.cumsum(proportions) * n).astype(np.int64)
+    counts = np.diff(ends, prepend=0)
+    counts[-1] += n - ends[-1]
+    for i in np.flatnonzero(wanted):  # a wanted part rounded to nothing takes a record from the largest
+        if counts[i] == 0:
+            counts[np.argmax(counts)] -= 1
+            counts[i] = 1
+    starts = np.cumsum(counts) - counts
+    order = np.random.default_rng(seed).permutation(n)
+    parts = []
+    for start, count in zip(starts, counts):
+        picked = order[start : start + count]
+        labels = None if records.labels is None else records.labels[picked]
+        parts.append(Records(records.path, [records.texts[i] for i in picked], labels))
+    return parts
+
+
 def corpus_texts(path: str | Path, text_key: str, delim: str, loose_json: bool) -> list[str]:
     """The texts of a language-model corpus: a ``.txt`` file's lines, else the ``text_key`` of each record."""
     if is_text_path(path):
@@ -255,6 +305,7 @@ def read_records(
     *,
     need_labels: bool | None = False,
     multiclass: bool = False,
+    label_values: bool = False,
     **settings,
 ) -> Records:
     """Read ``path`` (csv, or json when it ends in .json/.jsonl or ``loose_json``) into Records.
@@ -264,6 +315,8 @@ def read_records(
     With ``need_labels`` the ``label_key`` column must exist and hold 0/1 (or numeric values with
     ``binarize_labels``: rescaled to [0, 1] and thresholded at > 0.5, as the original suite did).
     ``multiclass``: labels may be any integers (class numbers, for fine-tuning with two or more classes).
+    ``label_values``: labels as the file holds them (numbers or strings, an object array) for the caller
+    to number (``class_names``/``class_numbers``); ``binarize_labels`` still maps numbers to 0/1.
     A UTF-8 BOM is dropped; invalid UTF-8 is replaced by U+FFFD, with a warning that counts it.
     ``settings``: fields of ``ReadOptions`` that replace those of ``options``.
     """
@@ -303,7 +356,13 @@ def read_records(
                 raise DataError(f"{path}: line 1: missing label column {label_key!r} (columns: {columns})")
             raw_labels = frame[label_key].tolist()
 
-    labels = None if raw_labels is None else _labels(path, raw_labels, options.binarize_labels, multiclass)
+    if raw_labels is None:
+        labels = None
+    elif label_values and not options.binarize_labels:
+        labels = np.empty(len(raw_labels), dtype=object)
+        labels[:] = raw_labels
+    else:
+        labels = _labels(path, raw_labels, options.binarize_labels, multiclass)
     return Records(str(path), texts, labels)
 
 
@@ -331,6 +390,37 @@ def _labels(path: Path, raw: list, binarize: bool, multiclass: bool = False) -> 
             "(pass --binarize_labels to rescale ratings such as 1-5)"
         )
     return values.astype(np.int64)
+
+
+def label_name(value) -> str:
+    """A label value's class name: a number as it reads (1.0 -> "1"), anything else as text."""
+    if _is_number(value) and not isinstance(value, str):
+        return f"{float(value):g}"
+    return str(value).strip()
+
+
+def class_names(values: np.ndarray) -> tuple[str, ...]:
+    """The classes of a split's label values, in sorted order: numbers by value, else names as text."""
+    names = {label_name(v) for v in values}
+    if all(_is_number(n) for n in names):
+        return tuple(sorted(names, key=float))
+    return tuple(sorted(names))
+
+
+def class_numbers(values: np.ndarray, names: tuple[str, ...], path: str) -> np.ndarray:
+    """Label values -> class numbers (the index of each value's name in ``names``); a value outside
+    ``names`` is a ``DataError`` naming the file and record."""
+    index = {name: k for k, name in enumerate(names)}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        name = label_name(value)
+        if name not in index:
+            raise DataError(
+                f"{path}: record {i + 1}: label {name!r} is not one of the training split's classes "
+                f"({', '.join(names)})"
+            )
+        out[i] = index[name]
+    return out
 
 
 def _is_number(v) -> bool:

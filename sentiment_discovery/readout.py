@@ -95,6 +95,14 @@ class FeatureSpec:
         layer, unit = (in_block // H, in_block % H) if self.all_layers else (L - 1, in_block)
         return self.poolings[feature // block], layer, unit
 
+    def describe(self, feature: int, config: ModelConfig) -> str:
+        """What a user reads for a feature index: its unit, layer, pooling and state, then the index
+        (``unit 398, mean cell (feature 398)``; a feature of the max block of mean,max,last:
+        ``unit 398, max cell (feature 4494)``)."""
+        pooling, layer, unit = self.locate(feature, config)
+        where = f" of layer {layer}" if config.nlayers > 1 else ""
+        return f"unit {unit}{where}, {pooling} {self.state} (feature {feature})"
+
     def layers_to_features(self, per_layer: Tensor) -> Tensor:
         """``[L, B, H]`` -> ``[B, block]``: the last layer, or every layer (layer-major)."""
         if not self.all_layers:

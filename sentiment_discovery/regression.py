@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score, matthews_corrcoef
 from sklearn.model_selection import StratifiedKFold
 
 from .errors import DataError, UsageError
@@ -26,10 +27,12 @@ CV_FOLDS = 3  # folds of the training split that choose C when there is no valid
 
 @dataclass
 class Regression:
-    """A fitted L1 logistic regression on (optionally a subset of) standardised features."""
+    """A fitted L1 logistic regression on (optionally a subset of) standardised features: two classes
+    (``weight [k]``, ``bias`` a float, P(class 1) by sigmoid) or K > 2 (``weight [K, k]``, ``bias [K]``,
+    one regression per class against the rest, probabilities by softmax of the K scores)."""
 
-    weight: np.ndarray  # [k]
-    bias: float
+    weight: np.ndarray  # [k], or [K, k]
+    bias: float | np.ndarray
     C: float
     val_accuracy_by_C: dict[float, float]  # validation accuracy, or cross-validated accuracy on train
     converged: bool
@@ -39,15 +42,37 @@ class Regression:
         return int(np.count_nonzero(self.weight))
 
     def probs(self, x: np.ndarray) -> np.ndarray:
-        return _sigmoid(x.astype(np.float64) @ self.weight + self.bias)
+        """P(class 1) ``[n]`` for two classes, ``[n, K]`` over K > 2 classes."""
+        z = x.astype(np.float64) @ self.weight.T + self.bias
+        return _sigmoid(z) if self.weight.ndim == 1 else _softmax(z)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def predicted(probs: np.ndarray) -> np.ndarray:
+    """Class numbers from probabilities: P(class 1) > 0.5 for two classes, the most probable of K."""
+    return probs.argmax(axis=1) if probs.ndim == 2 else (probs > 0.5).astype(np.int64)
+
+
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean((probs > 0.5).astype(np.int64) == labels))
+    return float(np.mean(predicted(probs) == labels))
+
+
+def classification_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-averaged F1 and Matthews correlation (scikit-learn's) of the predicted classes."""
+    guess = predicted(probs)
+    return {
+        "accuracy": float(np.mean(guess == labels)),
+        "macro_f1": float(f1_score(labels, guess, average="macro", zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, guess)),
+    }
 
 
 def standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,22 +97,43 @@ def c_sweep(log2_min: int = -8, log2_max: int = 0) -> list[float]:
     return [2.0**e for e in range(log2_min, log2_max + 1)]
 
 
-def _fit(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> tuple[LogisticRegression, bool]:
-    model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(x, y)
-    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+def _fit(
+    x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(coef, intercept, converged)``: ``[1, F]``, ``[1]`` for labels 0/1; for K > 2 classes one L1
+    regression per class against the rest (liblinear's one-vs-rest, which scikit-learn's liblinear no
+    longer does by itself), ``[K, F]``, ``[K]``."""
+    targets = [y] if n_classes == 2 else [(y == k).astype(np.int64) for k in range(n_classes)]
+    coefs, intercepts, converged = [], [], True
+    for target in targets:
+        model = LogisticRegression(
+            C=C, l1_ratio=1.0, solver="liblinear", max_iter=max_iter, random_state=seed
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model.fit(x, target)
+        converged &= not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        coefs.append(model.coef_[0])
+        intercepts.append(model.intercept_[0])
+    return np.array(coefs, dtype=np.float64), np.array(intercepts, dtype=np.float64), converged
 
 
-def cross_validated_accuracy(x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int) -> float:
+def _score(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    z = x @ coef.T + intercept
+    guess = (z[:, 0] > 0).astype(np.int64) if coef.shape[0] == 1 else z.argmax(axis=1)
+    return float(np.mean(guess == y))
+
+
+def cross_validated_accuracy(
+    x: np.ndarray, y: np.ndarray, C: float, max_iter: int, seed: int, n_classes: int = 2
+) -> float:
     """Mean held-out accuracy over ``CV_FOLDS`` stratified folds of (x, y) (fewer if a class is rarer)."""
-    folds = min(CV_FOLDS, int(np.bincount(y).min()))
+    folds = min(CV_FOLDS, int(np.bincount(y, minlength=n_classes).min()))
     if folds < 2:
         raise DataError("cross-validation needs at least 2 texts of each class in the training split")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = [
-        _fit(x[fit], y[fit], C, max_iter, seed)[0].score(x[held], y[held])
+        _score(*_fit(x[fit], y[fit], C, max_iter, seed, n_classes)[:2], x[held], y[held])
         for fit, held in splitter.split(x, y)
     ]
     return float(np.mean(scores))
@@ -101,6 +147,7 @@ def fit_l1_regression(
     Cs: list[float],
     max_iter: int = 100,
     seed: int = 42,
+    n_classes: int = 2,
 ) -> Regression:
     """Fit one L1 regression per C on train and keep the best on validation among the models that use
     any feature at all (an all-zero model only predicts the validation split's majority class, which
@@ -108,21 +155,24 @@ def fit_l1_regression(
     sparsest). Re-fitting at the chosen C would give the same (deterministic) model.
 
     Without a validation split (``val_x`` None) each C is scored by cross-validation on train.
+    ``n_classes`` > 2: labels 0 .. K-1, one regression per class against the rest (``_fit``).
     """
     if len(np.unique(train_y)) < 2:
-        raise DataError("the training labels are all one class: a classifier needs both 0 and 1")
+        raise DataError("the training labels are all one class: a classifier needs at least two")
     best, best_rank, scores = None, None, {}
     for C in Cs:
-        model, converged = _fit(train_x, train_y, C, max_iter, seed)
+        coef, intercept, converged = _fit(train_x, train_y, C, max_iter, seed, n_classes)
         if val_x is None:
-            scores[C] = cross_validated_accuracy(train_x, train_y, C, max_iter, seed)
+            scores[C] = cross_validated_accuracy(train_x, train_y, C, max_iter, seed, n_classes)
         else:
-            scores[C] = float(model.score(val_x, val_y))
-        rank = (bool(np.any(model.coef_)), scores[C])
+            scores[C] = _score(coef, intercept, val_x, val_y)
+        rank = (bool(np.any(coef)), scores[C])
         if best is None or rank > best_rank:
-            best, best_rank = (C, model, converged), rank
-    C, model, converged = best
-    return Regression(model.coef_[0].astype(np.float64), float(model.intercept_[0]), C, scores, converged)
+            best, best_rank = (C, coef, intercept, converged), rank
+    C, coef, intercept, converged = best
+    if n_classes == 2:
+        return Regression(coef[0], float(intercept[0]), C, scores, converged)
+    return Regression(coef, intercept, C, scores, converged)
 
 
 def make_classifier(
@@ -133,15 +183,18 @@ def make_classifier(
     pooling: str,
     state: str,
     all_layers: bool,
+    classes: tuple[str, ...] | None = None,
 ) -> Readout:
-    """The readout of a regression fitted on features standardised by ``mean``/``scale``."""
+    """The readout of a regression fitted on features standardised by ``mean``/``scale``; ``classes``:
+    the names of K > 2 classes (label k: ``classes[k]``)."""
     f32 = lambda a: None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32)
     return Readout(
         weight=f32(regression.weight),
-        bias=torch.tensor(regression.bias, dtype=torch.float32),
+        bias=torch.as_tensor(np.asarray(regression.bias), dtype=torch.float32),
         spec=FeatureSpec.parse(pooling, state, all_layers),
         neurons=torch.as_tensor(neurons, dtype=torch.long),
         mean=f32(mean),
         scale=f32(scale),
         C=float(regression.C),
+        classes=classes if regression.weight.ndim == 2 else None,
     )

@@ -64,7 +64,7 @@ def test_classifier_reproduces_transfer_probabilities(transferred, tmp_path, cap
         capsys,
     )
     assert code == 0
-    expected = np.load(transferred["folder"] / "lm_transfer" / "probs_test.npy")
+    expected = np.load(transferred["folder"] / "lm_transfer" / "all_neurons_probs_test.npy")
     probs = np.load(probs_path)
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert len(np.unique(probs.round(4))) > 1  # a real classifier, not a constant
@@ -78,7 +78,7 @@ def test_classifier_reproduces_transfer_probabilities(transferred, tmp_path, cap
 
 def test_text_flags_agree_with_csv_and_encoder(transferred, tmp_path, capsys):
     texts = pd.read_csv(transferred["test"])["sentence"].tolist()[:3]
-    expected = np.load(transferred["folder"] / "lm_transfer" / "probs_test.npy")[:3]
+    expected = np.load(transferred["folder"] / "lm_transfer" / "all_neurons_probs_test.npy")[:3]
     probs_path = tmp_path / "p.npy"
     # Original one-dash spelling, and --text repeated.
     code, out, _ = run_classifier(

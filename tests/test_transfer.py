@@ -96,12 +96,12 @@ def test_transfer_end_to_end(tmp_path, capsys):
     for name in (
         "results.json",
         "classifier.pt",
-        "probs_test.npy",
-        "features_train.npy",
-        "features_test.npy",
+        "all_neurons_probs_test.npy",
+        "trXt.npy",
+        "teXt.npy",
         "extreme_samples.json",
-        "weights.png",
-        "labels_test.npy",
+        "weight_vis.png",
+        "teY.npy",
     ):
         assert (out_dir / name).stat().st_size > 0, name
 
@@ -117,9 +117,9 @@ def test_transfer_end_to_end(tmp_path, capsys):
 
     # Saved probabilities are the classifier's on the saved features; accuracy follows from them.
     test_labels = pd.read_csv(paths["test"])["label"].to_numpy()
-    probs = np.load(out_dir / "probs_test.npy")
+    probs = np.load(out_dir / "all_neurons_probs_test.npy")
     np.testing.assert_allclose(
-        probs, classifier_probs(np.load(out_dir / "features_test.npy"), clf), atol=1e-6
+        probs, classifier_probs(np.load(out_dir / "teXt.npy"), clf), atol=1e-6
     )
     assert results["all_features"]["accuracy"]["test"] == pytest.approx(np.mean((probs > 0.5) == test_labels))
     written = pd.read_csv(tmp_path / "pred.csv")
@@ -129,9 +129,13 @@ def test_transfer_end_to_end(tmp_path, capsys):
     assert len(list((out_dir / "logit_vis").glob("*.png"))) == 2
 
     extremes = json.loads((out_dir / "extreme_samples.json").read_text())
-    top_values = np.load(out_dir / "features_test.npy")[:, neurons[0]]
-    assert extremes["most_positive"][0]["value"] == pytest.approx(top_values.max())
-    assert extremes["most_negative"][0]["value"] == pytest.approx(top_values.min())
+    top_values = np.load(out_dir / "teXt.npy")[:, neurons[0]]
+    # polarity-aware: the most positive texts are the top neuron's highest values only if its weight is
+    polarity = 1 if float(clf["weight"][neurons[0]]) >= 0 else -1
+    assert extremes["polarity"] == polarity
+    ends = (top_values.max(), top_values.min())[:: polarity]
+    assert extremes["most_positive"][0]["value"] == pytest.approx(ends[0])
+    assert extremes["most_negative"][0]["value"] == pytest.approx(ends[1])
 
     # The cache is reused only under the same settings.
     capsys.readouterr()
@@ -158,7 +162,8 @@ def test_transfer_bad_inputs(tmp_path, capsys):
 
     ratings = tmp_path / "ratings.csv"
     pd.DataFrame({"label": [1, 5, 3], "sentence": ["a", "b", "c"]}).to_csv(ratings, index=False)
-    fails([*base, "--data", str(ratings)], "ratings.csv", "0 or 1")
+    # ratings are classes now (1, 3, 5): the validation file's 0 is not one of them
+    fails([*base, "--data", str(ratings)], "val.csv", "not one of the training split's classes (1, 3, 5)")
     unlabelled = tmp_path / "unlabelled.csv"
     pd.DataFrame({"sentence": ["a", "b"]}).to_csv(unlabelled, index=False)
     fails([*base, "--data", str(unlabelled)], "unlabelled.csv", "'label'")
@@ -190,7 +195,7 @@ def test_transfer_bad_inputs(tmp_path, capsys):
         out,
     ]
     assert transfer.main(args) == 0
-    assert np.load(tmp_path / "out" / "probs_test.npy").shape == (2,)
+    assert np.load(tmp_path / "out" / "all_neurons_probs_test.npy").shape == (2,)
 
 
 def test_regression_never_prefers_an_all_zero_model():
@@ -238,10 +243,10 @@ def test_write_results_keeps_the_truth_and_every_top_neuron(tmp_path):
     test = pd.read_csv(paths["test"])
     assert written["label"].tolist() == test["label"].tolist()  # the file's labels, not predictions
     assert written["sentence"].tolist() == test["sentence"].tolist()
-    probs = np.load(out_dir / "probs_test.npy")
+    probs = np.load(out_dir / "all_neurons_probs_test.npy")
     np.testing.assert_allclose(written["prob"], probs, atol=1e-6)
     assert written["predicted"].tolist() == (probs > 0.5).astype(int).tolist()
-    features = np.load(out_dir / "features_test.npy")
+    features = np.load(out_dir / "teXt.npy")
     for k in neurons:
         np.testing.assert_allclose(written[f"neuron {k}"], features[:, k], rtol=1e-6)
     # P(positive) of the top neurons is the second regression's: its accuracy is the one reported
@@ -252,11 +257,11 @@ def test_write_results_keeps_the_truth_and_every_top_neuron(tmp_path):
     assert sorted(p.name for p in (out_dir / "logit_vis").iterdir()) == sorted(
         f"{i}_{k}.png" for i, k in enumerate(neurons)
     )
-    assert (out_dir / "weights.png").stat().st_size > 0
-    for split in ("train", "val", "test"):
-        labels = np.load(out_dir / f"labels_{split}.npy")
+    assert (out_dir / "weight_vis.png").stat().st_size > 0
+    for split, prefix in (("train", "tr"), ("val", "va"), ("test", "te")):  # the original's names
+        labels = np.load(out_dir / f"{prefix}Y.npy")
         assert labels.tolist() == pd.read_csv(paths[split])["label"].tolist()
-        assert len(labels) == len(np.load(out_dir / f"features_{split}.npy"))
+        assert len(labels) == len(np.load(out_dir / f"{prefix}Xt.npy"))
 
     # json by extension; --neurons 1 leaves one histogram
     args[args.index("3")] = "1"
@@ -278,7 +283,7 @@ def test_no_validation_split_chooses_C_by_cross_validation(tmp_path, capsys, val
     results = json.loads((tmp_path / "lm_transfer" / "results.json").read_text())
     assert results["C_chosen_by"] == "3-fold cross-validation on train"
     assert set(results["all_features"]["accuracy"]) == {"train", "test"}
-    assert not (tmp_path / "lm_transfer" / "features_val.npy").exists()
+    assert not (tmp_path / "lm_transfer" / "vaXt.npy").exists()
 
 
 def test_cross_validation_finds_an_informative_feature():
