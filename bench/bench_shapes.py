@@ -15,11 +15,14 @@ second over all batches of a fresh process.
 
 The processes share one decisions folder (``--decisions``; by default a fresh one under /tmp that one
 warm-up process per measurement fills first, as ``python -m sentiment_discovery.matmul --calibrate``
-or any earlier run would); ``--cold`` also times a first pass with no decisions at all. Each round runs
-every variant once, in turn; the best of ``--rounds`` rounds is kept.
+or any earlier run would); ``--cold`` adds a variant with no decisions at all (a fresh empty folder).
+Robust to a shared machine: each round runs every variant once, in turn (A B C D A B C D ...), so a
+slow spell falls on all of them; per variant the best (shortest) and median rate are printed, both per
+wall second and per CPU-second of the process, and the ratios are those of the best wall rates. The
+load average is printed at the start and end of each section.
 
-    python bench/bench_shapes.py                     # the run recorded in bench/RESULTS.md
-    python bench/bench_shapes.py --texts-4096 128    # fewer sentences at H=4096
+    python bench/bench_shapes.py                     # 512 sentences at both sizes, 3 rounds
+    python bench/bench_shapes.py --texts-4096 64     # fewer sentences at H=4096
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,9 +74,9 @@ def child_featurize(hidden: int, texts: int, fixed: bool) -> dict:
         length = round(real / len(sentences))
         sentences = [joined[i * length : (i + 1) * length] for i in range(len(sentences))]
         real = sum(len(encode(t, model.config.preprocess)) for t in sentences)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     featurize(model, sentences, batch_size=128, device="cpu")
-    return {"bytes": real, "seconds": time.perf_counter() - start}
+    return {"bytes": real, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
 def child_train(hidden: int, batches: int, batch: int, padded: bool) -> dict:
@@ -86,7 +90,7 @@ def child_train(hidden: int, batches: int, batch: int, padded: bool) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     sentences = pd.read_csv(SST_TEST)["sentence"].astype(str).tolist()[: batches * batch]
     tokens = [encode(t, model.config.preprocess) for t in sentences]
-    real, start = 0, time.perf_counter()
+    real, start, cpu = 0, time.perf_counter(), time.process_time()
     for first in range(0, len(tokens), batch):
         rows = tokens[first : first + batch]
         steps = max(len(r) for r in rows) + 1  # + 1: a byte of padding to predict past the last
@@ -102,7 +106,7 @@ def child_train(hidden: int, batches: int, batch: int, padded: bool) -> dict:
         loss.backward()
         opt.step()
         real += sum(len(r) for r in rows)
-    return {"bytes": real, "seconds": time.perf_counter() - start}
+    return {"bytes": real, "seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
 def child(spec: dict) -> dict:
@@ -139,19 +143,33 @@ def load() -> str:
 
 
 def measure(
-    name: str, variants: dict[str, tuple[dict, str]], decisions: str, rounds: int
+    name: str, variants: dict[str, tuple[dict, str | None]], decisions: str, rounds: int
 ) -> dict[str, float]:
-    """Bytes/s of each variant: one fresh process per variant per round, in turns; best round kept."""
-    best = dict.fromkeys(variants, 0.0)
+    """Bytes/s of each variant: one fresh process per variant per round, the variants in turns
+    (A B C A B C ...) so that a slow spell of a shared machine falls on all of them. Prints each
+    variant's best (shortest time) and median rate; returns the best. A variant whose library is None
+    runs automatic with a fresh, empty decisions folder (a first pass with nothing decided yet)."""
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_rates: dict[str, list[float]] = {v: [] for v in variants}
+    print(f"  {name}: load average at start {load()}", flush=True)
     for r in range(rounds):
         line = []
         for v, (spec, library) in variants.items():
-            out = run_child(spec, decisions, library)
-            rate = out["bytes"] / out["seconds"]
-            best[v] = max(best[v], rate)
-            line.append(f"{v} {rate:.0f} ({out['timed']} timed)")
-        print(f"  {name} round {r + 1} (load {load()}): " + ", ".join(line), flush=True)
-    return best
+            if library is None:
+                with tempfile.TemporaryDirectory() as empty:
+                    out = run_child(spec, empty)
+            else:
+                out = run_child(spec, decisions, library)
+            rates[v].append(out["bytes"] / out["seconds"])
+            cpu_rates[v].append(out["bytes"] / out["cpu"])
+            line.append(f"{v} {rates[v][-1]:.0f} ({out['timed']} timed)")
+        print(f"    round {r + 1}: " + ", ".join(line), flush=True)
+    print(f"  {name}: load average at end {load()}", flush=True)
+    for v, got in rates.items():
+        cpu = cpu_rates[v]
+        print(f"    {v:8s} best {max(got):8.0f}  median {statistics.median(got):8.0f} bytes/s; per CPU-s "
+              f"(all threads) best {max(cpu):8.0f}  median {statistics.median(cpu):8.0f}", flush=True)
+    return {v: max(got) for v, got in rates.items()}
 
 
 def main() -> None:
@@ -160,9 +178,10 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=512, help="SST sentences featurized at H=1024")
     ap.add_argument("--texts-4096", type=int, default=512, help="SST sentences featurized at H=4096")
     ap.add_argument("--train-batches", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decisions", default=None, help="decisions folder (default: a fresh one in /tmp)")
-    ap.add_argument("--cold", action="store_true", help="also a first pass with no decisions at all")
+    ap.add_argument("--cold", action="store_true",
+                    help="also a variant with no decisions at all (a fresh empty folder each round)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["1024", "4096", "train"])
     args = ap.parse_args()
     if args.child:
@@ -176,22 +195,20 @@ def main() -> None:
             continue
         real = {"kind": "featurize", "hidden": hidden, "texts": texts, "fixed": False}
         fixed = {**real, "fixed": True}
-        if args.cold:
-            with tempfile.TemporaryDirectory() as empty:
-                out = run_child(real, empty)
-            print(f"  H={hidden} cold first pass (no decisions yet): {out['bytes'] / out['seconds']:.0f} "
-                  f"bytes/s, {out['timed']} classes timed", flush=True)
         warm = run_child(real, decisions)  # warm-up: fills the decisions of this machine
         print(f"  H={hidden} warm-up process: {warm['timed']} classes timed", flush=True)
         run_child(fixed, decisions)
-        rates = measure(f"featurize H={hidden}, {texts} texts", {
-            "auto": (real, "auto"), "mm": (real, "mm"), "onednn": (real, "onednn"), "fixed": (fixed, "auto"),
-        }, decisions, args.rounds)
+        variants = {"auto": (real, "auto"), "mm": (real, "mm"), "onednn": (real, "onednn"),
+                    "fixed": (fixed, "auto")}
+        if args.cold:
+            variants["cold"] = (real, None)
+        rates = measure(f"featurize H={hidden}, {texts} texts", variants, decisions, args.rounds)
         ratios[f"featurize H={hidden}: real text, auto / best pinned"] = rates["auto"] / max(
             rates["mm"], rates["onednn"])
         ratios[f"featurize H={hidden}: real text / fixed-length text"] = rates["auto"] / rates["fixed"]
-        print(f"  H={hidden} best bytes/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()),
-              flush=True)
+        if args.cold:
+            ratios[f"featurize H={hidden}: no decisions yet / best pinned"] = rates["cold"] / max(
+                rates["mm"], rates["onednn"])
     if "train" not in args.skip:
         unequal = {"kind": "train", "hidden": 1024, "batches": args.train_batches, "batch": 32,
                    "padded": False}
@@ -202,8 +219,7 @@ def main() -> None:
             "unequal": (unequal, "auto"), "padded": (padded, "auto")}, decisions, args.rounds)
         ratios["train H=1024: unequal lengths / padded to 32, per real byte"] = (
             rates["unequal"] / rates["padded"])
-        print("  train best real bytes/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), flush=True)
-    print(f"\nratios (load average at end {load()}):")
+    print(f"\nratios of the best rates (load average at end {load()}):")
     for name, ratio in ratios.items():
         print(f"  {name:62s} {ratio:.3f}")
 

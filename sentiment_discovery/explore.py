@@ -398,6 +398,9 @@ class Explorer:
         self.n_features = self.spec.num_features(self.model.config)
         multi = self.readout is not None and self.readout.weight.dim() == 2
         self.classes = [str(c) for c in self.readout.classes] if multi else None  # K > 2 (None: binary)
+        names = ckpt.extra.get("class_names")  # a binary readout's two labels, when not 0/1 (transfer.py)
+        named = isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)
+        self.binary_names = names if named else ["negative", "positive"]  # P(second) is the readout's P
         self.positive = positive_class(self.readout)
         self.weights = sentiment_weights(self.readout, self.positive)
         self.labelled = (
@@ -526,7 +529,10 @@ class Explorer:
         probs = self.readout.probs(pooled_features(states, self.spec)[None])[0]
         if probs.ndim == 0:  # binary
             p = float(probs)
-            return {"p_positive": p, "probabilities": [["negative", 1 - p], ["positive", p]]}
+            return {
+                "p_positive": p,
+                "probabilities": [[self.binary_names[0], 1 - p], [self.binary_names[1], p]],
+            }
         p = None if self.positive is None else float(probs[self.positive])
         return {
             "p_positive": p,
@@ -543,6 +549,7 @@ class Explorer:
             f"preprocessing {cfg.preprocess}",
             "classifier": self.readout is not None,
             "classes": self.classes,
+            "binary_names": None if self.readout is None or self.classes else self.binary_names,
             "pooling": self.spec.pooling,
             "state": self.spec.state,
             "n_features": self.n_features,

@@ -397,6 +397,19 @@ def test_a_classifier_of_several_classes(workdir, names):
         s.close()
 
 
+def test_a_binary_classifier_with_named_classes(workdir):
+    path = workdir / "named.pt"
+    save_checkpoint(path, tiny_model(), three_pooling_classifier(), extra={"class_names": ["bad", "good"]})
+    explorer = ex.load_explorer(
+        str(path), str(CORPUS), max_texts=8, cache_dir=workdir / "c6", log=lambda s: None
+    )
+    r = explorer.analyse_text("Nice.", 4)
+    assert [c for c, _ in r["probabilities"]] == ["bad", "good"] and r["probabilities"][1][1] == r[
+        "p_positive"
+    ]
+    assert explorer.info()["binary_names"] == ["bad", "good"]
+
+
 def test_all_layer_features_and_unit_ranges_match_the_per_byte_states(workdir):
     torch.manual_seed(3)
     model = RNNModel(ModelConfig(emsize=8, nhid=8, nlayers=2)).eval()

@@ -138,6 +138,13 @@ def test_discriminative_rates_and_groups():
     assert all(n.startswith("rnn.layers.0.") for n in names[1])
     assert names[2] == ["encoder.weight"]
     assert sum(len(g) for g in names) == len(list(model.parameters()))
+    tied = RNNModel(ModelConfig(emsize=8, nhid=8, nlayers=2, tied=True))  # decoder.weight is encoder.weight
+    tied_names = [[n for n, _ in g] for g in tied.layer_groups()]
+    assert tied_names[2] == ["encoder.weight"] and "decoder.bias" in tied_names[0]
+    assert sum(len(g) for g in tied_names) == len(list(tied.parameters()))
+    # the model's optimizer lists its parameters in the model's own order (what a checkpoint's check expects)
+    lm_optimizer, _ = make_optimizers(model, head, FinetuneOptions())
+    assert [g["params"][0] for g in lm_optimizer.param_groups] == list(model.parameters())
     opt = FinetuneOptions(lr=1e-3, head_lr=5e-3, lr_decay_per_layer=0.5, weight_decay=0.1)
     groups = [g for o in make_optimizers(model, head, opt) for g in o.param_groups]
     rates = {g["name"]: g["lr"] for g in groups}

@@ -117,7 +117,7 @@ async function analyseText() {
 
 function describeProbabilities(r) {  // P(positive), or each class's P for a classifier of K classes
   if (!r.probabilities) return "no classifier: no P(positive)";
-  if (!INFO.classes) return `P(positive) = ${r.p_positive.toFixed(3)}`;
+  if (!INFO.classes) return `P(${INFO.binary_names[1]}) = ${r.p_positive.toFixed(3)}`;
   return r.probabilities.map(([c, p]) => `P(${c}) = ${p.toFixed(3)}`).join(", ");
 }
 
