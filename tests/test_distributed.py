@@ -71,7 +71,10 @@ def test_two_process_run_equals_one_process_on_the_union_of_rows(sst_slice, tmp_
         assert (tmp_path / name).stat().st_size > 0, name
     rank1_log = tmp_path / "distributed_logs" / "ddp" / "1.log"
     # rank 1 does not log training, but its log shows it ran: what it held, and that it finished
-    assert rank1_log.read_text().splitlines() == [
+    # (between the launcher's header and footer lines, which start "multiproc:")
+    rank1_lines = rank1_log.read_text().splitlines()
+    assert rank1_lines[0].startswith("multiproc: rank 1 of 2: ") and rank1_lines[-1].startswith("multiproc: ")
+    assert [line for line in rank1_lines if not line.startswith("multiproc: ")] == [
         "rank 1 of 2 on cpu: training rows 2-3 of each batch; rank 0 logs the run",
         "rank 1 of 2: finished, 6 updates",
     ]
