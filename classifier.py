@@ -1,4 +1,5 @@
-"""Classify texts with a transferred model (classifier.pt from transfer.py): probability of positive."""
+"""Classify texts with a transferred or fine-tuned model (transfer.py's classifier.pt, the checkpoint of
+finetune_classifier.py): probability of positive (of each class, for a classifier of more than two)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from sentiment_discovery import cli
 def build_parser() -> argparse.ArgumentParser:
     p = cli.script_parser(__doc__, "save_probs")
     cli.add_load_model_flag(
-        p, "transferred checkpoint", "lang_model_transfer/classifier.pt if present, else the shipped model"
+        p,
+        "checkpoint with a classifier",
+        "lang_model_transfer/classifier.pt if present, else 'finetuned'",
     )
     p.add_argument("--data", default="data/binary_sst/test.csv", help="csv/json of texts (labels optional)")
     p.add_argument(

@@ -42,6 +42,7 @@ from .formats import (
     RawCheckpoint,
     check_train_state,
     check_views,
+    is_own_checkpoint,
     read_checkpoint_file,
 )
 from .model import ModelConfig, RNNModel
@@ -73,6 +74,20 @@ def stale_temp_files(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     prefix, suffix = temp_affixes(path)
     return list(path.parent.glob(f"{prefix}*{suffix}"))
+
+
+def check_replaceable(path: str | os.PathLike, flag: str) -> None:
+    """An output checkpoint ``path`` (given by ``flag``) is a new path or a checkpoint of this suite
+    (by content): never a data file or anything else a run would destroy; a ``UsageError`` otherwise."""
+    path = Path(path)
+    refuse_symlink(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, expected a checkpoint file path")
+    if path.exists() and not is_own_checkpoint(path):
+        raise UsageError(
+            f"{flag} {path}: exists and is not a checkpoint of this suite; refusing to overwrite it "
+            "(choose a new path, or remove the file)"
+        )
 
 
 def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -188,5 +203,5 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
 def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:
     """Load any supported checkpoint, its format detected: a native ``.pt`` or ``.safetensors`` file,
     an NVIDIA 2018 state dict, or a directory of OpenAI ``.npy`` shards (formats.py); or an alias of
-    ``formats.MODEL_ALIASES`` (``default``, ``openai``); None is the shipped default model."""
+    ``formats.MODEL_ALIASES`` (``default``, ``finetuned``, ``openai``); None is the shipped default model."""
     return build_checkpoint(read_checkpoint_file(path))

@@ -89,7 +89,8 @@ def add_load_model_flag(group, holds: str, default: str) -> None:
     group.add_argument(
         "--load_model",
         default=None,
-        help=f"{holds} (default: {default}; 'default' names the shipped one)",
+        help=f"{holds} (default: {default}; 'default' names the shipped language model with its "
+        "transferred classifier, 'finetuned' the shipped fine-tuned one)",
     )
 
 

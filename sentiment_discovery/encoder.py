@@ -46,8 +46,10 @@ class ByteValues:
 class Encoder:
     """A language model (and, after transfer, its sentiment classifier) as a text featurizer.
 
-    Features use the pooling/state/layers stored with the classifier, or the original's
-    (last cell state of the last layer) for a bare language model. ``bf16=True`` featurizes with
+    ``model`` None is the shipped fine-tuned classifier (the alias ``finetuned``; ``"default"`` names the
+    shipped language model with its transferred classifier). Features use the pooling/state/layers
+    stored with the classifier, or the original's (last cell state of the last layer) for a bare
+    language model. ``bf16=True`` featurizes with
     bfloat16 matrix products (``fp16``: float16 on a GPU, bfloat16 on a CPU).
     """
 
@@ -62,8 +64,8 @@ class Encoder:
         bf16: bool = False,
         default_neuron: int | None = None,
     ):
-        if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped default model
-            ckpt = load_checkpoint(model)
+        if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped classifier
+            ckpt = load_checkpoint("finetuned" if model is None else model)
             model, classifier = ckpt.model, classifier if classifier is not None else ckpt.classifier
             if default_neuron is None:
                 default_neuron = ckpt.extra.get("default_neuron")
@@ -86,7 +88,8 @@ class Encoder:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **kwargs) -> Encoder:
-        """A checkpoint file: a language model, or a transferred one (``classifier.pt``)."""
+        """A checkpoint file: a language model, or a transferred or fine-tuned one with its classifier (None:
+        the shipped fine-tuned classifier)."""
         return cls(path, **kwargs)
 
     @property

@@ -63,6 +63,7 @@ from .plots import char_cells
 from .preprocess import encode_bytes, text_slice
 from .readers import ReadOptions, read_records
 from .readout import FeatureSpec, Readout
+from .safe_io import atomic_write
 from .transfer import file_digest
 
 DEFAULT_DATA = "data/binary_sst/val.csv"
@@ -72,6 +73,7 @@ MAX_TEXT_CHARS = 2000  # a text longer than this is refused: the model reads abo
 MAX_TEXT_BYTES = 4096  # after preprocessing (transliteration can lengthen a text)
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is read
 MAX_STEER_BYTES = 1000
+BATCH_STATE_BYTES = 64 << 20  # per-byte states of one batch of a unit page's texts, at most
 N_TRACES = 8  # units traced in Try text: the largest |classifier weight|
 N_EXTREME = 10  # texts shown per unit page, each side
 HISTOGRAM_BINS = 30
@@ -197,6 +199,23 @@ def run_states(
     return TextStates(tokens, join(hiddens), join(cells))
 
 
+def run_states_batch(model: RNNModel, texts: list[bytes], chunk_length: int = 256) -> list[TextStates]:
+    """``run_states`` of several texts from a zero state, in one right-padded batch: a row's states
+    before its padding are those of its text alone."""
+    longest = max(len(t) for t in texts)
+    x = torch.zeros(longest, len(texts), dtype=torch.long)
+    for j, tokens in enumerate(texts):
+        x[: len(tokens), j] = torch.frombuffer(bytearray(tokens), dtype=torch.uint8)
+    hiddens, cells, state = [], [], None
+    with torch.inference_mode():
+        for a in range(0, longest, chunk_length):
+            hs, cs, state = model.forward_states(x[a : a + chunk_length], state)
+            hiddens.append(_to_numpy(hs))
+            cells.append(_to_numpy(cs))
+    hidden, cell = np.concatenate(hiddens, axis=1), np.concatenate(cells, axis=1)  # [B, T, L, H]
+    return [TextStates(t, hidden[j, : len(t)].copy(), cell[j, : len(t)].copy()) for j, t in enumerate(texts)]
+
+
 def pooled_features(states: TextStates, spec: FeatureSpec) -> np.ndarray:
     """The features ``[F]`` of one text from its per-byte states, pooled by ``spec`` as ``featurize`` does."""
     seq = states.cell if spec.state == "cell" else states.hidden  # [T, L, H]
@@ -228,10 +247,13 @@ class CorpusStats:
     unit_range: np.ndarray  # float32 [L * H]: colour range of each unit's per-byte values (> 0)
 
     def save(self, path: Path, key: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, features=self.features, unit_range=self.unit_range, key=np.array(json.dumps(key)))
-        os.replace(tmp, path)
+        """Atomically (safe_io); an ``OutputError`` (an ``OSError``) where ``path`` cannot be written."""
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=self.features, unit_range=self.unit_range, key=np.array(json.dumps(key)))
+
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: Path, key: dict, n_texts: int, n_features: int, n_units: int) -> CorpusStats | None:
@@ -474,6 +496,22 @@ class Explorer:
             self.cache.put(states)
         return states
 
+    def many_token_states(self, texts: list[bytes]) -> list[TextStates]:
+        """Per-byte states of several texts: those in the state cache from it, the others read in
+        batches of similar length (at most ``BATCH_STATE_BYTES`` of states each) and cached."""
+        cfg = self.model.config
+        per_byte = 2 * cfg.nlayers * cfg.nhid * 4  # hidden and cell, float32
+        with self.lock:
+            found = {t: self.cache.entries[t] for t in texts if t in self.cache.entries}
+            missing = sorted({t for t in texts if t not in found}, key=len, reverse=True)
+            while missing:
+                rows = max(1, BATCH_STATE_BYTES // (per_byte * max(1, len(missing[0]))))
+                for states in run_states_batch(self.model, missing[:rows]):
+                    found[states.tokens] = states
+                    self.cache.put(states)
+                missing = missing[rows:]
+        return [found[t] for t in texts]
+
     def coloured(self, states: TextStates, feature: Feature) -> list[list]:
         """``[[character, value x polarity], ...]`` of the text itself (no preprocessing pads)."""
         seq = states.cell if self.spec.state == "cell" else states.hidden
@@ -570,7 +608,7 @@ class Explorer:
         most, least = order[::-1][:N_EXTREME], order[:N_EXTREME]
         chosen = [int(i) for i in np.concatenate([most, least])]
         tokens = [encode_bytes(self.texts[i], self.model.config.preprocess)[:MAX_TEXT_BYTES] for i in chosen]
-        states = [self.token_states(t) for t in tokens]  # each alone, kept in the state cache
+        states = self.many_token_states(tokens)
         polarity = self.polarity(feature)
 
         def rows(indices) -> list[dict]:
@@ -654,11 +692,12 @@ class Explorer:
                 "seed": seed,
             }
         )
+        prompt_bytes = len(prefix) - shown_from  # gen_length counts these, not the "\n " before them
         with self.lock:
             result = generate(
                 self.model,
                 prompt,
-                gen_length=len(prefix) + length,
+                gen_length=prompt_bytes + length,
                 temperature=temperature,
                 seed=seed,
                 neuron=neuron,
@@ -678,6 +717,7 @@ class Explorer:
             {
                 "done": True,
                 "text": result.text,
+                "generated_bytes": len(result.tokens) - result.n_warmup,
                 **(
                     self.prediction(states)
                     if states is not None

@@ -39,7 +39,6 @@ from .checkpoint import SAVE_DTYPES, load_checkpoint, save_checkpoint
 from .cli import Interrupted, pick_seed
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import default_device
-from .formats import check_optimizer_state
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
@@ -292,30 +291,28 @@ def _decays(name: str, p: nn.Parameter, embedding: bool) -> bool:
     return p.dim() >= 2 and not name.endswith("original0") and not embedding
 
 
-def make_optimizer(model: RNNModel, head: Head, opt: FinetuneOptions) -> torch.optim.AdamW:
-    """AdamW; groups: the head at ``head_lr``, then the model's layer groups top-down at
-    ``lr * lr_decay_per_layer ** depth``; matrices with ``weight_decay``, the rest without."""
-    groups = []
+def make_optimizers(
+    model: RNNModel, head: Head, opt: FinetuneOptions
+) -> tuple[torch.optim.AdamW, torch.optim.AdamW]:
+    """AdamW for the model and AdamW for the head (``head_lr``). The model's has one group per parameter,
+    in the model's own order (a resumable checkpoint's optimizer lists the model's parameters in that
+    order: formats.check_train_state), at ``lr * lr_decay_per_layer ** depth`` of its layer group; matrices
+    with ``weight_decay``, the rest without."""
 
-    def add(named, lr, name, embedding=False):
-        for decay in (True, False):
-            params = [p for n, p in named if _decays(n, p, embedding) == decay]
-            if params:
-                groups.append(
-                    {
-                        "params": params,
-                        "lr": lr,
-                        "weight_decay": opt.weight_decay if decay else 0.0,
-                        "name": name,
-                    }
-                )
+    def group(name: str, p: nn.Parameter, lr: float, label: str, embedding: bool = False) -> dict:
+        decay = opt.weight_decay if _decays(name, p, embedding) else 0.0
+        return {"params": [p], "lr": lr, "weight_decay": decay, "name": label}
 
-    add(list(head.named_parameters()), opt.head_lr, "head")
-    groups_by_depth = model.layer_groups()
-    for depth, named in enumerate(groups_by_depth):
-        embedding = depth == len(groups_by_depth) - 1
-        add(named, opt.lr * opt.lr_decay_per_layer**depth, f"lm{depth}", embedding)
-    return torch.optim.AdamW(groups)
+    by_depth = model.layer_groups()
+    depth_of = {id(p): depth for depth, named in enumerate(by_depth) for _, p in named}
+    embedding = len(by_depth) - 1
+    lm_groups = [
+        group(n, p, opt.lr * opt.lr_decay_per_layer ** depth_of[id(p)], f"lm{depth_of[id(p)]}",
+              depth_of[id(p)] == embedding)
+        for n, p in model.named_parameters()
+    ]  # fmt: skip
+    head_groups = [group(n, p, opt.head_lr, "head") for n, p in head.named_parameters()]
+    return torch.optim.AdamW(lm_groups), torch.optim.AdamW(head_groups)
 
 
 def warmup_linear_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float):
@@ -446,17 +443,16 @@ class Finetuner:
     ):
         self.model, self.head = model.to(device), head.to(device)
         self.classes, self.splits, self.opt, self.device, self.seed = classes, splits, opt, device, seed
-        self.load = load
         self.train = splits["train"]
         self.dtype = reduced_dtype(device, opt.fp16, opt.bf16)
         self.spec = opt.spec
         self.steps_per_epoch = -(-len(self.train) // opt.batch_size)
         self.groups = model.layer_groups()
-        self.optimizer = make_optimizer(model, head, opt)
+        self.optimizers = make_optimizers(model, head, opt)  # (model's, head's)
         self.total_steps = opt.train_iters or opt.epochs * self.steps_per_epoch
         if train_state is not None:
             self.total_steps = train_state["total_steps"]
-        self.scheduler = warmup_linear_decay(self.optimizer, self.total_steps, opt.warmup)
+        self.schedulers = [warmup_linear_decay(o, self.total_steps, opt.warmup) for o in self.optimizers]
         self.state = RunState()
         self.best_path = sibling(opt.save, ".best.pt")
         self.results_path = sibling(opt.save, ".results.json")
@@ -490,8 +486,8 @@ class Finetuner:
             "batches_per_epoch": self.steps_per_epoch,
             "bytes_seen": s.bytes_seen,
             "best_val_bpc": s.best_val_loss,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizers[0].state_dict(),
+            "scheduler": self.schedulers[0].state_dict(),
             "hidden": None,
             "rng": rng_state(),
             "finetune": {
@@ -499,6 +495,8 @@ class Finetuner:
                 "classes": list(self.classes),
                 "options": asdict(self.opt),
                 "head": {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()},
+                "head_optimizer": self.optimizers[1].state_dict(),
+                "head_scheduler": self.schedulers[1].state_dict(),
                 "run": {**asdict(s), "tally": asdict(s.tally)},
             },
         }
@@ -515,14 +513,19 @@ class Finetuner:
             raise CheckpointError(
                 f"cannot resume: the checkpoint's classes {ours['classes']} are not {self.classes}"
             )
-        shapes = [tuple(p.shape) for group in self.optimizer.param_groups for p in group["params"]]
-        check_optimizer_state(state["optimizer"], shapes, self.load or "--load_model")
         self.head.load_state_dict(ours["head"])
         set_trainable(
             self.groups, trainable_groups(state["step"], self.opt, len(self.groups), self.steps_per_epoch)
         )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizers[0].load_state_dict(state["optimizer"])  # checked with the checkpoint
+        self.schedulers[0].load_state_dict(state["scheduler"])
+        try:
+            self.optimizers[1].load_state_dict(ours["head_optimizer"])
+            self.schedulers[1].load_state_dict(ours["head_scheduler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"cannot resume: the checkpoint's head optimizer does not fit ({type(e).__name__}: {e})"
+            ) from None
         run = dict(ours["run"])
         run["tally"] = EpochTally(**run["tally"])
         self.state = RunState(**run)
@@ -566,15 +569,16 @@ class Finetuner:
         logits = self.head(features.float())
         loss = self.head.loss(logits, labels)
         total = loss if aux is None else loss + self.opt.aux_lm_weight * aux
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.opt.clip > 0:
-            params = [
-                p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
-            ]
+            groups = [group for o in self.optimizers for group in o.param_groups]
+            params = [p for group in groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.opt.clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers):
+            optimizer.step()
+            scheduler.step()
         correct = int((self.head.predict(logits.detach()) == labels).sum())
         return loss.item(), correct, int(lengths.sum())
 
@@ -622,7 +626,8 @@ class Finetuner:
         )
 
     def _group_lr(self, name: str) -> float | None:
-        return next((g["lr"] for g in self.optimizer.param_groups if g["name"] == name), None)
+        groups = (g for o in self.optimizers for g in o.param_groups)
+        return next((g["lr"] for g in groups if g["name"] == name), None)
 
     def _end_epoch(self, val: dict | None) -> None:
         s = self.state

@@ -433,8 +433,12 @@ def _nvidia_classifier(flat: dict, H: int, nlayers: int, source: str) -> dict | 
 
 FORMAT_NAME = "sentiment-discovery"
 FORMAT_VERSION = 1
-# The model that ships with the package (pretrained/README.md: how it was made, what it scores).
+# The models that ship with the package (pretrained/README.md: how they were made, what they score): the
+# language model with its transferred classifier (``default``: the LM of main.py, transfer.py and
+# generate.py), and that model fine-tuned with its classifier on Binary SST (``finetuned``: the classifier
+# of classifier.py and Encoder().predict_proba, the better one).
 DEFAULT_MODEL = Path(__file__).resolve().parent / "pretrained" / "mlstm1024_imdb_sst.safetensors"
+DEFAULT_CLASSIFIER = DEFAULT_MODEL.with_name("mlstm1024_imdb_sst_finetuned.safetensors")
 # where `python data/download.py openai` writes OpenAI's converted weights, under its --root (data/)
 OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
 
@@ -443,19 +447,20 @@ OPENAI_MODEL = Path("openai", "mlstm_openai.safetensors")
 # relative to the working directory, as the scripts' data defaults (the repository root).
 MODEL_ALIASES = {
     "default": (DEFAULT_MODEL, "pip install . (the shipped model is package data)"),
+    "finetuned": (DEFAULT_CLASSIFIER, "pip install . (the shipped model is package data)"),
     "openai": (Path("data") / OPENAI_MODEL, "python data/download.py openai"),
 }
 
 
-def first_existing_model(*candidates: str) -> str:
+def first_existing_model(*candidates: str, fallback: str = "default") -> str:
     """The first of the scripts' conventional outputs that exists (a user's own model wins), else
-    ``default``, the shipped model."""
-    return next((path for path in candidates if Path(path).exists()), "default")
+    ``fallback``, a shipped model's alias."""
+    return next((path for path in candidates if Path(path).exists()), fallback)
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
-    """``path`` itself, or for an alias (``default``, ``openai``) with no file of that name, the file it
-    stands for. None is ``default``, the shipped model."""
+    """``path`` itself, or for an alias (``default``, ``finetuned``, ``openai``) with no file of that name,
+    the file it stands for. None is ``default``, the shipped model."""
     path = Path("default" if path is None else path)
     if path.exists() or str(path) not in MODEL_ALIASES:
         return path
@@ -620,7 +625,7 @@ def check_torch_file_sizes(path: Path) -> None:
         )
 
 
-def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
+def safe_torch_load(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
     """``torch.load`` with ``weights_only=True``; a file that needs arbitrary unpickling is refused.
 
     The one class allowed beyond plain data is ``argparse.Namespace`` (NVIDIA's ``{'sd', 'args'}``
@@ -641,7 +646,7 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     check_torch_file_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # weights_only stopped it; whatever it holds never ran
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         code = next((line for line in lines if "global" in line.lower()), None)
@@ -657,6 +662,22 @@ def safe_torch_load(path: str | os.PathLike, map_location="cpu"):
     except Exception as e:  # truncated, corrupt, or not a torch file at all
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot read it as a checkpoint ({first})") from None
+
+
+def is_own_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a checkpoint of this suite (written by ``save_checkpoint``), told by its
+    content, not its name, and without reading its tensors (a torch file is memory-mapped)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        if is_safetensors_file(path):
+            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+                return (f.metadata() or {}).get("format") == FORMAT_NAME
+        obj = safe_torch_load(path, mmap=True)  # torch.save writes zip files: mmap needs one
+    except (CheckpointError, OSError, safetensors.SafetensorError):
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT_NAME
 
 
 def read_native(obj, source: str) -> RawCheckpoint | None:
@@ -769,9 +790,8 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
     best = state["best_val_bpc"]
     if not (_finite(best) or best == math.inf):
         raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
-    if config is not None and "finetune" not in state:
+    if config is not None:
         check_optimizer_state(state["optimizer"], model_parameter_shapes(config), source)
-    # a fine-tuning state's optimizer also holds the head's parameters: finetune.py checks it against its own
     elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
     scheduler = state["scheduler"]
@@ -786,6 +806,9 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
             f"{source}: train_state scheduler is not the linear decay's state dict (lr_lambdas, base_lrs, "
             "last_epoch)"
         )
+    for key in ("finished", "val_pending"):  # absent in checkpoints of earlier versions
+        if key in state and not isinstance(state[key], bool):
+            raise CheckpointError(f"{source}: train_state {key} = {state[key]!r} is not a bool")
     if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
         raise CheckpointError(f"{source}: train_state scaler is not a GradScaler state dict")
     hidden = state["hidden"]

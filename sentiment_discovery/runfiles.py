@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from .checkpoint import stale_temp_files
+from .checkpoint import check_replaceable, stale_temp_files
 from .errors import UsageError
 from .safe_io import sibling_name
 
@@ -60,9 +60,10 @@ def check_save_path(save: str | Path) -> None:
             f"--save {save}: a .safetensors file holds weights only, not the training state a run "
             "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
         )
-    for path in (save, sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
+    for path in (sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl")):
         if path.is_dir():
             raise UsageError(f"--save {save}: {path} is a directory, expected a file path")
+    check_replaceable(save, "--save")  # a new path or one of our checkpoints (by content), never data
     parent = save.parent
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"--save {save}: {parent} is not a directory")

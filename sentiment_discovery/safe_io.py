@@ -18,8 +18,6 @@ from pathlib import Path
 
 from .errors import OutputError
 
-__all__ = ["OutputError", "atomic_write", "save_figure", "save_npy", "write_bytes", "write_text"]
-
 NAME_MAX = 255  # bytes of one file name on Linux, macOS and Windows file systems
 _RANDOM_PART = 8  # the characters tempfile.mkstemp puts between prefix and suffix
 
@@ -57,6 +55,32 @@ def refuse_symlink(path: str | os.PathLike) -> None:
             f"{path}: is a symlink (to {os.readlink(path)}); refusing to write through it: remove it "
             "or choose another output path"
         )
+
+
+def check_output(path: str | os.PathLike, flag: str) -> None:
+    """Before any work: an output file ``path`` (given by ``flag``) can be written: not a symlink nor a
+    folder, its folder there (created) and writable, an existing file writable; an ``OutputError``
+    naming the flag otherwise."""
+    path = Path(path)
+    refuse_symlink(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a directory, expected a file path")
+    check_output_folder(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{flag} {path}: not writable")
+
+
+def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
+    """Before any work: ``folder`` exists (created) and files can be created in it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{flag}: cannot create the folder {folder} ({e.strerror or e})") from None
+    if not folder.is_dir():
+        raise OutputError(f"{flag}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag}: cannot write in {folder} (permission denied)")
 
 
 def _disk_full(folder: Path) -> bool:

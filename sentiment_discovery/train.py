@@ -3,8 +3,9 @@ checkpoints, metrics, signals, and main.py's body (``pretrain``); the run's file
 
 Resume semantics: a checkpoint written during or at the end of training carries ``train_state``
 (optimizer, lr schedule, step, data position, carried hidden state, RNG states, best validation
-BPC). Loading it continues the run exactly where it stopped, including the schedule length; a
-checkpoint whose run has finished (or that has no ``train_state``) starts a new run from its weights.
+BPC). Loading it continues the run exactly where it stopped, including the schedule length and a
+validation or final test evaluation a signal cut short; a checkpoint whose run has finished (last step
+taken, test split evaluated) or that has no ``train_state`` starts a new run from its weights.
 
 Distributed (distributed.py): the model is wrapped in DistributedDataParallel, each process trains
 its own block of rows (``--batch_size`` rows per process, as the original), and the loss is
@@ -151,6 +152,12 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return getattr(torch.optim, name)(params, lr=lr)
 
 
+def run_finished(state: dict) -> bool:
+    """Whether the run of a stored training state has ended (last step taken, test evaluated); a
+    checkpoint of an earlier version, without the mark, ended with its last step."""
+    return bool(state.get("finished", state["step"] >= state["total_steps"]))
+
+
 def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Learning rate falls linearly from its initial value to 0 at ``total_steps``."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
@@ -294,7 +301,7 @@ class Trainer:
         if self.train is None:
             raise UsageError("no training split")
         self.optimizer = make_optimizer(options.optim, self.model.parameters(), options.lr)
-        resume = train_state is not None and train_state["step"] < train_state["total_steps"]
+        resume = train_state is not None and not run_finished(train_state)
         self.total_steps = (
             train_state["total_steps"]
             if resume
@@ -312,26 +319,28 @@ class Trainer:
         # so that a resumed run logs the same losses as an uninterrupted one
         self.interval_nats, self.interval_bytes, self.interval_steps = 0.0, 0, 0
         self.resumed = resume
+        self.tested = False  # the final test evaluation is done (a run is finished only then)
+        self.val_pending = False  # a signal cut this step's validation short: a resume runs it first
         if resume:
             self._restore(train_state)
         self.best_path = sibling(options.save, ".best.pt")
         metrics_path = sibling(options.save, ".metrics.jsonl")
+        self.png_path = sibling(options.save, ".bpc.png")
         if self.is_main:
             self._own_history(metrics_path)
         self.metrics = MetricsLog(metrics_path, self.step if resume else None) if self.is_main else None
-        self.png_path = sibling(options.save, ".bpc.png")
         self.stop_request = StopRequest()
 
     def _own_history(self, metrics_path: Path) -> None:
-        """The best model and the metrics beside ``--save`` belong to one run: a resumed run continues
-        those of its checkpoint; a new run (or a resume into another --save) moves what is there aside
-        (never overwritten by a worse model, never truncated)."""
+        """The checkpoint, best model, metrics and plot beside ``--save`` belong to one run: a resumed run
+        continues those of its checkpoint; a new run (or a resume into another --save) moves what is
+        there aside (never overwritten by a new run's first save, a worse model, never truncated)."""
         load = self.opt.load
         continues_here = self.resumed and (not load or Path(load).resolve() == Path(self.opt.save).resolve())
         if continues_here:
             return
         series = [path for _, path in snapshots(self.opt.save)]
-        for path in (self.best_path, metrics_path, *series):
+        for path in (Path(self.opt.save), self.best_path, metrics_path, self.png_path, *series):
             moved = move_aside(path)
             if moved is not None:
                 self.log(f"{path} is another run's: moved it aside to {moved}")
@@ -357,6 +366,8 @@ class Trainer:
             "batches_per_epoch": len(self.train),
             "bytes_seen": self.bytes_seen,
             "best_val_bpc": self.best_val,
+            "finished": self.finished,
+            "val_pending": self.val_pending,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -369,6 +380,12 @@ class Trainer:
                 "steps": self.interval_steps,
             },
         }
+
+    @property
+    def finished(self) -> bool:
+        """The last step is taken and the test split (if any) evaluated: a checkpoint written before
+        that resumes (to finish the test), one written after it starts a new run from its weights."""
+        return self.step >= self.total_steps and (self.splits.test is None or self.tested)
 
     def _restore(self, state: dict) -> None:
         if (state["rows"], state["batches_per_epoch"]) != (self.train.total_rows, len(self.train)):
@@ -384,6 +401,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch"]
         self.bytes_seen, self.best_val = state["bytes_seen"], state["best_val_bpc"]
+        self.val_pending = bool(state.get("val_pending", False))
         if state["hidden"] is not None:
             rows = slice(*self.train.row_range)
             self.hidden = tuple(t[:, rows].to(self.device) for t in state["hidden"])
@@ -438,6 +456,7 @@ class Trainer:
         began = time.perf_counter()
         bpc = self.evaluate(self.splits.val)
         seconds = time.perf_counter() - began
+        self.val_pending = bpc is None
         if bpc is None:
             return None
         self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, val_bpc=bpc)
@@ -526,6 +545,10 @@ class Trainer:
         if self.resumed:
             where = f"epoch {self.epoch}, batch {self.batch_index}"
             self.log(f"resuming at step {self.step}/{self.total_steps} ({where})")
+            if self.val_pending:  # the validation a signal cut short, at the step it belongs to
+                self.validate()
+                if self.stop_requested():
+                    self._stop(self.step)  # nothing new to save
         bar = progress_bar(
             total=self.total_steps,
             initial=self.step,
@@ -535,7 +558,8 @@ class Trainer:
         )
         cost = RunCost(self.model.config, len(self.train), self.total_steps - self.step, self.device.type)
         interval_start = time.perf_counter()
-        last_val_step = last_save_step = None
+        # a checkpoint is written after its step's validation: a resumed run has both for its step
+        last_val_step = last_save_step = self.step if self.resumed else None
         while self.step < self.total_steps:
             n = self.train.targets_in_batch(self.batch_index)  # of all processes' rows
             began = time.perf_counter()
@@ -581,6 +605,8 @@ class Trainer:
             self.record(step=self.step, epoch=self.epoch, bytes_seen=self.bytes_seen, test_bpc=test_bpc)
             self.log(f"| end of training | test BPC {test_bpc:.4f}")
             result["test_bpc"] = test_bpc
+            self.tested = True
+            self.save()  # now marked finished: --load of it starts a new run
         if self.metrics is not None:
             plot_bpc(self.metrics.path, self.png_path)
             self.log(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.png_path}")
@@ -593,7 +619,10 @@ class Trainer:
         signum = self.stop_request.signum or signal.SIGTERM  # another process got the signal
         name = signal.Signals(signum).name
         if self.step >= self.total_steps:
-            message = f"{name} after the last step: saved {self.opt.save}; the test evaluation was skipped"
+            message = (
+                f"{name} during the final evaluation: saved {self.opt.save}; finish it with the same command "
+                f"and --load {self.opt.save}"
+            )
         else:
             message = (
                 f"{name} at step {self.step}/{self.total_steps}: saved {self.opt.save}; resume with the same "

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_replaceable, load_checkpoint, save_checkpoint
 from .encoder import Encoder
 from .errors import CheckpointError, DataError, UsageError
 from .featurize import featurize
-from .formats import DEFAULT_MODEL, first_existing_model, resolve_model_path
+from .formats import first_existing_model, resolve_model_path
 from .readers import (
     ReadOptions,
     Records,
@@ -43,7 +43,7 @@ from .regression import (
     predicted,
     standardizer,
 )
-from .safe_io import atomic_write, save_npy, write_text
+from .safe_io import atomic_write, check_output, check_output_folder, refuse_symlink, save_npy, write_text
 
 SPLITS = ("train", "val", "test")
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
@@ -290,13 +290,39 @@ def given_path(value: str | None) -> str | None:
     return None if value is None or value.strip().lower() in ("", "none") else value
 
 
-def _choose_model(given: str, *outputs: str) -> str:
-    """``--load_model``, else the first existing output of an earlier script, else the shipped model
-    (said, so that a user knows whose model answered)."""
-    chosen = given or first_existing_model(*outputs)
-    if chosen == "default":
-        print(f"model: the shipped default model ({DEFAULT_MODEL.name}); pass --load_model for your own")
+def _choose_model(given: str, *outputs: str, fallback: str = "default") -> str:
+    """``--load_model``, else the first existing output of an earlier script, else the shipped model of
+    the alias ``fallback`` (said, so that a user knows whose model answered)."""
+    chosen = given or first_existing_model(*outputs, fallback=fallback)
+    if not given and chosen == fallback:
+        print(
+            f"model: the shipped {fallback} model ({resolve_model_path(fallback).name}); pass --load_model "
+            "for your own"
+        )
     return chosen
+
+
+# what run_transfer writes in its folder under fixed names (besides logit_vis/); the regressions'
+# <name>_score.txt and <name>_probs_<split>.npy are named by REGRESSION_NAMES
+TRANSFER_OUTPUTS = (
+    "results.json", "extreme_samples.json", "weight_vis.png", "classifier.pt",
+    "neurons.npy", "neuron_bias.npy",
+    *(f"{SPLIT_PREFIX[split]}{kind}" for split in SPLITS for kind in ("Xt.npy", "Xt.key.json", "Y.npy")),
+)  # fmt: skip
+REGRESSION_NAMES = ("all_neurons", "neurons", "dropped_neurons")  # the keys of run_transfer's scores
+
+
+def _check_transfer_outputs(out_dir: Path, write_results: str) -> None:
+    """Before featurizing: the results folder can be written, nothing in it is a planted symlink, and
+    its classifier.pt is new or a checkpoint of this suite (by content)."""
+    check_output_folder(out_dir, "--save_results")
+    names = [*TRANSFER_OUTPUTS, *(f"{name}_score.txt" for name in REGRESSION_NAMES),
+             *(f"{name}_probs_{split}.npy" for name in REGRESSION_NAMES for split in SPLITS)]  # fmt: skip
+    for name in names:
+        refuse_symlink(out_dir / name)
+    check_replaceable(out_dir / "classifier.pt", "--save_results")
+    if write_results:
+        check_output(write_results, "--write_results")
 
 
 def run_transfer(args: argparse.Namespace) -> dict:
@@ -317,7 +343,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     args.pooling = FeatureSpec.parse(args.pooling or recorded.pooling).pooling
     args.state = args.state or recorded.state
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_transfer_outputs(out_dir, args.write_results)
 
     records, carved = _read_splits(args)
     if "val" not in records:
@@ -525,7 +551,10 @@ def _report_classes(
 
 def run_classifier(args: argparse.Namespace) -> np.ndarray:
     """Run classifier.py with its parsed options; returns the probabilities also saved to --save_probs."""
-    args.load_model = _choose_model(args.load_model, "lang_model_transfer/classifier.pt")
+    # the shipped classifier is the fine-tuned one (pretrained/README.md: it reads SST best)
+    args.load_model = _choose_model(
+        args.load_model, "lang_model_transfer/classifier.pt", fallback="finetuned"
+    )
     encoder = Encoder.load(args.load_model, batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16)
     if encoder.classifier is None:
         raise CheckpointError(
@@ -543,6 +572,14 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
             f"--write_results: {args.load_model} holds a {len(readout.classes)}-class classifier; the "
             "per-text results file is written for binary ones (the probabilities go to --save_probs)"
         )
+    save_probs = Path(args.save_probs)
+    if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
+        save_probs = Path(args.load_model).parent / save_probs
+    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
+        save_probs = save_probs.with_name(save_probs.name + ".npy")
+    check_output(save_probs, "--save_probs")  # before featurizing, not after it
+    if args.write_results:
+        check_output(args.write_results, "--write_results")
     if args.text:
         records = Records("--text", list(args.text))
     else:
@@ -552,13 +589,6 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         records = read_records(args.data, options, need_labels=None, label_values=readout.classes is not None)
     features = encoder.transform(records.texts, progress=True)
     probs = readout.probs(features, args.neurons)
-
-    save_probs = Path(args.save_probs)
-    if not os.path.dirname(args.save_probs):  # a bare file name goes beside the model, as the original's
-        save_probs = Path(args.load_model).parent / save_probs
-    save_probs.parent.mkdir(parents=True, exist_ok=True)
-    if save_probs.suffix != ".npy":  # np.save adds it: say the name of the file it writes
-        save_probs = save_probs.with_name(save_probs.name + ".npy")
     save_npy(save_probs, probs.astype(np.float32))
     kept = "all" if args.neurons < 0 else f"top {args.neurons}"
     if readout.classes is not None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from sentiment_discovery.finetune import (
     LabelledSplit,
     cut_middle,
     length_batches,
-    make_optimizer,
+    make_optimizers,
     pad_batch,
     pooled_features,
     split_outputs,
@@ -138,10 +139,11 @@ def test_discriminative_rates_and_groups():
     assert names[2] == ["encoder.weight"]
     assert sum(len(g) for g in names) == len(list(model.parameters()))
     opt = FinetuneOptions(lr=1e-3, head_lr=5e-3, lr_decay_per_layer=0.5, weight_decay=0.1)
-    rates = {g["name"]: g["lr"] for g in make_optimizer(model, head, opt).param_groups}
+    groups = [g for o in make_optimizers(model, head, opt) for g in o.param_groups]
+    rates = {g["name"]: g["lr"] for g in groups}
     assert rates == {"head": 5e-3, "lm0": 1e-3, "lm1": 5e-4, "lm2": 2.5e-4}
     decayed = {
-        id(p) for g in make_optimizer(model, head, opt).param_groups if g["weight_decay"] for p in g["params"]
+        id(p) for g in groups if g["weight_decay"] for p in g["params"]
     }
     assert id(head.linear.weight) in decayed and id(head.linear.bias) not in decayed
     assert id(model.encoder.weight) not in decayed
@@ -256,6 +258,79 @@ def test_resume_after_a_kill_gives_identical_weights(tmp_path, monkeypatch):
     assert resumed["final"] == straight["final"]
     drop = lambda h: [{k: v for k, v in r.items() if k not in ("chars_per_s", "train_seconds")} for r in h]
     assert drop(resumed["history"]) == drop(straight["history"])
+
+
+# A run of finetune_classifier.py that blocks in its sixth update, after its save at update 4, with a
+# marker file saying so: the test kills it there with SIGKILL (no handler runs, update 5 is lost).
+_BLOCKING_RUN = """
+import sys, time
+from pathlib import Path
+from sentiment_discovery.finetune import Finetuner
+step = Finetuner.train_step
+def blocking_step(self, idx):
+    if self.state.step == 5:
+        Path(sys.argv[1]).write_text("blocked")
+        time.sleep(600)
+    return step(self, idx)
+Finetuner.train_step = blocking_step
+sys.argv[0] = "finetune_classifier.py"
+sys.path.insert(0, ".")
+import finetune_classifier
+sys.exit(finetune_classifier.main(sys.argv[2:]))
+"""
+
+
+def test_kill_9_mid_run_and_load_continue_exactly(tmp_path):
+    """SIGKILL a real finetune_classifier.py process mid-epoch; the same command with --load of its
+    checkpoint ends with the same weights, head, curves and final accuracies, bit for bit, as a run
+    never interrupted (timings aside); while the killed run was alive, its --save was locked."""
+    lm = tiny_lm(tmp_path / "lm.pt", nlayers=2)
+    data = marker_data(tmp_path)
+    # dropout and unfreezing on: the RNG state and the step both matter to the resumed run
+    flags = ("--epochs", "2", "--dropout", "0.3", "--unfreeze", "3", "--save_interval", "2", "--cpu")
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, str(ROOT / "finetune_classifier.py")]
+
+    def run(*argv):
+        return subprocess.run([*script, *argv], capture_output=True, text=True, cwd=ROOT, env=env)
+
+    straight = run(*finetune_argv(lm, data, tmp_path / "straight.pt", *flags))
+    assert straight.returncode == 0, straight.stderr
+    killed = tmp_path / "killed.pt"
+    marker = tmp_path / "blocked"
+    argv = finetune_argv(lm, data, killed, *flags)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKING_RUN, str(marker), *argv],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        second = run(*argv)  # the lock on --save holds while the run lives
+        assert second.returncode == 2 and "another run" in second.stderr, second.stderr
+        proc.kill()  # SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(killed).train_state
+    assert (state["step"], state["finetune"]["run"]["batch"]) == (4, 4)  # 8 batches per epoch: mid-epoch
+    resumed = run(*finetune_argv(str(killed), data, killed, *flags))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step 4/16" in resumed.stdout
+    a, b = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(killed)
+    assert a.train_state is None and b.train_state is None  # both ended: the final models
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+    for key in ("weight", "bias", "mean", "scale", "neurons"):
+        assert torch.equal(a.classifier[key], b.classifier[key]), key
+    results = [json.loads((tmp_path / f"{name}.results.json").read_text()) for name in ("straight", "killed")]
+    assert results[0]["final"] == results[1]["final"]
+    drop = lambda h: [{k: v for k, v in r.items() if k not in ("chars_per_s", "train_seconds")} for r in h]
+    assert drop(results[0]["history"]) == drop(results[1]["history"])
+    assert results[0]["best_step"] == results[1]["best_step"]
 
 
 def test_gradual_unfreezing_leaves_frozen_parameters_unchanged(tmp_path):

@@ -492,3 +492,170 @@ def test_featurizing_one_long_text_reports_progress_within_it(monkeypatch):
 def test_results_json_is_written_whole(tmp_path):
     safe_io.write_text(tmp_path / "r" / "results.json", json.dumps({"a": 1}))
     assert json.loads((tmp_path / "r" / "results.json").read_text()) == {"a": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Item 1: --save (and transfer.py's classifier.pt) is a new path or a checkpoint of this suite
+# --------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ["--nhid", "8", "--emsize", "4", "--batch_size", "2", "--seq_length", "8", "--num_shards", "4",
+               "--split", "6,1,1", "--log_interval", "1", "--seed", "1", "--cpu"]  # fmt: skip
+
+
+def small_corpus(tmp_path) -> Path:
+    path = tmp_path / "c.csv"
+    path.write_text("sentence\n" + "".join(f"line {i} is {'good ' * (i % 3)}or bad\n" for i in range(24)))
+    return path
+
+
+@pytest.mark.parametrize("victim", ["data", "text", "torch_file"])
+def test_save_onto_a_file_that_is_not_our_checkpoint_is_refused_before_training(tmp_path, capsys, victim):
+    data = small_corpus(tmp_path)
+    target = {"data": data, "text": tmp_path / "notes.pt", "torch_file": tmp_path / "other.pt"}[victim]
+    if victim == "text":
+        target.write_text("my notes")
+    if victim == "torch_file":  # a torch file, but someone else's: by content, not by name
+        torch.save({"weights": torch.zeros(3)}, target)
+    before = target.read_bytes()
+    args = ["--data", str(data), "--save", str(target), "--train_iters", "1", *TRAIN_FLAGS]
+    assert main_script.main(args) == 2
+    captured = capsys.readouterr()
+    assert "is not a checkpoint of this suite; refusing to overwrite it" in captured.err
+    assert one_line(captured.err) and "model:" not in captured.out  # before building or reading anything
+    assert target.read_bytes() == before
+
+
+def test_save_onto_our_own_checkpoint_is_allowed(tmp_path):
+    save = tmp_path / "m.pt"
+    save_checkpoint(save, tiny_model())  # ours, though no run of this --save wrote it
+    data = small_corpus(tmp_path)
+    args = ["--data", str(data), "--save", str(save), "--train_iters", "1", *TRAIN_FLAGS]
+    assert main_script.main(args) == 0
+    assert load_checkpoint(save).train_state["step"] == 1
+
+
+def test_transfer_refuses_a_foreign_classifier_pt_and_checks_outputs_before_featurizing(
+    tmp_path, capsys, monkeypatch
+):
+    import sentiment_discovery.transfer as transfer_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("featurized before checking the outputs")
+
+    monkeypatch.setattr(transfer_module, "featurize", never)
+    lm = tmp_path / "lm.pt"
+    save_checkpoint(lm, tiny_model())
+    sst = ROOT / "tests" / "fixtures" / "binary_sst"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "classifier.pt").write_text("not a checkpoint")
+    base = ["--load_model", str(lm), "--data", str(sst / "train.csv"), "--valid", str(sst / "val.csv"),
+            "--test", str(sst / "test.csv")]  # fmt: skip
+    transfer = load_script("transfer")
+    assert transfer.main([*base, "--save_results", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "classifier.pt: exists and is not a checkpoint of this suite" in err and one_line(err)
+    assert (out / "classifier.pt").read_text() == "not a checkpoint"
+    (out / "classifier.pt").unlink()
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    results = ["--save_results", str(out), "--write_results", str(blocked)]
+    assert transfer.main([*base, *results]) == 2
+    err = capsys.readouterr().err
+    assert f"--write_results {blocked}: is a directory" in err and one_line(err)
+
+
+def test_classifier_checks_its_outputs_before_featurizing(tmp_path, capsys, monkeypatch):
+    import sentiment_discovery.featurize as featurize_module
+    from sentiment_discovery.readout import Readout
+
+    monkeypatch.setattr(featurize_module, "featurize", lambda *a, **k: pytest.fail("featurized first"))
+    monkeypatch.setattr("sentiment_discovery.encoder.featurize", lambda *a, **k: pytest.fail("featurized"))
+    clf = tmp_path / "clf.pt"
+    save_checkpoint(clf, tiny_model(), classifier=Readout(torch.ones(8), torch.tensor(0.0)))
+    (tmp_path / "probs.npy").mkdir()
+    classifier = load_script("classifier")
+    args = ["--load_model", str(clf), "--text", "fine", "--save_probs", str(tmp_path / "probs.npy")]
+    assert classifier.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--save_probs" in err and "is a directory" in err and one_line(err)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 2: a new run moves the previous checkpoint aside; a stop in the final evaluation resumes
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_new_run_moves_the_previous_checkpoint_aside(tmp_path, capsys):
+    data = small_corpus(tmp_path)
+    save = tmp_path / "m.pt"
+    first = ["--data", str(data), "--save", str(save), "--train_iters", "3", "--save_iters", "1"]
+    assert main_script.main([*first, *TRAIN_FLAGS]) == 0
+    (tmp_path / "m.bpc.png").write_bytes(b"first plot")
+    previous = save.read_bytes()
+    assert main_script.main([*first, *TRAIN_FLAGS, "--lr", "1"]) == 0  # a new run
+    out = capsys.readouterr().out
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("m.2") and p.suffix == ".pt"]
+    assert len(moved) == 1 and moved[0].read_bytes() == previous, out
+    assert f"{save} is another run's: moved it aside to {moved[0]}" in out
+    assert [p.read_bytes() for p in tmp_path.glob("m.bpc.2*.png")] == [b"first plot"]
+    assert save.read_bytes() != previous
+
+
+def interrupted_end_runs(tmp_path, monkeypatch, split_name: str):
+    """A one-epoch run (val and test splits: validated once, at its last step) sent SIGTERM while it
+    evaluates ``split_name`` after its last step, then resumed from its checkpoint; and the same run
+    uninterrupted. Returns both results and the final checkpoint."""
+    from sentiment_discovery import train as train_module
+    from sentiment_discovery.batching import LMSplits, TBPTTBatches, shard_starts
+    from sentiment_discovery.cli import Interrupted
+    from sentiment_discovery.readers import encode_corpus
+    from sentiment_discovery.train import Trainer, TrainOptions
+
+    corpus = encode_corpus([f"text {i}: " + "good " * (i % 3) + "bad " * (i % 2) for i in range(12)])
+
+    def trainer(name, state=None, model=None):
+        def stream(rows, steps):
+            return TBPTTBatches(corpus, shard_starts(12, 4), rows, steps, -1)
+
+        splits = LMSplits(stream(2, 12), stream(1, 40), stream(1, 50))
+        options = TrainOptions(lr=3e-3, epochs=1, log_interval=2, save=str(tmp_path / name), progress=False)
+        return Trainer((model or tiny_model()).train(), splits, options, torch.device("cpu"), state)
+
+    straight = trainer("straight.pt").run()
+    cut = trainer("cut.pt")
+    real_evaluate = train_module.evaluate
+
+    def evaluate_with_a_signal(model, split, *args, **kwargs):
+        if split is getattr(cut.splits, split_name):
+            assert cut.step == cut.total_steps
+            os.kill(os.getpid(), signal.SIGTERM)  # the run's own handler: it stops at its next check
+        return real_evaluate(model, split, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_with_a_signal)
+    with pytest.raises(Interrupted, match="during the final evaluation"):
+        cut.run()
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    checkpoint = load_checkpoint(tmp_path / "cut.pt")
+    state = checkpoint.train_state
+    assert state["step"] == state["total_steps"] and state["finished"] is False
+    assert state["val_pending"] is (split_name == "val")
+    resumed = trainer("cut.pt", state, checkpoint.model)
+    assert resumed.resumed
+    return straight, resumed.run(), load_checkpoint(tmp_path / "cut.pt")
+
+
+@pytest.mark.parametrize("split_name", ["test", "val"])
+def test_a_stop_during_the_final_evaluation_resumes_to_the_same_end(tmp_path, monkeypatch, split_name):
+    from sentiment_discovery.train import MetricsLog, run_finished
+
+    straight, resumed, final = interrupted_end_runs(tmp_path, monkeypatch, split_name)
+    assert resumed["test_bpc"] == pytest.approx(straight["test_bpc"], rel=1e-6)
+    assert resumed["best_val_bpc"] == pytest.approx(straight["best_val_bpc"], rel=1e-6)
+    rows = {name: MetricsLog.read(tmp_path / f"{name}.metrics.jsonl") for name in ("straight", "cut")}
+    assert len(rows["cut"]) == len(rows["straight"]) > 5
+    for a, b in zip(rows["cut"], rows["straight"]):
+        for key in ("step", "train_bpc", "val_bpc", "test_bpc"):
+            assert a[key] == (None if b[key] is None else pytest.approx(b[key], rel=1e-6)), (b["step"], key)
+    assert (tmp_path / "cut.best.pt").exists() and (tmp_path / "cut.bpc.png").exists()
+    assert final.train_state["finished"] is True and run_finished(final.train_state)  # --load: a new run
