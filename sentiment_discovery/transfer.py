@@ -238,7 +238,7 @@ def _number_classes(records: dict[str, Records]) -> tuple[str, ...]:
     split's values in sorted order (numbers by value, else names); returns their names. Fitting needs two
     classes in train, choosing C two in val."""
     names = class_names(records["train"].labels)
-    if len(names) < 2:  # said as such, before another split's labels are found outside this one class
+    if len(names) < 2:  # said before the other splits' labels are checked against the classes
         raise DataError(
             f"train split: {records['train'].path}: every label is {names[0]}; fitting (train) and "
             "choosing C (val) need texts of at least two classes"
