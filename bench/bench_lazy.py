@@ -47,7 +47,7 @@ print(json.dumps(result))
 
 BASELINE = """
 import json, resource
-import sentiment_discovery.data
+import sentiment_discovery.lazycache
 print(json.dumps({"rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
