@@ -16,6 +16,7 @@ DAY = 24 * 3600.0
 WARMUP_STEPS = 1  # the first step allocates buffers and warms caches: not timed
 MEASURE_STEPS = 3  # steps timed after it...
 MEASURE_SECONDS = 10.0  # ...or fewer, once they took this long (a large model on a CPU)
+LONG_FIRST_STEP = 60.0  # a first step this slow is estimate enough: waiting for more would take minutes
 
 
 def format_duration(seconds: float) -> str:
@@ -88,6 +89,11 @@ class RunCost:
         self.seen += 1
         if self.seen > WARMUP_STEPS:
             self.timed.append(seconds)
+        elif seconds >= LONG_FIRST_STEP and self.seen < self.run_steps:
+            # the 4096-unit default on a CPU: say it now, from the first step (which over-estimates a bit)
+            self.done = True
+            lines = cost_lines(seconds, self.steps_per_epoch, self.run_steps, self.config, self.device)
+            return [*lines, "(estimated from the first step alone, which also warms up: a little high)"]
         if self.seen >= self.run_steps:  # the run is over: nothing left to estimate
             self.done = True
             return []

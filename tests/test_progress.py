@@ -154,6 +154,10 @@ def test_the_cost_is_said_once_after_the_first_timed_steps():
     ]
     slow = RunCost(config, 100, 300, "cpu")
     assert slow.add_step(20.0) == [] and slow.add_step(20.0)[0].startswith("cost on this machine (cpu): 20 s")
+    very_slow = RunCost(config, 100, 300, "cpu")  # a first step of minutes is estimate enough
+    first = very_slow.add_step(90.0)
+    assert first[0].startswith("cost on this machine (cpu): 1.5 min per batch") and "first step" in first[-1]
+    assert very_slow.add_step(90.0) == []  # said once
     short = RunCost(config, 100, 2, "cpu")
     assert short.add_step(1.0) == [] and short.add_step(1.0) == []  # over before it was measured
 
