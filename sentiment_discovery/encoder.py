@@ -43,6 +43,13 @@ class ByteValues:
         return text_slice(self.bytes)
 
 
+def _binary_class_names(stored) -> tuple[str, str] | None:
+    """The two class names a checkpoint's extra records, if it records two strings."""
+    if isinstance(stored, (list, tuple)) and len(stored) == 2 and all(isinstance(n, str) for n in stored):
+        return (stored[0], stored[1])
+    return None
+
+
 class Encoder:
     """A language model (and, after transfer, its sentiment classifier) as a text featurizer.
 
@@ -63,12 +70,17 @@ class Encoder:
         fp16: bool = False,
         bf16: bool = False,
         default_neuron: int | None = None,
+        class_names: tuple[str, str] | None = None,
     ):
         if not isinstance(model, RNNModel):  # a path, an alias, or None: the shipped classifier
             ckpt = load_checkpoint("finetuned" if model is None else model)
             model, classifier = ckpt.model, classifier if classifier is not None else ckpt.classifier
             if default_neuron is None:
                 default_neuron = ckpt.extra.get("default_neuron")
+            if class_names is None and classifier is not None:
+                class_names = _binary_class_names(ckpt.extra.get("class_names"))
+        # a binary classifier's two labels when not 0/1 (transfer.py keeps them in the checkpoint's extra)
+        self.class_names = class_names
         self.model, self.classifier = model, Readout.of(classifier, model.config)
         self.default_neuron = default_neuron
         self.batch_size, self.device, self.fp16, self.bf16 = batch_size, device, fp16, bf16

@@ -590,8 +590,12 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
     else:
         # a K-class classifier's labels are read as the file holds them (numbers or names) and compared
         # by class name
+        # likewise a binary classifier whose two classes transfer.py named (neg/pos): P is P(second name)
+        named = readout.classes or encoder.class_names
         options = ReadOptions.from_args(args)
-        records = read_records(args.data, options, need_labels=None, label_values=readout.classes is not None)
+        records = read_records(args.data, options, need_labels=None, label_values=named is not None)
+        if readout.classes is None and named is not None and records.labels is not None:
+            records = replace(records, labels=class_numbers(records.labels, tuple(named), records.path))
     features = encoder.transform(records.texts, progress=True)
     probs = readout.probs(features, args.neurons)
     save_npy(save_probs, probs.astype(np.float32))

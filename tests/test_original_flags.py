@@ -328,6 +328,22 @@ def test_transfer_fits_several_named_classes_and_classifier_reads_them(tmp_path,
     assert f"accuracy {accuracy:.2f}%" in capsys.readouterr().out
 
 
+def test_two_named_classes_are_read_back_by_classifier_py(tmp_path, capsys):
+    paths = word_soup_classes(tmp_path, names=("neg", "pos"))
+    lm = tiny_lm(tmp_path / "lm.pt", nhid=8)
+    out = tmp_path / "lm_transfer"
+    args = ["--load_model", lm, "--data", paths["train"], "--valid", paths["val"], "--test", paths["test"],
+            "--log2_C", "-2", "2"]  # fmt: skip
+    assert load_script("transfer").main(args) == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    # classifier.py compares neg/pos by name (P is P(pos)) and scores the test split as transfer.py did
+    classify = ["--load_model", str(out / "classifier.pt"), "--data", paths["test"]]
+    assert load_script("classifier").main(classify) == 0
+    accuracy = 100 * results["all_features"]["accuracy"]["test"]
+    assert f"accuracy {accuracy:.2f}%" in capsys.readouterr().out
+
+
 def test_sst_folded_with_text_length_into_four_classes(tmp_path):
     from conftest import fixture_path
 
