@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from .errors import UsageError
 from .matmul import autocast, reduced_dtype
+from .mlstm_kernels import reuse_step_weights
 from .model import RNNModel
 from .preprocess import encode
 from .progress import progress_bar
@@ -163,6 +164,7 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
     with (
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
+        reuse_step_weights(),  # ...and laid out once per row count, not once per chunk
         autocast(device, dtype),
         # counted in bytes, so that one long text shows progress too
         progress_bar(
@@ -204,7 +206,12 @@ def byte_states(
     model.to(device).eval()
     pick = torch.from_numpy(columns).to(device)
     out = []
-    with torch.inference_mode(), parametrize.cached(), autocast(device, reduced_dtype(device, fp16, bf16)):
+    with (
+        torch.inference_mode(),
+        parametrize.cached(),
+        reuse_step_weights(),
+        autocast(device, reduced_dtype(device, fp16, bf16)),
+    ):
         for tokens in token_arrays:
             x = torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device).unsqueeze(1)  # [T, 1]
             hidden, pieces = None, []

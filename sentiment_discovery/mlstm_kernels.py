@@ -26,7 +26,9 @@ Inference (no gradient needed) runs the same loop without saving anything for ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -51,6 +53,73 @@ def _keep_mask(reset: Tensor | None, like: Tensor) -> tuple[Tensor | None, froze
     return (~reset).to(like.dtype).unsqueeze(2), steps
 
 
+# Step weights laid out for a batch size, kept for reuse inside ``reuse_step_weights`` (per thread).
+_reuse = threading.local()
+# What the kept layouts may hold at most (bytes of the weights they were made from): H=1024's layouts for
+# every row count of a featurize call fit; at H=4096 the first ones do and the rest are laid out per call.
+REUSE_MAX_BYTES = 512 << 20
+
+
+@contextlib.contextmanager
+def reuse_step_weights() -> Iterator[None]:
+    """Within it, inference reuses the step weights laid out for a batch size (``StepWeight``: the
+    joined ``[w_ih, w_hh]``, oneDNN's blocked layout) across calls on the same weights, instead of laying
+    them out again for every call. ``featurize`` runs many chunks of a few row counts: laying out per
+    chunk cost it several percent (bench/RESULTS.md, issue 20). Kept layouts are bounded by
+    ``REUSE_MAX_BYTES`` and dropped on leaving; weights changed in place are laid out again."""
+    outer = getattr(_reuse, "kept", None)
+    if outer is None:
+        _reuse.kept, _reuse.nbytes = {}, 0
+    try:
+        yield
+    finally:
+        if outer is None:
+            _reuse.kept, _reuse.nbytes = None, 0
+
+
+def _step_weights(
+    w_ih: Tensor, w_hh: Tensor, w_mhh: Tensor, bias: Tensor, batch: int, dtype: torch.dtype | None, pack: bool
+) -> tuple[StepWeight, Callable[[Tensor], Tensor]]:
+    """The two per-step products laid out for ``batch`` rows: ``h @ w_mhh.T`` and the gates' ``[x, m] @
+    [w_ih, w_hh].T + bias``; reused from ``reuse_step_weights`` where it holds them."""
+    kept = getattr(_reuse, "kept", None)
+    if kept is None or torch.is_grad_enabled():
+        return _lay_out_step_weights(w_ih, w_hh, w_mhh, bias, batch, dtype, pack)
+    weights = (w_ih, w_hh, w_mhh, bias)
+    key = (*(id(w) for w in weights), batch, dtype, pack)
+    entry = kept.get(key)
+    # the entry holds the tensors themselves, so their ids cannot be reused by others while it is kept
+    if entry is not None and all(a is b and _version(a) == v for a, b, v in zip(entry[0], weights, entry[1])):
+        return entry[2]
+    made = _lay_out_step_weights(w_ih, w_hh, w_mhh, bias, batch, dtype, pack)
+    nbytes = sum(w.numel() * w.element_size() for w in weights if w is not None)
+    if _reuse.nbytes + nbytes <= REUSE_MAX_BYTES:
+        kept[key] = (weights, tuple(_version(w) for w in weights), made)
+        _reuse.nbytes += nbytes
+    return made
+
+
+def _version(t: Tensor | None) -> int:
+    """In-place changes so far; inference tensors (made under inference_mode, as featurize's weight-normed
+    weights are) keep no count, and cannot be changed outside inference_mode."""
+    return -1 if t is None or t.is_inference() else t._version
+
+
+def _lay_out_step_weights(
+    w_ih: Tensor, w_hh: Tensor, w_mhh: Tensor, bias: Tensor, batch: int, dtype: torch.dtype | None, pack: bool
+) -> tuple[StepWeight, Callable[[Tensor], Tensor]]:
+    B, E = batch, w_ih.shape[1]
+    times_w_mhh = StepWeight(w_mhh, B, dtype, pack, "step: h @ w_mhh.T")
+    if pack:
+        w_gates = torch.cat([w_ih, w_hh], 1)
+        gates_of = StepWeight(w_gates, B, dtype, True, "step: [x, m] @ [w_ih, w_hh].T", bias)
+    else:  # a few steps (sampling: one): joining the weights would cost more than the steps themselves
+        x_share = StepWeight(w_ih, B, dtype, False, bias=bias)
+        m_share = StepWeight(w_hh, B, dtype, False)
+        gates_of = lambda rows: x_share(rows[:, :E]).add_(m_share(rows[:, E:]))
+    return times_w_mhh, gates_of
+
+
 def _prepare(
     x: Tensor, w_ih: Tensor, w_hh: Tensor, w_mih: Tensor, w_mhh: Tensor, bias: Tensor,
     dtype: torch.dtype | None, steps_kept: int,
@@ -64,15 +133,7 @@ def _prepare(
     xm = x.new_empty(steps_kept, B, E + H)
     if steps_kept == T:
         xm[..., :E] = x
-    pack = T >= _MIN_STEPS_TO_PACK
-    times_w_mhh = StepWeight(w_mhh, B, dtype, pack, "step: h @ w_mhh.T")
-    if pack:
-        w_gates = torch.cat([w_ih, w_hh], 1)
-        gates_of = StepWeight(w_gates, B, dtype, True, "step: [x, m] @ [w_ih, w_hh].T", bias)
-    else:  # a few steps (sampling: one): joining the weights would cost more than the steps themselves
-        x_share = StepWeight(w_ih, B, dtype, False, bias=bias)
-        m_share = StepWeight(w_hh, B, dtype, False)
-        gates_of = lambda rows: x_share(rows[:, :E]).add_(m_share(rows[:, E:]))
+    times_w_mhh, gates_of = _step_weights(w_ih, w_hh, w_mhh, bias, B, dtype, T >= _MIN_STEPS_TO_PACK)
     return xm, mx, times_w_mhh, gates_of
 
 

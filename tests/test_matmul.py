@@ -216,3 +216,63 @@ def test_featurization_gives_the_same_features_through_either_library(monkeypatc
         features[backend] = featurize(model, texts, batch_size=8, chunk_length=16, device="cpu")
     np.testing.assert_allclose(features["mm"], features["onednn"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(features["auto"], features["mm"], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step weights laid out once per row count inside reuse_step_weights (featurize's chunks)
+
+
+def _mlstm_weights(E: int = 6, H: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((4 * H, E), (4 * H, H), (H, E), (H, H), (4 * H,))
+    return [torch.randn(*s, generator=g) * 0.3 for s in shapes]
+
+
+def _run(weights, x):
+    from sentiment_discovery.mlstm_kernels import mlstm_inference
+
+    B, H = x.shape[1], weights[3].shape[0]
+    h0 = c0 = torch.zeros(B, H)
+    return mlstm_inference(x, h0, c0, *weights)[0]
+
+
+def test_reused_step_weights_are_laid_out_once_per_batch_size_and_give_the_same_values(monkeypatch):
+    from sentiment_discovery import mlstm_kernels
+
+    made = []
+    real = mlstm_kernels._lay_out_step_weights
+    monkeypatch.setattr(mlstm_kernels, "_lay_out_step_weights", lambda *a: made.append(a[4]) or real(*a))
+    w_ih, w_hh, w_mih, w_mhh, bias = _mlstm_weights()
+    weights = [w_ih, w_hh, w_mih, w_mhh, bias]
+    xs = [torch.randn(12, rows, 6) for rows in (4, 4, 8, 4, 8)]
+    with torch.no_grad():
+        expected = [_run(weights, x) for x in xs]
+        assert made == [4, 4, 8, 4, 8]  # without the context: laid out on every call
+        made.clear()
+        with mlstm_kernels.reuse_step_weights():
+            got = [_run(weights, x) for x in xs]
+            assert made == [4, 8]  # once per batch size
+            w_hh.mul_(0.5)  # changed in place: laid out again, and the new values used
+            changed = _run(weights, xs[0])
+            assert made == [4, 8, 4]
+        again = _run(weights, xs[0])  # left the context: nothing kept
+        assert made == [4, 8, 4, 4]
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(changed, again, rtol=0, atol=0)
+    assert not torch.equal(changed, expected[0])
+
+
+def test_reused_step_weights_stay_within_their_byte_budget(monkeypatch):
+    from sentiment_discovery import mlstm_kernels
+
+    made = []
+    real = mlstm_kernels._lay_out_step_weights
+    monkeypatch.setattr(mlstm_kernels, "_lay_out_step_weights", lambda *a: made.append(a[4]) or real(*a))
+    weights = _mlstm_weights()
+    one = sum(w.numel() * w.element_size() for i, w in enumerate(weights) if i != 2)  # w_mih is not laid out
+    monkeypatch.setattr(mlstm_kernels, "REUSE_MAX_BYTES", one)  # room for one batch size's layouts
+    with torch.no_grad(), mlstm_kernels.reuse_step_weights():
+        for rows in (4, 8, 4, 8):
+            _run(weights, torch.randn(12, rows, 6))
+    assert made == [4, 8, 8]  # 4 kept; 8 past the budget, laid out each time
