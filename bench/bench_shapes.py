@@ -14,7 +14,7 @@ against the same batches padded to a multiple of 32 (``featurize.bucket_length``
 second over all batches of a fresh process.
 
 The processes share one decisions folder (``--decisions``; by default a fresh one under /tmp that one
-warm-up process per measurement fills first, as ``python -m sentiment_discovery.matmul --calibrate``
+warm-up process per measurement fills first, as ``python -m sentiment_discovery.calibrate --calibrate``
 or any earlier run would); ``--cold`` adds a variant with no decisions at all (a fresh empty folder).
 Robust to a shared machine: each round runs every variant once, in turn (A B C D A B C D ...), so a
 slow spell falls on all of them; per variant the best (shortest) and median rate are printed, both per

@@ -11,7 +11,7 @@ per batch. The first time a class occurs on a machine its first product is timed
 faster library runs every product of the class from then on, in this process and in later ones:
 decisions are kept in a small JSON file per machine beside the compiled kernels
 (``~/.cache/sentiment_discovery/matmul``, keyed like them by the CPU's flags and the libraries'
-versions; ``$SENTIMENT_DISCOVERY_MATMUL_CACHE`` moves it, ``python -m sentiment_discovery.matmul
+versions; ``$SENTIMENT_DISCOVERY_MATMUL_CACHE`` moves it, ``python -m sentiment_discovery.calibrate
 --calibrate`` fills it ahead of time). Within a process equal inputs give bit-identical results; a
 process that measured a class itself may choose differently from one that read another's decision,
 so ``SENTIMENT_DISCOVERY_MATMUL=mm`` (or ``onednn``) pins the library, e.g. for bit-identical reruns.
@@ -33,7 +33,6 @@ than float32 by the rounding passes (bench/RESULTS.md), and said once in the log
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -496,68 +495,3 @@ def linear_layer(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` with its products (forward and backward) through ``linear``, in the autocast's
     operand dtype if one is active; the result is float32."""
     return _Linear.apply(x, weight, bias, operand_dtype(x.device.type))
-
-
-# --------------------------------------------------------------------------------------------
-# Warm-up: python -m sentiment_discovery.matmul --calibrate
-# --------------------------------------------------------------------------------------------
-
-
-def calibrate(hidden: Sequence[int], emsize: int = 64, batch: int = 128, train_batch: int = 32,
-              train: bool = True) -> list[Choice]:
-    """Decide every product class that featurization (``batch`` texts of 1-256 bytes) and, with
-    ``train``, training steps (``train_batch`` rows, 8-256 steps) of an mLSTM of each size meet, so
-    that later processes time nothing. Returns the classes measured now (none when all were known)."""
-    # Imported here: the model is built on this module, not the other way round.
-    from .featurize import featurize
-    from .model import ModelConfig, RNNModel
-
-    before = len(_choices)
-    generator = torch.Generator().manual_seed(0)
-    for nhid in hidden:
-        model = RNNModel(ModelConfig(emsize=emsize, nhid=nhid))
-        lengths = torch.linspace(1, 256, 2 * batch).long().tolist()
-        texts = ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (n,), generator=generator))
-                 for n in lengths]
-        featurize(model, texts, batch_size=batch, device="cpu", preprocess="none")
-        if not train:
-            continue
-        model.train()
-        for steps in sorted({size_bucket(n) for n in range(8, 257)}):
-            tokens = torch.randint(0, 256, (steps + 1, train_batch), generator=generator)
-            logits, _ = model(tokens[:-1])
-            torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[1:].flatten()).backward()
-            model.zero_grad(set_to_none=True)
-    return choices()[before:]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m sentiment_discovery.matmul",
-        description="Decide MKL or oneDNN for every product class an mLSTM meets, once for this machine "
-        f"(kept in {decisions_path()}).",
-    )
-    parser.add_argument("--calibrate", action="store_true", help="measure the classes not yet decided")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[4096], help="mLSTM sizes (default 4096)")
-    parser.add_argument("--emsize", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=128, help="featurization batch size")
-    parser.add_argument("--train_batch", type=int, default=32, help="training batch size")
-    parser.add_argument("--no_train", action="store_true", help="featurization classes only")
-    args = parser.parse_args(argv)
-    if not args.calibrate:
-        known = decisions()
-        print(f"{len(known)} decisions in {decisions_path()}")
-        for key, chosen in sorted(known.items()):
-            print(f"  {key:60s} {chosen}")
-        return
-    if any(n < 1 for n in [*args.hidden, args.emsize, args.batch, args.train_batch]):
-        parser.error("--hidden, --emsize, --batch and --train_batch must be positive")
-    made = calibrate(args.hidden, args.emsize, args.batch, args.train_batch, not args.no_train)
-    for c in made:
-        ways = ", ".join(f"{'>' if b == c.chosen else ' '}{b} {g:6.1f}" for b, g in c.gflops.items())
-        print(f"  {c.kind:6s} {c.name:32s} {c.shape:28s} GFLOP/s {ways}")
-    print(f"{len(made)} classes measured; {len(decisions())} decisions in {decisions_path()}")
-
-
-if __name__ == "__main__":
-    main()

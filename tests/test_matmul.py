@@ -276,3 +276,15 @@ def test_reused_step_weights_stay_within_their_byte_budget(monkeypatch):
         for rows in (4, 8, 4, 8):
             _run(weights, torch.randn(12, rows, 6))
     assert made == [4, 8, 8]  # 4 kept; 8 past the budget, laid out each time
+
+
+def test_calibrate_decides_the_classes_once_and_lists_them(monkeypatch, capsys):
+    from sentiment_discovery import calibrate
+
+    monkeypatch.setattr(matmul, "_candidates", lambda t: ("mm", "onednn"))  # both libraries timed
+    made = calibrate.calibrate([8], emsize=4, batch=4, train_batch=2, train=False)
+    assert made and {c.kind for c in made} <= {"linear", "step"}
+    assert calibrate.calibrate([8], emsize=4, batch=4, train_batch=2, train=False) == []  # all known now
+    calibrate.main([])
+    listed = capsys.readouterr().out
+    assert f"{len(matmul.decisions())} decisions in" in listed and made[0].chosen in listed
