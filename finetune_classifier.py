@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from sentiment_discovery.cli import (
+    add_feature_flags,
     add_inference_precision_flags,
     add_read_flags,
     finite_float,
@@ -54,14 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut longer texts to their first and last N/2 bytes (after preprocessing); 0: no cut",
     )
     feat = p.add_argument_group("features and head")
-    feat.add_argument(
-        "--pooling",
-        default=None,
-        help=f"{'|'.join(POOLINGS)} or a comma list (default {DEFAULTS.pooling}; with --init_head checkpoint "
-        "the stored classifier's)",
+    add_feature_flags(
+        feat,
+        POOLINGS,
+        STATES,
+        f"{DEFAULTS.pooling} (with --init_head checkpoint the stored classifier's)",
+        f"{DEFAULTS.state} (with --init_head checkpoint the stored classifier's)",
     )
-    feat.add_argument("--state", choices=STATES, default=None, help=f"default {DEFAULTS.state}")
-    feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument(
         "--init_head",
         choices=INIT_HEADS,

@@ -40,19 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_eval_key_flags(data)
     data.add_argument("--no_test_eval", action="store_true", help="the test set has no labels")
     feat = p.add_argument_group("features")
-    feat.add_argument(
-        "--pooling",
-        default=None,
-        help=f"{'|'.join(POOLINGS)}: state after the last byte, or that pooling over all bytes; a comma list "
-        "(mean,max,last) concatenates them. Default: the loaded model's classifier's, else last",
+    cli.add_feature_flags(
+        feat,
+        POOLINGS,
+        STATES,
+        "the loaded model's classifier's, else last",
+        "the loaded model's classifier's, else cell",
     )
-    feat.add_argument(
-        "--state",
-        choices=STATES,
-        default=None,
-        help="cell state c or hidden state h. Default: the loaded model's classifier's, else cell",
-    )
-    feat.add_argument("--all_layers", action="store_true", help="features from every layer")
     feat.add_argument("--batch_size", type=cli.int_at_least(1), default=128)
     cli.add_inference_precision_flags(feat)
     feat.add_argument(

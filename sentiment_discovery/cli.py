@@ -146,6 +146,26 @@ def add_eval_key_flags(group, label_use: str = "") -> None:
     )
 
 
+def add_feature_flags(
+    group, poolings: Sequence[str], states: Sequence[str], pooling_default: str, state_default: str
+) -> None:
+    """--pooling, --state, --all_layers: which features the readout reads (readout.FeatureSpec; its
+    POOLINGS and STATES are passed in, so that this module stays below the model)."""
+    group.add_argument(
+        "--pooling",
+        default=None,
+        help=f"{'|'.join(poolings)}: the state after the last byte, or that pooling over all bytes; a comma "
+        f"list (mean,max,last) concatenates them. Default: {pooling_default}",
+    )
+    group.add_argument(
+        "--state",
+        choices=states,
+        default=None,
+        help=f"cell state c or hidden state h. Default: {state_default}",
+    )
+    group.add_argument("--all_layers", action="store_true", help="features from every layer")
+
+
 def add_write_results_flag(group, rows: str) -> None:
     """``--write_results``: one row per text with ``rows``, as csv (json for .json/.jsonl)."""
     group.add_argument("--write_results", default="", help=f"{rows} (csv, or json for .json/.jsonl)")
