@@ -742,15 +742,9 @@ def _check_rng(rng, source: str, name: str) -> None:
         )
 
 
-def model_parameter_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
-    """The model's parameter shapes in ``parameters()`` order (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return [tuple(p.shape) for p in RNNModel(config).parameters()]
-
-
-def check_optimizer_state(optimizer, shapes: list[tuple[int, ...]], source: str) -> None:
-    """An optimizer state dict over parameters of ``shapes`` (in the optimizer's order): its groups name
-    each parameter once, and every per-parameter tensor (Adam's moments ...) has its parameter's shape."""
+def _check_optimizer(optimizer, config: ModelConfig, source: str) -> None:
+    """An optimizer state dict of the model of ``config``: its groups name each parameter once, and every
+    per-parameter tensor (Adam's moments ...) has the shape of its parameter."""
     bad = f"{source}: train_state optimizer"
     if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
         raise CheckpointError(f"{bad} is not an optimizer state dict")
@@ -759,9 +753,11 @@ def check_optimizer_state(optimizer, shapes: list[tuple[int, ...]], source: str)
         raise CheckpointError(f"{bad} param_groups is not a list of groups")
     if not isinstance(per_param, dict):
         raise CheckpointError(f"{bad} state is not a dict")
+    with torch.device("meta"):  # shapes only, no memory
+        shapes = [tuple(p.shape) for p in RNNModel(config).parameters()]
     ids = [i for g in groups for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
     if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(shapes))):
-        raise CheckpointError(f"{bad} does not list the {len(shapes)} parameters once each")
+        raise CheckpointError(f"{bad} does not list the model's {len(shapes)} parameters once each")
     if not all(_finite(g.get("lr")) and g["lr"] >= 0 for g in groups):
         raise CheckpointError(f"{bad} has a group without a finite learning rate 'lr'")
     for key, values in per_param.items():
@@ -791,7 +787,7 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
     if not (_finite(best) or best == math.inf):
         raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
     if config is not None:
-        check_optimizer_state(state["optimizer"], model_parameter_shapes(config), source)
+        _check_optimizer(state["optimizer"], config, source)
     elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
     scheduler = state["scheduler"]

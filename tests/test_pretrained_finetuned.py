@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import load_script
+from test_pretrained import check_sst_test_accuracy
 
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.encoder import Encoder
@@ -20,7 +21,6 @@ from sentiment_discovery.formats import (
     first_existing_model,
     resolve_model_path,
 )
-from sentiment_discovery.readers import read_records
 
 FINETUNED = DEFAULT_MODEL.parent / "mlstm1024_imdb_sst_finetuned.safetensors"
 SENTENCES = ["A dull, boring, badly acted waste of time.", "A wonderful, moving and beautifully acted film."]
@@ -52,17 +52,7 @@ def test_finetuned_model_differs_from_the_transferred_one(finetuned):
 
 
 def test_finetuned_model_keeps_its_binary_sst_test_accuracy(finetuned):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the one larger featurization of this file
-    try:
-        test = read_records(ROOT / "data" / "binary_sst" / "test.csv", need_labels=True)
-        probs = Encoder(finetuned.model, finetuned.classifier, device="cpu").predict_proba(test.texts)
-    finally:
-        torch.set_num_threads(threads)
-    accuracy = float(np.mean((probs > 0.5) == (test.labels == 1)))
-    recorded = finetuned.extra["sst_accuracy"]["test"]
-    assert accuracy >= recorded - 0.005, (accuracy, recorded)
-    assert f"{100 * recorded:.1f}%" in CARD.read_text()  # the card states the recorded number
+    check_sst_test_accuracy(finetuned)
 
 
 def test_finetuned_encoder_reads_obvious_sentiment(finetuned):

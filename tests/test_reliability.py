@@ -423,7 +423,7 @@ def resumable_state(model: RNNModel) -> dict:
             lambda s: s["optimizer"]["state"][0].update(exp_avg=torch.zeros(7)),
             r"optimizer state 0\.exp_avg has shape",
         ),
-        (lambda s: s["optimizer"]["param_groups"][0].update(params=[0]), "does not list the "),
+        (lambda s: s["optimizer"]["param_groups"][0].update(params=[0]), "does not list the model's"),
         (
             lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan")),
             "without a finite learning rate",
