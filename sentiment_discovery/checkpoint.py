@@ -63,6 +63,7 @@ class Checkpoint:
     train_state: dict | None = None
     source_format: str = FORMAT_NAME
     extra: dict = field(default_factory=dict)
+    source: str = ""  # the file (or OpenAI shard folder) it was read from, aliases resolved
 
     @property
     def config(self) -> ModelConfig:
@@ -197,7 +198,7 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     neuron, units = extra.get("default_neuron"), model.config.nhid * model.config.nlayers
     if neuron is not None and not (isinstance(neuron, int) and 0 <= neuron < units):
         raise CheckpointError(f"{raw.source}: extra default_neuron = {neuron!r} is not a unit of the model")
-    return Checkpoint(model, classifier, train_state, raw.source_format, extra)
+    return Checkpoint(model, classifier, train_state, raw.source_format, extra, raw.source)
 
 
 def load_checkpoint(path: str | os.PathLike | None) -> Checkpoint:

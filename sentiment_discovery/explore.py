@@ -54,6 +54,7 @@ from torch.nn.utils import parametrize
 from . import cli
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import DataError, UsageError
+from .feature_cache import file_digest
 from .featurize import featurize
 from .formats import resolve_model_path
 from .generation import Neuron, generate, warmup_tokens
@@ -64,7 +65,6 @@ from .preprocess import encode_bytes, text_slice
 from .readers import ReadOptions, read_records
 from .readout import FeatureSpec, Readout
 from .safe_io import atomic_write
-from .transfer import file_digest
 
 DEFAULT_DATA = "data/binary_sst/val.csv"
 WEB_DIR = Path(__file__).resolve().parent / "web"

@@ -42,12 +42,11 @@ from .featurize import default_device
 from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .preprocess import encode
-from .readers import ReadOptions, read_records
+from .readers import ReadOptions, given_path, read_records
 from .readout import FeatureSpec, Readout, check_state, parse_pooling, top_neurons
 from .regression import c_sweep, fit_l1_regression, standardizer
 from .runfiles import SaveLock, check_save_path, move_aside, remove_stale_temp_files, sibling
 from .train import StopRequest, rng_state, set_rng_state
-from .transfer import given_path
 
 SEQ_MULTIPLE = 32  # batches are padded to a multiple of this many steps
 INIT_HEADS = ("random", "zero", "transfer", "checkpoint")

@@ -14,7 +14,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -23,6 +23,7 @@ import pandas as pd
 
 from .downloads import download_hint
 from .errors import DataError
+from .safe_io import atomic_write
 
 
 @dataclass
@@ -146,13 +147,11 @@ def check_delimiter(delim: str) -> None:
             f"--delim {delim!r} would be taken literally, backslash included; for a tab pass a real tab "
             "character (--delim $'\\t' in bash)"
         )
-    if any(c in delim for c in "\n\r\""):
+    if any(c in delim for c in '\n\r"'):
         raise DataError(f"--delim {delim!r} holds a line break or a quote: not a column separator")
 
 
-def csv_frames(
-    path: Path, delim: str, text_key: str, chunksize: int | None = None
-) -> Iterator[pd.DataFrame]:
+def csv_frames(path: Path, delim: str, text_key: str, chunksize: int | None = None) -> Iterator[pd.DataFrame]:
     """The csv as one frame, or frames of ``chunksize`` rows; the header checked against ``text_key``."""
     check_delimiter(delim)
     try:
@@ -187,6 +186,18 @@ def _check_csv_header(path: Path, frame: pd.DataFrame, delim: str, text_key: str
 
 def is_json_path(path: str | Path, loose_json: bool = False) -> bool:
     return loose_json or Path(path).suffix.lower() in (".json", ".jsonl")
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """``frame`` as json records when ``path`` ends in .json (.jsonl: one object per line), csv otherwise
+    (the forms ``read_records`` reads back); written atomically, its folder made if need be."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_json_path(path):
+        lines = path.suffix.lower() == ".jsonl"
+        atomic_write(path, lambda tmp: frame.to_json(tmp, orient="records", lines=lines, force_ascii=False))
+    else:
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def is_loose_json(path: str | Path, loose_json: bool = False) -> bool:
@@ -431,7 +442,6 @@ def _is_number(v) -> bool:
         return False
 
 
-
 @dataclass
 class EncodedCorpus:
     """Every sample of a corpus, preprocessed and byte-encoded, concatenated in file order.
@@ -484,3 +494,109 @@ def load_corpus(
     options = replace(options or CorpusOptions(), **settings)
     texts = corpus_texts(path, options.text_key, options.delim, options.loose_json)
     return encode_corpus(texts, str(path), options.preprocess, progress)
+
+
+# --------------------------------------------------------------------------------------------
+# transfer.py's labelled splits
+# --------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+
+
+def given_path(value: str | None) -> str | None:
+    """A file flag's value, or None for an absent one (``''`` or ``none``)."""
+    return None if value is None or value.strip().lower() in ("", "none") else value
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """The labelled splits' files and how they are read: ``--data``, ``--valid``, ``--test`` (None: absent),
+    ``--split`` cutting the training file for the splits without a file (``seed``: its shuffle), the
+    reading flags (``--eval_text_key``/``--eval_label_key`` for --valid and --test), ``--no_test_eval``."""
+
+    train: str
+    val: str | None = None
+    test: str | None = None
+    read: ReadOptions = field(default_factory=ReadOptions)
+    eval_read: ReadOptions = field(default_factory=ReadOptions)
+    split: str = "1."
+    seed: int = 1234
+    test_labels: bool = True
+
+    @classmethod
+    def from_args(cls, args) -> SplitFiles:
+        read = ReadOptions.from_args(args)
+        eval_read = replace(
+            read,
+            text_key=args.eval_text_key or read.text_key,
+            label_key=args.eval_label_key or read.label_key,
+        )
+        return cls(
+            args.data, given_path(args.valid), given_path(args.test), read, eval_read, args.split, args.seed,
+            not args.no_test_eval,
+        )  # fmt: skip
+
+
+@dataclass
+class LabelledSplits:
+    """Records per split in SPLITS order, their labels numbered 0 .. K-1 by ``classes`` (the training
+    split's label values in sorted order: by number, else by name); ``carved``: the splits --split cut."""
+
+    records: dict[str, Records]
+    classes: tuple[str, ...]
+    carved: list[str]
+
+    @property
+    def labels(self) -> dict[str, np.ndarray]:
+        return {split: r.labels for split, r in self.records.items() if r.labels is not None}
+
+
+def _read_split(files: SplitFiles, split: str, path: str) -> Records:
+    need_labels = split != "test" or files.test_labels
+    try:
+        return read_records(
+            path,
+            files.read if split == "train" else files.eval_read,
+            need_labels=need_labels,
+            label_values=True,
+        )
+    except DataError as e:
+        hint = ""
+        if not Path(path).exists() and Path(path).parts[:2] == ("data", "binary_sst"):
+            hint = " (Binary SST ships in data/binary_sst/ of the repository: run from its root)"
+        elif split == "test" and need_labels:
+            hint = " (an unlabelled test set? pass --no_test_eval)"
+        raise DataError(f"{split} split: {e}{hint}") from None
+
+
+def _two_classes(split: str, recs: Records, only: str) -> DataError:
+    return DataError(
+        f"{split} split: {recs.path}: every label is {only}; fitting (train) and choosing C (val) need texts "
+        "of at least two classes"
+    )
+
+
+def read_labelled_splits(files: SplitFiles) -> LabelledSplits:
+    """Each given file, and the parts of the training file that --split carves for the splits without one
+    (as the original: a given --valid/--test file zeroes its part); then every labelled split's label
+    values numbered by the training split's classes. Fitting needs two classes in train, choosing C two
+    in val: said before anything is featurized."""
+    paths = {"train": files.train, "val": files.val, "test": files.test}
+    proportions = parse_split(files.split, files.val is not None, files.test is not None)
+    records = {split: _read_split(files, split, path) for split, path in paths.items() if path is not None}
+    carved = []
+    if proportions[0] < 1:
+        parts = split_records(records["train"], proportions, files.seed)
+        carved = [split for split, part in zip(SPLITS, parts) if len(part)]
+        records.update((split, part) for split, part in zip(SPLITS, parts) if len(part))
+    records = {split: records[split] for split in SPLITS if split in records}
+    names = class_names(records["train"].labels)
+    if len(names) < 2:  # said before the other splits' labels are checked against the classes
+        raise _two_classes("train", records["train"], names[0])
+    for split, recs in records.items():
+        if recs.labels is not None:
+            records[split] = replace(recs, labels=class_numbers(recs.labels, names, recs.path))
+    for split in ("train", "val"):
+        if split in records and len(np.unique(records[split].labels)) < 2:
+            raise _two_classes(split, records[split], names[int(records[split].labels[0])])
+    return LabelledSplits(records, names, carved)

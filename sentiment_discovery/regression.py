@@ -20,7 +20,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 from sklearn.model_selection import StratifiedKFold
 
 from .errors import DataError, UsageError
-from .readout import FeatureSpec, Readout
+from .readout import FeatureSpec, Readout, top_neurons
 
 CV_FOLDS = 3  # folds of the training split that choose C when there is no validation split
 
@@ -198,3 +198,77 @@ def make_classifier(
         C=float(regression.C),
         classes=classes if regression.weight.ndim == 2 else None,
     )
+
+
+@dataclass
+class TransferFit:
+    """transfer.py's regressions: on all (standardised) features, on the top ``neurons`` alone, and with
+    ``drop_neurons`` on all but them; each one's probabilities and scores per split, by name
+    (``all_neurons``, ``neurons``, ``dropped_neurons``: the original's result names)."""
+
+    Cs: list[float]
+    regressions: dict[str, Regression]
+    neurons: np.ndarray  # feature indices, strongest first
+    columns: dict[str, np.ndarray | None]  # the features each regression reads (None: all)
+    probs: dict[str, dict[str, np.ndarray]]  # name -> split -> probabilities
+    scores: dict[str, dict[str, dict[str, float]]]  # name -> labelled split -> classification_scores
+    classifier: Readout  # the full regression as classifier.py reads it (standardisation included)
+    per_class: dict[str, list[int]] | None = None  # K > 2 classes: each class's own top features
+
+    @property
+    def full(self) -> Regression:
+        return self.regressions["all_neurons"]
+
+
+def fit_transfer(
+    features: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    spec: FeatureSpec,
+    classes: tuple[str, ...],
+    *,
+    Cs: list[float] | None = None,
+    epochs: int = 100,
+    seed: int = 42,
+    n_neurons: int = 1,
+    drop_neurons: bool = False,
+) -> TransferFit:
+    """Standardise ``features`` (split -> [n, F]) by the training split, fit on ``labels`` (class numbers
+    of the labelled splits; C of ``Cs``, default ``c_sweep()``, by validation, else cross-validation),
+    pick the top ``n_neurons`` features of the full regression (K > 2 classes: by their largest |weight|
+    over the classes) and refit on them (and with ``drop_neurons`` on the rest)."""
+    Cs = list(Cs) if Cs is not None else c_sweep()
+    mean, scale = standardizer(features["train"])
+    std = {split: (f - mean) / scale for split, f in features.items()}
+    binary = len(classes) == 2
+
+    def fit_on(columns: np.ndarray | None) -> Regression:
+        pick = (lambda x: x) if columns is None else (lambda x: x[:, columns])
+        val_x = pick(std["val"]) if "val" in std else None
+        return fit_l1_regression(
+            pick(std["train"]), labels["train"], val_x, labels.get("val"), Cs, epochs, seed,
+            n_classes=len(classes),
+        )  # fmt: skip
+
+    full = fit_on(None)
+    neurons = top_neurons(full.weight if binary else np.abs(full.weight).max(axis=0), n_neurons)
+    classifier = make_classifier(
+        full, mean, scale, neurons, spec.pooling, spec.state, spec.all_layers, None if binary else classes
+    )
+    # the full regression's probabilities come from the stored classifier, exactly as classifier.py's
+    regressions = {"all_neurons": full, "neurons": fit_on(neurons)}
+    columns = {"all_neurons": None, "neurons": neurons}
+    probs = {"all_neurons": {split: classifier.probs(f) for split, f in features.items()}}
+    if drop_neurons:
+        rest = np.setdiff1d(np.arange(features["train"].shape[1]), neurons)
+        regressions["dropped_neurons"], columns["dropped_neurons"] = fit_on(rest), rest
+    for name, reg in regressions.items():
+        if name not in probs:
+            probs[name] = {split: reg.probs(x[:, columns[name]]) for split, x in std.items()}
+    scores = {
+        name: {split: classification_scores(p[split], y) for split, y in labels.items()}
+        for name, p in probs.items()
+    }
+    per_class = None
+    if not binary:
+        per_class = {name: top_neurons(full.weight[k], n_neurons).tolist() for k, name in enumerate(classes)}
+    return TransferFit(Cs, regressions, neurons, columns, probs, scores, classifier, per_class)

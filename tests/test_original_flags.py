@@ -244,7 +244,7 @@ def test_transfer_writes_the_original_names_for_every_split(tmp_path, monkeypatc
 
 
 def test_extreme_samples_follow_the_polarity_of_the_weight():
-    from sentiment_discovery.transfer import extreme_samples
+    from sentiment_discovery.transfer_results import extreme_samples
 
     records = Records("f", ["low", "mid", "high"], np.array([1, 0, 0]))
     values = np.array([-2.0, 0.0, 3.0])
