@@ -41,7 +41,6 @@ from .formats import (
     FORMAT_VERSION,
     RawCheckpoint,
     check_train_state,
-    check_views,
     is_own_checkpoint,
     read_checkpoint_file,
 )
@@ -177,8 +176,6 @@ def _save_safetensors(path: str | os.PathLike, ckpt: dict) -> None:
 def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     """Build the model of ``raw`` (its config and the tensors' shapes checked first: allocation bounded
     by the file's tensors), then check its classifier against that model."""
-    for part in ("tensors", "classifier", "train_state"):
-        check_views(getattr(raw, part), raw.source, "" if part == "tensors" else part)
     try:
         model = RNNModel.from_state(raw.config, raw.tensors, raw.file_keys)
     except UsageError as e:
@@ -191,7 +188,7 @@ def build_checkpoint(raw: RawCheckpoint) -> Checkpoint:
     if not_finite:
         names = ", ".join(not_finite[:5])
         raise CheckpointError(f"{raw.source}: weights hold NaN or infinite values: {names}")
-    train_state = check_train_state(raw.train_state, raw.source, model.config)  # shapes against the model
+    train_state = check_train_state(raw.train_state, raw.source, model)  # shapes against the model
     stored = raw.classifier
     classifier = None if stored is None else Readout.from_dict(stored, model.config, raw.source)
     extra = raw.extra if isinstance(raw.extra, dict) else {}

@@ -74,6 +74,18 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(
+    world_size: int = 1, rank: int = -1, backend: str | None = None, force_cpu: bool = False
+) -> Iterator[torch.device]:
+    """``setup`` for the ``with`` block (its device), ``cleanup`` after it, however it ends."""
+    device = setup(world_size, rank, backend, force_cpu)
+    try:
+        yield device
+    finally:
+        cleanup()
+
+
 def all_sum(*values: float) -> list[float]:
     """Each value summed over all processes (nccl reduces GPU tensors only, gloo CPU ones)."""
     if not is_distributed():

@@ -45,7 +45,7 @@ from .preprocess import encode
 from .readers import ReadOptions, given_path, read_records
 from .readout import FeatureSpec, Readout, check_state, parse_pooling, top_neurons
 from .regression import c_sweep, fit_l1_regression, standardizer
-from .runfiles import SaveLock, check_save_path, move_aside, remove_stale_temp_files, sibling
+from .runfiles import SaveLock, check_save_path, move_aside, sibling
 from .train import StopRequest, rng_state, set_rng_state
 
 SEQ_MULTIPLE = 32  # batches are padded to a multiple of this many steps
@@ -876,14 +876,9 @@ def run_finetune(args: argparse.Namespace) -> dict:
     opt = FinetuneOptions.from_args(args)
     opt.check()
     check_save_path(opt.save)
-    lock = SaveLock(opt.save)
-    lock.acquire()
-    try:
-        for tmp in remove_stale_temp_files(opt.save):
-            print(f"removed {tmp}, left by an interrupted checkpoint write")
+    with SaveLock(opt.save) as lock:
+        lock.acquire_on_main()  # removes a killed save's temp files too
         return _run_finetune(args, opt)
-    finally:
-        lock.release()
 
 
 def _run_finetune(args: argparse.Namespace, opt: FinetuneOptions) -> dict:

@@ -699,11 +699,17 @@ def read_native(obj, source: str) -> RawCheckpoint | None:
 
 
 def read_checkpoint_file(path: str | os.PathLike | None) -> RawCheckpoint:
-    """Detect the format of ``path`` (or of the file an alias stands for) and read it (nothing is
-    checked or built yet)."""
+    """Detect the format of ``path`` (or of the file an alias stands for) and read it: its parts are as
+    stored (nothing is built yet), and every tensor in them owns its elements (``check_views``)."""
     if path is not None and not str(path):
         raise CheckpointError("an empty checkpoint path was given")
-    path = resolve_model_path(path)
+    raw = _read_checkpoint_file(resolve_model_path(path))
+    for part in ("tensors", "classifier", "train_state"):
+        check_views(getattr(raw, part), raw.source, "" if part == "tensors" else part)
+    return raw
+
+
+def _read_checkpoint_file(path: Path) -> RawCheckpoint:
     if path.is_dir():
         return read_openai(path)
     obj = read_safetensors(path) if path.is_file() and is_safetensors_file(path) else safe_torch_load(path)
@@ -742,9 +748,9 @@ def _check_rng(rng, source: str, name: str) -> None:
         )
 
 
-def _check_optimizer(optimizer, config: ModelConfig, source: str) -> None:
-    """An optimizer state dict of the model of ``config``: its groups name each parameter once, and every
-    per-parameter tensor (Adam's moments ...) has the shape of its parameter."""
+def _check_optimizer(optimizer, model: RNNModel, source: str) -> None:
+    """An optimizer state dict of ``model``: its groups name each parameter once, and every per-parameter
+    tensor (Adam's moments ...) has the shape of its parameter."""
     bad = f"{source}: train_state optimizer"
     if not (isinstance(optimizer, dict) and {"state", "param_groups"} <= set(optimizer)):
         raise CheckpointError(f"{bad} is not an optimizer state dict")
@@ -753,8 +759,7 @@ def _check_optimizer(optimizer, config: ModelConfig, source: str) -> None:
         raise CheckpointError(f"{bad} param_groups is not a list of groups")
     if not isinstance(per_param, dict):
         raise CheckpointError(f"{bad} state is not a dict")
-    with torch.device("meta"):  # shapes only, no memory
-        shapes = [tuple(p.shape) for p in RNNModel(config).parameters()]
+    shapes = [tuple(p.shape) for p in model.parameters()]
     ids = [i for g in groups for i in (g.get("params") if isinstance(g.get("params"), list) else [None])]
     if not all(type(i) is int for i in ids) or sorted(ids) != list(range(len(shapes))):
         raise CheckpointError(f"{bad} does not list the model's {len(shapes)} parameters once each")
@@ -770,9 +775,9 @@ def _check_optimizer(optimizer, config: ModelConfig, source: str) -> None:
                 )
 
 
-def check_train_state(state, source: str, config: ModelConfig | None = None) -> dict | None:
-    """A stored training state holds every part a resume needs, of the right kinds and, given the model's
-    ``config``, the right shapes: a resume never fails halfway with a traceback."""
+def check_train_state(state, source: str, model: RNNModel | None = None) -> dict | None:
+    """A stored training state holds every part a resume needs, of the right kinds and, given the
+    ``model`` built from the same file, the right shapes: a resume never fails halfway with a traceback."""
     if state is None:
         return None
     if not isinstance(state, dict):
@@ -786,8 +791,8 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
     best = state["best_val_bpc"]
     if not (_finite(best) or best == math.inf):
         raise CheckpointError(f"{source}: train_state best_val_bpc = {best!r} is not a number")
-    if config is not None:
-        _check_optimizer(state["optimizer"], config, source)
+    if model is not None:
+        _check_optimizer(state["optimizer"], model, source)
     elif not (isinstance(state["optimizer"], dict) and {"state", "param_groups"} <= set(state["optimizer"])):
         raise CheckpointError(f"{source}: train_state optimizer is not an optimizer state dict")
     scheduler = state["scheduler"]
@@ -814,8 +819,8 @@ def check_train_state(state, source: str, config: ModelConfig | None = None) -> 
         and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in hidden)
     ):
         raise CheckpointError(f"{source}: train_state hidden is not a (hidden, cell) pair of tensors")
-    if hidden is not None and config is not None:
-        want = (config.nlayers, state["rows"], config.nhid)
+    if hidden is not None and model is not None:
+        want = (model.config.nlayers, state["rows"], model.config.nhid)
         if any(tuple(t.shape) != want for t in hidden):
             shapes = ", ".join(str(tuple(t.shape)) for t in hidden)
             raise CheckpointError(f"{source}: train_state hidden has shapes {shapes}, expected {want} each")

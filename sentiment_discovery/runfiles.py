@@ -1,17 +1,22 @@
 """The files of a training run beside ``--save``: the path checked before training, the lock held while
-it runs (``SaveLock``), the best model and metrics beside it (``sibling``), the snapshot series
-(``snapshot_path``, ``prune_snapshots``), the temporary files a killed write left, and earlier
-outputs moved aside rather than overwritten.
+it runs (``SaveLock``), the best model, metrics log (``MetricsLog``) and plot beside it (``sibling``),
+the snapshot series (``snapshot_path``, ``prune_snapshots``), the temporary files a killed write left,
+and earlier outputs moved aside rather than overwritten. ``RunFiles`` names them all once for the
+Trainer.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from . import distributed
 from .checkpoint import check_replaceable, stale_temp_files
 from .errors import UsageError
 from .safe_io import NAME_MAX, refuse_symlink, sibling_name
@@ -128,6 +133,28 @@ class SaveLock:
             self.file.close()
             self.file = None
 
+    def acquire_on_main(self) -> None:
+        """Rank 0 locks (it alone writes beside --save) and removes a killed save's temp files; every
+        process learns whether that worked, so that none waits on a rank that refused to run."""
+        refused = None
+        if distributed.is_main_process():
+            try:
+                self.acquire()
+            except ValueError as e:
+                refused = str(e)
+            else:
+                for tmp in remove_stale_temp_files(self.save):
+                    print(f"removed {tmp}, left by an interrupted checkpoint write")
+        refused = distributed.broadcast(refused)
+        if refused:
+            raise UsageError(refused)
+
+    def __enter__(self) -> SaveLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def remove_stale_temp_files(save: str | Path) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save``, its best
@@ -152,3 +179,57 @@ def move_aside(path: Path) -> Path | None:
         target, n = path.with_name(f"{stem}.{stamp}-{n}{suffix}"), n + 1
     os.replace(path, target)
     return target
+
+
+class MetricsLog:
+    """One json object per line: step, epoch, bytes_seen, train_bpc, val_bpc, test_bpc, lr, chars_per_s."""
+
+    FIELDS = ("step", "epoch", "bytes_seen", "train_bpc", "val_bpc", "test_bpc", "lr", "chars_per_s")
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        kept = []
+        if resume_step is not None and path.exists() and not path.is_symlink():
+            # a resumed run keeps what was logged up to its checkpoint, not what came after it
+            kept = [r for r in self.read(path) if r["step"] <= resume_step and r["test_bpc"] is None]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        refuse_symlink(path)  # appended to line by line: never through a planted link
+        with path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(self, **values) -> None:
+        row = {k: values.get(k) for k in self.FIELDS}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunFiles:
+    """The files of the training run that writes ``save``, named once: ``save`` itself, ``best`` (the best
+    model by validation), ``metrics`` (the log) and ``plot`` (its picture), and the snapshot series."""
+
+    def __init__(self, save: str | Path):
+        self.save = Path(save)
+        self.best = sibling(save, ".best.pt")
+        self.metrics = sibling(save, ".metrics.jsonl")
+        self.plot = sibling(save, ".bpc.png")
+
+    def take_over(self, load: str | None, resumed: bool, log: Callable[[str], object]) -> None:
+        """The checkpoint, best model, metrics and plot beside ``save`` belong to one run: a run resumed
+        from ``save`` continues them; a new run (or one resumed from another ``load``) moves what is there
+        aside (never overwritten by a new run's first save, a worse model, never truncated), and a run
+        resumed into another --save brings the loaded run's best model and metrics along."""
+        if resumed and (not load or Path(load).resolve() == self.save.resolve()):
+            return
+        series = [path for _, path in snapshots(self.save)]
+        for path in (self.save, self.best, self.metrics, self.plot, *series):
+            moved = move_aside(path)
+            if moved is not None:
+                log(f"{path} is another run's: moved it aside to {moved}")
+        if resumed:
+            for suffix, own in ((".best.pt", self.best), (".metrics.jsonl", self.metrics)):
+                if sibling(load, suffix).is_file():
+                    shutil.copy2(sibling(load, suffix), own)

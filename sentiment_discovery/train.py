@@ -18,10 +18,8 @@ number of processes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -46,17 +44,8 @@ from .matmul import autocast, reduced_dtype
 from .model import RNNModel
 from .progress import progress_bar
 from .recurrent import State
-from .runfiles import (
-    SaveLock,
-    check_save_path,
-    move_aside,
-    prune_snapshots,
-    remove_stale_temp_files,
-    sibling,
-    snapshot_path,
-    snapshots,
-)
-from .safe_io import refuse_symlink, save_figure
+from .runfiles import MetricsLog, RunFiles, SaveLock, check_save_path, prune_snapshots, snapshot_path
+from .safe_io import save_figure
 
 LN2 = math.log(2.0)
 
@@ -224,32 +213,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class MetricsLog:
-    """One json object per line: step, epoch, bytes_seen, train_bpc, val_bpc, test_bpc, lr, chars_per_s."""
-
-    FIELDS = ("step", "epoch", "bytes_seen", "train_bpc", "val_bpc", "test_bpc", "lr", "chars_per_s")
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        refuse_symlink(path)  # appended to line by line: never through a planted link
-        kept = []
-        if resume_step is not None and path.exists():
-            # a resumed run keeps what was logged up to its checkpoint, not what came after it
-            kept = [r for r in self.read(path) if r["step"] <= resume_step and r["test_bpc"] is None]
-        with path.open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-
-    def write(self, **values) -> None:
-        row = {k: values.get(k) for k in self.FIELDS}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    @staticmethod
-    def read(path: Path) -> list[dict]:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_bpc(metrics_path: Path, png_path: Path) -> None:
     """BPC against bytes seen: training (line) and validation (points), test BPC in the title."""
     import matplotlib
@@ -308,7 +271,6 @@ class Trainer:
             else (options.train_iters or options.epochs * len(self.train))
         )
         self.scheduler = linear_decay(self.optimizer, self.total_steps)
-        self.dtype = reduced_dtype(device, options.fp16, options.bf16)
         self.save_dtype = SAVE_DTYPES[options.save_dtype]
         dynamic = options.fp16 and options.dynamic_loss_scale
         self.scaler = torch.amp.GradScaler(device.type) if dynamic else None
@@ -321,33 +283,15 @@ class Trainer:
         self.resumed = resume
         self.tested = False  # the final test evaluation is done (a run is finished only then)
         self.val_pending = False  # a signal cut this step's validation short: a resume runs it first
+        self.stop_request = StopRequest()
         if resume:
             self._restore(train_state)
-        self.best_path = sibling(options.save, ".best.pt")
-        metrics_path = sibling(options.save, ".metrics.jsonl")
-        self.png_path = sibling(options.save, ".bpc.png")
+        self.dtype = reduced_dtype(device, options.fp16, options.bf16)
+        self.files = RunFiles(options.save)
+        self.metrics = None
         if self.is_main:
-            self._own_history(metrics_path)
-        self.metrics = MetricsLog(metrics_path, self.step if resume else None) if self.is_main else None
-        self.stop_request = StopRequest()
-
-    def _own_history(self, metrics_path: Path) -> None:
-        """The checkpoint, best model, metrics and plot beside ``--save`` belong to one run: a resumed run
-        continues those of its checkpoint; a new run (or a resume into another --save) moves what is
-        there aside (never overwritten by a new run's first save, a worse model, never truncated)."""
-        load = self.opt.load
-        continues_here = self.resumed and (not load or Path(load).resolve() == Path(self.opt.save).resolve())
-        if continues_here:
-            return
-        series = [path for _, path in snapshots(self.opt.save)]
-        for path in (Path(self.opt.save), self.best_path, metrics_path, self.png_path, *series):
-            moved = move_aside(path)
-            if moved is not None:
-                self.log(f"{path} is another run's: moved it aside to {moved}")
-        if self.resumed:  # resumed into another --save: bring the loaded run's history along
-            for suffix in (".best.pt", ".metrics.jsonl"):
-                if sibling(load, suffix).is_file():
-                    shutil.copy2(sibling(load, suffix), sibling(self.opt.save, suffix))
+            self.files.take_over(options.load, resume, self.log)
+            self.metrics = MetricsLog(self.files.metrics, self.step if resume else None)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -464,11 +408,11 @@ class Trainer:
         if better:
             self.best_val = bpc
             if self.is_main:
-                save_checkpoint(self.best_path, self.model, dtype=self.save_dtype)
+                save_checkpoint(self.files.best, self.model, dtype=self.save_dtype)
         speed = self.splits.val.num_targets / max(seconds, 1e-9)
         self.log(
             f"| step {self.step} | val BPC {bpc:.4f} | {seconds:.1f} s, {speed:,.0f} chars/s"
-            + (f" | best, saved {self.best_path}" if better else "")
+            + (f" | best, saved {self.files.best}" if better else "")
         )
         return bpc
 
@@ -608,8 +552,8 @@ class Trainer:
             self.tested = True
             self.save()  # now marked finished: --load of it starts a new run
         if self.metrics is not None:
-            plot_bpc(self.metrics.path, self.png_path)
-            self.log(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.png_path}")
+            plot_bpc(self.metrics.path, self.files.plot)
+            self.log(f"saved {opt.save}, metrics {self.metrics.path}, plot {self.files.plot}")
         return result
 
     def _stop(self, last_save_step: int | None) -> None:
@@ -634,17 +578,15 @@ class Trainer:
         return None if math.isinf(self.best_val) else self.best_val
 
 
-def main_print(*values) -> None:
-    """print on rank 0 only (the others' output would repeat it)."""
-    if distributed.is_main_process():
-        print(*values)
-
-
 def pretrain(args) -> dict:
     """Everything ``main.py`` does after parsing its flags (``args``: its argparse namespace).
 
     One process of a distributed run when torchrun's environment or ``--world_size``/``--rank`` say so.
     """
+    from .batching import LMDataOptions, lm_splits
+    from .checkpoint import load_checkpoint
+    from .model import ModelConfig, check_size_flags, device_memory
+
     if args.preprocess and not args.lazy:
         raise UsageError("--preprocess rebuilds the --lazy cache: pass --lazy with it")
     if (args.dynamic_loss_scale or args.loss_scale != 1) and not args.fp16:
@@ -653,106 +595,79 @@ def pretrain(args) -> dict:
         raise UsageError("--fp16 and --bf16 both given: choose one")
     if args.eval_only and not args.load:
         raise UsageError("--eval_only evaluates the model of --load: give a checkpoint")
+    options = TrainOptions.from_args(args)
     if not args.eval_only:
         check_optimizer(args.optim)
         check_save_path(args.save)
-    device = distributed.setup(args.world_size, args.rank, args.distributed_backend, args.cpu)
     lock = SaveLock(args.save)
-    try:
+    group = distributed.process_group(args.world_size, args.rank, args.distributed_backend, args.cpu)
+    with group as device, lock:
         if not args.eval_only:
-            _lock_save(lock)
-        return _pretrain(args, device)
-    finally:
-        lock.release()
-        distributed.cleanup()
+            lock.acquire_on_main()
+        world_size, rank = distributed.get_world_size(), distributed.get_rank()
+        say = print if rank == 0 else lambda *values: None  # rank 0 logs the run
+        options.progress = rank == 0  # a bar on a terminal, progress lines in a log (progress.py)
+        seed = distributed.broadcast(pick_seed(args.seed))
+        say(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
+        torch.manual_seed(seed)
 
-
-def _lock_save(lock: SaveLock) -> None:
-    """Rank 0 locks ``--save`` (it alone writes there) and removes a killed save's temp files; every
-    process learns whether that worked, so that none waits on a rank that refused to run."""
-    refused = None
-    if distributed.is_main_process():
-        try:
-            lock.acquire()
-        except ValueError as e:
-            refused = str(e)
+        train_state = None
+        if args.load:
+            checkpoint = load_checkpoint(args.load)
+            model, train_state = checkpoint.model, checkpoint.train_state
+            if not args.eval_only:
+                memory = device_memory(device)
+                check_size_flags(model.config, args.batch_size, args.seq_length, memory, loaded=True)
+            what = f"{model.config.model}, nhid {model.config.nhid}"
+            say(f"loaded {args.load} ({what}); architecture flags ignored")
         else:
-            for tmp in remove_stale_temp_files(lock.save):
-                print(f"removed {tmp}, left by an interrupted checkpoint write")
-    refused = distributed.broadcast(refused)
-    if refused:
-        raise UsageError(refused)
+            config = ModelConfig.from_args(args)
+            check_size_flags(config, args.batch_size, args.seq_length, device_memory(device))
+            model = RNNModel(config)
 
-
-def _pretrain(args, device: torch.device) -> dict:
-    from .batching import LMDataOptions, lm_splits
-    from .checkpoint import load_checkpoint
-    from .model import ModelConfig, check_size_flags, device_memory
-
-    world_size, rank = distributed.get_world_size(), distributed.get_rank()
-    progress = rank == 0  # a bar on a terminal, progress lines in a log (progress.py)
-    seed = distributed.broadcast(pick_seed(args.seed))
-    main_print(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
-    torch.manual_seed(seed)
-    train_state = None
-    if args.load:
-        checkpoint = load_checkpoint(args.load)
-        if not args.eval_only:
-            memory = device_memory(device)
-            check_size_flags(checkpoint.config, args.batch_size, args.seq_length, memory, loaded=True)
-        model, train_state = checkpoint.model, checkpoint.train_state
-        main_print(
-            f"loaded {args.load} ({model.config.model}, nhid {model.config.nhid}); architecture flags ignored"
-        )
-    else:
-        config = ModelConfig.from_args(args)
-        check_size_flags(config, args.batch_size, args.seq_length, device_memory(device))
-        model = RNNModel(config)
-    # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
-    with distributed.main_process_first() if args.lazy else nullcontext():
-        data = LMDataOptions.from_args(
-            args, preprocess=model.config.preprocess, rebuild_cache=args.preprocess and rank == 0
-        )
-        splits = lm_splits(data, progress=progress, world_size=world_size, rank=rank)
-    if world_size > 1:
-        torch.manual_seed(seed + rank)  # the same initial weights (seeded above), distinct dropout masks
-    for name in ("train", "val", "test"):
-        part = getattr(splits, name)
-        if part is not None:
-            main_print(
-                f"{name}: {part.num_targets:,} bytes in {part.total_rows} rows x {len(part)} batches "
-                f"of {part.seq_length} steps" + (f", across {world_size} processes" if world_size > 1 else "")
+        # with --lazy, rank 0 builds (or rebuilds) the caches, then the others map them
+        with distributed.main_process_first() if args.lazy else nullcontext():
+            data = LMDataOptions.from_args(
+                args, preprocess=model.config.preprocess, rebuild_cache=args.preprocess and rank == 0
             )
+            splits = lm_splits(data, progress=options.progress, world_size=world_size, rank=rank)
+        if world_size > 1:
+            torch.manual_seed(seed + rank)  # the same initial weights (seeded above), distinct dropout masks
+        processes = f", across {world_size} processes" if world_size > 1 else ""
+        for name, part in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+            if part is None:
+                continue
+            say(f"{name}: {part.num_targets:,} bytes in {part.total_rows} rows x {len(part)} batches of "
+                f"{part.seq_length} steps{processes}")  # fmt: skip
             if name == "train" and part.total_rows < args.batch_size * world_size:
                 # every row needs at least two bytes: a tiny corpus fills fewer rows than asked for
-                main_print(
-                    f"  note: the training split fills only {part.total_rows} rows of a batch of "
-                    f"{args.batch_size * world_size}"
+                say(f"  note: the training split fills only {part.total_rows} rows of a batch of "
+                    f"{args.batch_size * world_size}")  # fmt: skip
+        if rank > 0 and splits.train is not None:
+            # rank 0 logs the run; the others say once what they hold, so that their logs (multiproc.py:
+            # distributed_logs/<stem>/<rank>.log) show they ran, and end with a line when they finish
+            first, last = splits.train.row_range
+            print(f"rank {rank} of {world_size} on {device}: training rows {first}-{last - 1} of each batch; "
+                  "rank 0 logs the run", flush=True)  # fmt: skip
+        dtype = reduced_dtype(device, args.fp16, args.bf16)
+        products = (
+            f", {str(dtype).removeprefix('torch.')} matrix products" if dtype and not args.eval_only else ""
+        )
+        say(f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}{products}")
+
+        if args.eval_only:
+            if splits.val is None and splits.test is None:
+                raise UsageError(
+                    "--eval_only needs evaluation data: --valid/--test or a --split with val/test"
                 )
-    if rank > 0 and splits.train is not None:
-        # rank 0 logs the run; the others say once what they hold, so that their logs (multiproc.py:
-        # distributed_logs/<stem>/<rank>.log) show they ran, and end with a line when they finish
-        first, last = splits.train.row_range
-        print(f"rank {rank} of {world_size} on {device}: training rows {first}-{last - 1} of each batch; "
-              "rank 0 logs the run", flush=True)  # fmt: skip
-    dtype = reduced_dtype(device, args.fp16, args.bf16)
-    main_print(
-        f"model: {model.config.model}, {model.num_parameters():,} parameters, on {device}"
-        + (f", {str(dtype).removeprefix('torch.')} matrix products" if dtype and not args.eval_only else "")
-    )
-    if args.eval_only:
-        if splits.val is None and splits.test is None:
-            raise UsageError("--eval_only needs evaluation data: --valid/--test or a --split with val/test")
-        model.to(device)
-        result = {}
-        for name in ("val", "test"):
-            part = getattr(splits, name)
-            if part is not None:
-                result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
-                main_print(f"{name} BPC {result[f'{name}_bpc']:.4f}")
+            model.to(device)
+            result = {}
+            for name, part in (("val", splits.val), ("test", splits.test)):
+                if part is not None:
+                    result[f"{name}_bpc"] = evaluate(model, part, device, progress=options.progress)
+                    say(f"{name} BPC {result[f'{name}_bpc']:.4f}")
+            return result
+        result = Trainer(model, splits, options, device, train_state).run()
+        if rank > 0:
+            print(f"rank {rank} of {world_size}: finished, {result['step']} updates", flush=True)
         return result
-    options = TrainOptions.from_args(args, progress=progress)
-    result = Trainer(model, splits, options, device, train_state).run()
-    if rank > 0:
-        print(f"rank {rank} of {world_size}: finished, {result['step']} updates", flush=True)
-    return result

@@ -16,7 +16,7 @@ from sentiment_discovery.batching import TBPTTBatches, shard_starts
 from sentiment_discovery.checkpoint import load_checkpoint
 from sentiment_discovery.lazycache import lazy_corpus
 from sentiment_discovery.readers import load_corpus
-from sentiment_discovery.train import MetricsLog
+from sentiment_discovery.runfiles import MetricsLog
 
 main_script, multiproc = load_script("main"), load_script("multiproc")
 

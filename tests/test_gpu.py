@@ -25,7 +25,8 @@ from sentiment_discovery.featurize import featurize
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.readers import encode_corpus
 from sentiment_discovery.recurrent import mLSTMLayer
-from sentiment_discovery.train import MetricsLog, Trainer, TrainOptions
+from sentiment_discovery.runfiles import MetricsLog
+from sentiment_discovery.train import Trainer, TrainOptions
 
 pytestmark = [
     pytest.mark.gpu,
@@ -202,7 +203,7 @@ def test_transfer_on_cuda_gives_the_cpu_features(tmp_path, monkeypatch):
     model = tiny_lm(lm)
     paths = {split: labelled_csv(tmp_path / f"{split}.csv", n, seed)
              for split, n, seed in (("train", 120, 1), ("val", 60, 2), ("test", 60, 3))}  # fmt: skip
-    import sentiment_discovery.transfer as transfer_module
+    import sentiment_discovery.feature_cache as transfer_module  # where transfer.py featurizes
 
     devices = []
 

@@ -537,7 +537,7 @@ def test_save_onto_our_own_checkpoint_is_allowed(tmp_path):
 def test_transfer_refuses_a_foreign_classifier_pt_and_checks_outputs_before_featurizing(
     tmp_path, capsys, monkeypatch
 ):
-    import sentiment_discovery.transfer as transfer_module
+    import sentiment_discovery.feature_cache as transfer_module  # where transfer.py featurizes
 
     def never(*args, **kwargs):
         raise AssertionError("featurized before checking the outputs")
@@ -647,7 +647,8 @@ def interrupted_end_runs(tmp_path, monkeypatch, split_name: str):
 
 @pytest.mark.parametrize("split_name", ["test", "val"])
 def test_a_stop_during_the_final_evaluation_resumes_to_the_same_end(tmp_path, monkeypatch, split_name):
-    from sentiment_discovery.train import MetricsLog, run_finished
+    from sentiment_discovery.runfiles import MetricsLog
+    from sentiment_discovery.train import run_finished
 
     straight, resumed, final = interrupted_end_runs(tmp_path, monkeypatch, split_name)
     assert resumed["test_bpc"] == pytest.approx(straight["test_bpc"], rel=1e-6)

@@ -16,7 +16,8 @@ from test_train import Interrupt, batches, run_trainer
 
 from sentiment_discovery.batching import LMSplits
 from sentiment_discovery.checkpoint import load_checkpoint
-from sentiment_discovery.train import MetricsLog, StopRequest, Trainer, TrainOptions
+from sentiment_discovery.runfiles import MetricsLog
+from sentiment_discovery.train import StopRequest, Trainer, TrainOptions
 
 main_script = load_script("main")
 

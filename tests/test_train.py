@@ -17,7 +17,8 @@ from sentiment_discovery.checkpoint import load_checkpoint, save_checkpoint
 from sentiment_discovery.model import ModelConfig, RNNModel
 from sentiment_discovery.preprocess import encode
 from sentiment_discovery.readers import encode_corpus
-from sentiment_discovery.train import MetricsLog, Trainer, TrainOptions, evaluate
+from sentiment_discovery.runfiles import MetricsLog
+from sentiment_discovery.train import Trainer, TrainOptions, evaluate
 
 main_script = load_script("main")
 
