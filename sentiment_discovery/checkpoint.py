@@ -102,11 +102,6 @@ def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> Non
         atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 def checkpoint_dict(
     model: RNNModel,
     classifier: Readout | dict | None = None,
@@ -143,16 +138,15 @@ def save_checkpoint(
     """Write a native checkpoint, its weights in ``dtype`` if given (float16/bfloat16: about half the
     bytes); as safetensors when ``safetensors_file`` (default: for a ``.safetensors`` path), which holds
     no ``train_state``. A classifier given as its stored dict is checked first (``Readout.from_dict``)."""
-    classifier = Readout.of(classifier, model.config)
-    ckpt = checkpoint_dict(model, classifier, train_state, extra, dtype)
     if safetensors_file is None:
         safetensors_file = Path(path).suffix == ".safetensors"
-    if not safetensors_file:
-        atomic_save(ckpt, path)
-    elif train_state is not None:
+    if safetensors_file and train_state is not None:
         raise UsageError(f"{path}: a safetensors checkpoint holds weights only; save training state as .pt")
-    else:
+    ckpt = checkpoint_dict(model, Readout.of(classifier, model.config), train_state, extra, dtype)
+    if safetensors_file:
         _save_safetensors(path, ckpt)
+    else:
+        atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def _save_safetensors(path: str | os.PathLike, ckpt: dict) -> None:

@@ -67,8 +67,9 @@ class FeatureCache:
 
     def save(self, split: str, data_path: str, features: np.ndarray) -> None:
         npy, meta = self._paths(split)
+        key = self.key(data_path)
         save_npy(npy, features)
-        write_text(meta, json.dumps(self.key(data_path), indent=1))
+        write_text(meta, json.dumps(key, indent=1))
 
 
 def cached_features(
@@ -77,6 +78,7 @@ def cached_features(
     spec: FeatureSpec,
     folder: Path,
     key: dict,
+    model_file: str | Path,
     *,
     use_cached: bool = False,
     carved: tuple[str, ...] | list[str] = (),
@@ -85,9 +87,9 @@ def cached_features(
     bf16: bool = False,
 ) -> dict[str, np.ndarray]:
     """Each split's features ``[n, F]``: from ``folder`` when ``use_cached`` and the key they were saved
-    under matches (``key``: how they were computed, the model file's digest included, see
+    under matches (``key``: how they were computed, with the digest of ``model_file`` added; see
     ``FeatureCache``), else featurized (with a progress bar) and saved there."""
-    cache = FeatureCache(folder, key)
+    cache = FeatureCache(folder, {"model_sha256": file_digest(model_file), **key})
     found = {split: cache.load(split, r.path, len(r)) if use_cached else None for split, r in records.items()}
     features = {}
     for split, recs in records.items():

@@ -23,7 +23,7 @@ import pandas as pd
 
 from .downloads import download_hint
 from .errors import DataError
-from .safe_io import atomic_write
+from .safe_io import JSON_SUFFIXES
 
 
 @dataclass
@@ -185,19 +185,7 @@ def _check_csv_header(path: Path, frame: pd.DataFrame, delim: str, text_key: str
 
 
 def is_json_path(path: str | Path, loose_json: bool = False) -> bool:
-    return loose_json or Path(path).suffix.lower() in (".json", ".jsonl")
-
-
-def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """``frame`` as json records when ``path`` ends in .json (.jsonl: one object per line), csv otherwise
-    (the forms ``read_records`` reads back); written atomically, its folder made if need be."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_json_path(path):
-        lines = path.suffix.lower() == ".jsonl"
-        atomic_write(path, lambda tmp: frame.to_json(tmp, orient="records", lines=lines, force_ascii=False))
-    else:
-        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return loose_json or Path(path).suffix.lower() in JSON_SUFFIXES
 
 
 def is_loose_json(path: str | Path, loose_json: bool = False) -> bool:

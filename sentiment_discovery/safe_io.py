@@ -157,3 +157,18 @@ def save_npy(path: str | os.PathLike, array) -> None:
             np.save(f, array)
 
     atomic_write(path, write)
+
+
+JSON_SUFFIXES = (".json", ".jsonl")  # a table path with these is json (readers.is_json_path), else csv
+
+
+def write_table(frame, path: str | Path) -> None:
+    """A pandas ``frame`` as json records when ``path`` ends in .json (.jsonl: one object per line), csv
+    otherwise (the forms readers.py reads back); written atomically, its folder made if need be."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in JSON_SUFFIXES:
+        lines = path.suffix.lower() == ".jsonl"
+        atomic_write(path, lambda tmp: frame.to_json(tmp, orient="records", lines=lines, force_ascii=False))
+    else:
+        atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))

@@ -15,7 +15,7 @@ import numpy as np
 from .checkpoint import load_checkpoint
 from .encoder import Encoder
 from .errors import CheckpointError, UsageError
-from .feature_cache import cached_features, file_digest
+from .feature_cache import cached_features
 from .formats import first_existing_model, resolve_model_path
 from .readers import (
     ReadOptions,
@@ -64,7 +64,6 @@ def run_transfer(args: argparse.Namespace) -> dict:
         raise UsageError("--write_results writes the test texts' predictions, and there is no --test file")
     args.load_model = _choose_model(args.load_model, "lang_model.pt")
     out_dir = Path(args.save_results) if args.save_results else default_results_dir(args.load_model)
-    files = SplitFiles.from_args(args)
     Cs = c_sweep(*args.log2_C)
     ckpt = load_checkpoint(args.load_model)
     model = ckpt.model
@@ -74,6 +73,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
     spec = FeatureSpec.parse(args.pooling or recorded.pooling, args.state or recorded.state, args.all_layers)
     check_transfer_outputs(out_dir, args.write_results)
 
+    files = SplitFiles.from_args(args)
     splits = read_labelled_splits(files)
     if splits.carved:
         sizes = ", ".join(f"{split} {len(splits.records[split])}" for split in splits.carved)
@@ -87,7 +87,6 @@ def run_transfer(args: argparse.Namespace) -> dict:
         print(f"{len(classes)} classes, in sorted order: {mapping}{note}")
 
     cache_key = {
-        "model_sha256": file_digest(ckpt.source),
         "pooling": spec.pooling,
         "state": spec.state,
         "all_layers": spec.all_layers,
@@ -101,7 +100,7 @@ def run_transfer(args: argparse.Namespace) -> dict:
         "loose_json": args.loose_json,
     }
     features = cached_features(
-        model, splits.records, spec, out_dir, cache_key,
+        model, splits.records, spec, out_dir, cache_key, ckpt.source,
         use_cached=args.use_cached and not args.preprocess, carved=splits.carved,
         batch_size=args.batch_size, fp16=args.fp16, bf16=args.bf16,
     )  # fmt: skip

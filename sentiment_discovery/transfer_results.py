@@ -16,9 +16,9 @@ from .checkpoint import check_replaceable, save_checkpoint
 from .feature_cache import SPLIT_PREFIX
 from .model import RNNModel
 from .plots import BINARY_CLASSES, plot_neuron_histograms, plot_weights
-from .readers import SPLITS, LabelledSplits, Records, SplitFiles, write_table
+from .readers import SPLITS, LabelledSplits, Records, SplitFiles
 from .regression import CV_FOLDS, Regression, TransferFit, predicted
-from .safe_io import check_output, check_output_folder, refuse_symlink, save_npy, write_text
+from .safe_io import check_output, check_output_folder, refuse_symlink, save_npy, write_table, write_text
 
 N_EXTREME = 10  # texts shown at each end of the top neuron's range
 
@@ -79,7 +79,7 @@ def predictions_frame(
 
 
 def write_predictions(path: str | Path, *frame_args, **frame_kwargs) -> None:
-    """``predictions_frame(*frame_args, **frame_kwargs)`` written to ``path`` (readers.write_table)."""
+    """``predictions_frame(*frame_args, **frame_kwargs)`` written to ``path`` (safe_io.write_table)."""
     write_table(predictions_frame(*frame_args, **frame_kwargs), path)
 
 
