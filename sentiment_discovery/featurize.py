@@ -1,16 +1,36 @@
 """Featurization: one vector per text from the recurrent states of a language model.
 
-Texts are sorted by length and batched with their neighbours, LEFT-padded so that all rows of a
-batch end on the same step, and the recurrent layer's reset mask zeroes each row's state just
-before its first real byte: the final state of every row is then exactly the state after its own
-last byte, whatever the batch. Long batches run in chunks of ``chunk_length`` steps with the state
-carried over, and a row enters the computation only at the chunk where its text starts (rows are
-sorted longest first, so the rows running in a chunk are a prefix of the batch); memory therefore
-depends on the chunk length, not on the length of the longest text.
+For the mLSTM, texts are PACKED end to end into ``batch_size`` rows, longest text first, each to the
+row with the fewest bytes so far (``pack_rows``), so the rows end within about one short text of each
+other. Texts a..i of 9, 7, 6, 5, 4, 3, 3, 2 and 1 bytes in 3 rows (capitals: each text's first byte,
+where the reset mask zeroes the row's state; ``.``: padding)::
 
-Shapes (``chunk_plan``): rows join in groups of ``ROW_MULTIPLE`` and a chunk ends where the next group
-starts, so a chunk's row count is a multiple of 16 (or the whole batch) and few rows run on padding;
-the products then meet a handful of shape classes however the text lengths fall (matmul.py).
+    step   0 1 2 3 4 5 6 7 8 9 10 11 12 13
+    row 0  B b b b b b b E e e e  G  g  g      rows longest first: the rows with
+    row 1  A a a a a a a a a F f  f  I  .      bytes left are a prefix
+    row 2  C c c c c c D d d d d  H  h  .
+
+At a reset the mLSTM's fused loop only multiplies the state by a keep mask, so several texts in a row
+cost nothing more than one. The rows run in chunks of ``chunk_length`` steps with the state carried
+over, and every position of a chunk belongs to one text (its segment) or to padding: a text's ``last``
+feature is the state at its last byte, its mean/max/min pool its own positions alone (scatter
+reductions by segment, ``readout.Pooler.add_to_slots``), a text crossing into the next chunk carrying
+its running pools along. Every product then runs all ``batch_size`` rows but for the last steps, where
+rows leave in groups of ``ROW_MULTIPLE`` as the longest row of each group ends (``row_plan``): few
+row-steps are padding, and the products meet a handful of shape classes however the lengths fall
+(matmul.py). Memory depends on the chunk length and the row count, not on the length of any text: a
+very long text occupies a row of its own while the others share the rest.
+
+Why: batches of length-sorted texts (below) start with few rows running, and at H=4096 a step of few
+rows costs nearly as much as a full one (each step reads the whole weight matrices): real text ran at
+0.69 of the rate of fixed-length text of the same size (bench/RESULTS.md, issue 20).
+
+PyTorch's fused stacks (LSTM, GRU, RNNs: ``RNNModel.cheap_resets`` is False) split their call at every
+step where a row resets, which packing would make most steps. For them texts are sorted by length and
+batched with their neighbours, LEFT-padded so that all rows of a batch end on the same step, and the
+reset mask zeroes each row's state just before its first real byte: the final state of every row is
+then exactly the state after its own last byte. Rows join the computation in groups of
+``ROW_MULTIPLE`` at the chunk where their group's first text starts (``chunk_plan``).
 """
 
 from __future__ import annotations
@@ -30,7 +50,7 @@ from .preprocess import encode
 from .progress import progress_bar
 from .readout import FeatureSpec, Pooler
 
-ROW_MULTIPLE = 16  # rows join a batch's computation in groups of this many
+ROW_MULTIPLE = 16  # rows leave (packed rows) or join (left-padded batches) the computation in groups of this
 
 
 def bucket_length(n: int, multiple: int = 32) -> int:
@@ -184,7 +204,7 @@ class _PackedRunner:
         self.length = np.array([lengths[i] for i in order], dtype=np.int64)
         self.start = np.cumsum(self.length) - self.length
         self.row = np.repeat(np.arange(len(rows)), [len(row) for row in rows])
-        self.first_step = self.start - self.row_start[self.row] if len(order) else self.start
+        self.first_step = self.start - self.row_start[self.row]
 
     def _chunk_inputs(self, a: int, b: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Tokens ``[b-a, rows]`` of steps a..b, the reset mask, and the segment of each position (-1:
@@ -265,8 +285,9 @@ def featurize(
     original's choice) or ``hidden`` (h); ``all_layers``. ``preprocess`` defaults to the
     model's own (``model.config.preprocess``). The model is moved to ``device`` (default: GPU when
     available) and put in eval mode. ``progress``: a bar on a terminal, progress lines in a log
-    (progress.py). ``bf16``: the matrix products take bfloat16 operands (state and
-gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py).
+    (progress.py). ``bf16``: the matrix products take bfloat16 operands (state and gate math stay
+    float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a CPU (matmul.py). ``batch_size``: the
+    rows the texts are packed into (mLSTM), or the texts per left-padded batch (the torch stacks).
     """
     spec = spec or FeatureSpec.parse(pooling, state, all_layers)
     if batch_size < 1 or chunk_length < 1:
@@ -278,7 +299,6 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
 
     tokens = [encode(text, preprocess) for text in texts]
     out = np.zeros((len(tokens), spec.num_features(model.config)), dtype=np.float32)
-    order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
     with (
         torch.inference_mode(),
         parametrize.cached(),  # weight-normalised weights computed once, not once per chunk
@@ -289,9 +309,10 @@ gate math stay float32); ``fp16``: float16 operands on a GPU, as ``bf16`` on a C
             total=sum(len(t) for t in tokens), unit="B", unit_scale=True, desc="featurizing", enabled=progress
         ) as bar,
     ):
-        if model.cheap_resets:
+        if model.cheap_resets:  # texts packed end to end into batch_size rows
             _PackedRunner(model, tokens, batch_size, device, spec).run(chunk_length, out, bar.update)
             return out
+        order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))  # left-padded batches
         for first in range(0, len(order), batch_size):
             idx = order[first : first + batch_size]
             runner = _BatchRunner(model, [tokens[i] for i in idx], device, spec)

@@ -84,6 +84,21 @@ def test_the_torch_stacks_keep_the_left_padded_batches_and_equal_each_text_alone
     np.testing.assert_allclose(batched, alone(model, texts, pooling=pooling, all_layers=True), atol=1e-5)
 
 
+def test_token_arrays_of_one_byte_and_up_share_rows_and_chunks_exactly():
+    model = small_model()
+    rng = np.random.default_rng(3)
+    tokens = [rng.integers(0, 256, n).astype(np.uint8) for n in (1, 1, 2, 9, 1, 3, 17, 1, 4, 2, 1)]
+    spec = FeatureSpec.parse("min,last,max,mean", "hidden", all_layers=True)
+    out = np.zeros((len(tokens), spec.num_features(model.config)), dtype=np.float32)
+    with torch.inference_mode():
+        _PackedRunner(model, tokens, 2, torch.device("cpu"), spec).run(3, out)
+        for i, t in enumerate(tokens):
+            hs, _, _ = model.forward_states(torch.from_numpy(t.astype(np.int64))[:, None])
+            steps = torch.stack(hs)[:, :, 0]  # [L, T, H]
+            pools = [steps.amin(1), steps[:, -1], steps.amax(1), steps.mean(1)]
+            np.testing.assert_allclose(out[i], torch.cat([p.reshape(-1) for p in pools]).numpy(), atol=1e-5)
+
+
 def test_progress_counts_every_real_byte_once():
     model = small_model(nlayers=1)
     tokens = [encode(t, "nvidia") for t in texts_of_many_lengths(20, seed=2)]
