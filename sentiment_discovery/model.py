@@ -176,6 +176,12 @@ class RNNModel(nn.Module):
         their state tuple repeating it."""
         return self.rnn.has_cell
 
+    @property
+    def cheap_resets(self) -> bool:
+        """Whether a ``reset`` mask costs nothing per step (the mLSTM: featurization then packs several
+        texts into each row); PyTorch's fused stacks split the sequence at every step where a row resets."""
+        return self.rnn.cheap_resets
+
     def zero_state(self, batch_size: int, device=None, dtype=None) -> State:
         return self.rnn.zero_state(batch_size, device, dtype)
 

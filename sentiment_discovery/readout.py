@@ -121,46 +121,54 @@ class FeatureSpec:
         return pooler.features(steps.gather(1, index)[:, 0], real.sum(dim=0))
 
 
+# A running pool: the start value of each unit and the reduction (a name torch.sum/amax/amin and
+# Tensor.scatter_reduce share) that folds further states into it.
+_POOLS = {"mean": (0.0, "sum"), "max": (float("-inf"), "amax"), "min": (float("inf"), "amin")}
+
+
 class Pooler:
-    """Running pools over chunks of steps (featurization carries them across chunks of a long batch)."""
+    """Running pools over chunks of steps, one per slot (featurization carries them across chunks): the
+    sum for ``mean``, the running ``max``/``min``, as ``pools[name]`` ``[L, slots, H]``."""
 
     def __init__(self, spec: FeatureSpec, layers: int, batch: int, hidden: int, device) -> None:
         self.spec = spec
         shape = (layers, batch, hidden)
-        self.total = torch.zeros(shape, device=device) if "mean" in spec.poolings else None
-        self.peak = torch.full(shape, float("-inf"), device=device) if "max" in spec.poolings else None
-        self.trough = torch.full(shape, float("inf"), device=device) if "min" in spec.poolings else None
+        self.pools = {p: torch.full(shape, _POOLS[p][0], device=device) for p in spec.poolings if p in _POOLS}
 
     @property
     def per_step(self) -> bool:
         """Whether any pooling reads every step (else the final state is all it needs)."""
-        return self.total is not None or self.peak is not None or self.trough is not None
+        return bool(self.pools)
 
     def add(self, steps: Tensor, real: Tensor, rows: int | None = None) -> None:
-        """Pool ``steps [L, T, rows, H]`` with ``real [T, rows]`` into the first ``rows`` rows (no in-place
+        """Pool ``steps [L, T, rows, H]`` with ``real [T, rows]`` into the first ``rows`` slots (no in-place
         update: autograd may run through it)."""
         rows = steps.shape[2] if rows is None else rows
-        mask = real[None, :, :, None]
+        padding = ~real[None, :, :, None]
+        for p, old in self.pools.items():
+            start, how = _POOLS[p]
+            chunk = getattr(torch, how)(steps.masked_fill(padding, start), dim=1)
+            new = getattr(torch, how)(torch.stack([old[:, :rows], chunk]), dim=0)
+            # slots after ``rows`` have not started yet
+            self.pools[p] = new if rows == old.shape[1] else torch.cat([new, old[:, rows:]], dim=1)
 
-        def merge(old: Tensor, new: Tensor) -> Tensor:  # rows after ``rows`` have not started yet
-            return new if rows == old.shape[1] else torch.cat([new, old[:, rows:]], dim=1)
+    def add_to_slots(self, values: Tensor | dict[str, Tensor], slots: Tensor) -> None:
+        """Pool ``values [L, n, H]`` (states, or per pooling its own pools, e.g. another ``Pooler``'s)
+        into ``slots [n]``: each value into its own slot, any number into one."""
+        for p, old in self.pools.items():
+            new = values[p] if isinstance(values, dict) else values
+            index = slots.view(1, -1, 1).expand_as(new)
+            self.pools[p] = old.scatter_reduce(1, index, new, _POOLS[p][1])
 
-        if self.total is not None:
-            self.total = merge(self.total, self.total[:, :rows] + (steps * mask).sum(dim=1))
-        if self.peak is not None:
-            chunk_peak = steps.masked_fill(~mask, float("-inf")).amax(dim=1)
-            self.peak = merge(self.peak, torch.maximum(self.peak[:, :rows], chunk_peak))
-        if self.trough is not None:
-            chunk_trough = steps.masked_fill(~mask, float("inf")).amin(dim=1)
-            self.trough = merge(self.trough, torch.minimum(self.trough[:, :rows], chunk_trough))
-
-    def features(self, last: Tensor, lengths: Tensor) -> Tensor:
-        """``[B, F]`` from the state after each row's last byte ``[L, B, H]`` and its byte count ``[B]``."""
+    def features(self, last: Tensor, lengths: Tensor, slots: Tensor | None = None) -> Tensor:
+        """``[n, F]`` from the state after each slot's last byte ``[L, n, H]`` and its byte count ``[n]``,
+        of the slots ``slots`` (default: all)."""
+        pools = self.pools if slots is None else {p: v.index_select(1, slots) for p, v in self.pools.items()}
         pooled = {
             "last": lambda: last,
-            "mean": lambda: self.total / lengths.to(self.total.dtype)[None, :, None],
-            "max": lambda: self.peak,
-            "min": lambda: self.trough,
+            "mean": lambda: pools["mean"] / lengths.to(pools["mean"].dtype)[None, :, None],
+            "max": lambda: pools["max"],
+            "min": lambda: pools["min"],
         }
         return torch.cat([self.spec.layers_to_features(pooled[p]()) for p in self.spec.poolings], dim=1)
 

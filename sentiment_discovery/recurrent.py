@@ -120,6 +120,7 @@ class _LayerStack(nn.Module):
     hidden_size: int
     dropout: float
     has_cell: bool  # whether the state's second tensor is a cell c of its own (else it repeats h)
+    cheap_resets: bool  # whether a reset mask costs nothing per step (else it splits the computation)
 
     def zero_state(self, batch_size: int, device=None, dtype: torch.dtype | None = None) -> State:
         """The zero state ``(h, c)``, each ``[num_layers, batch_size, hidden_size]``."""
@@ -160,6 +161,7 @@ class mLSTM(_LayerStack):
     """Multi-layer mLSTM with the interface of ``torch.nn.LSTM`` plus a per-row reset mask."""
 
     has_cell = True
+    cheap_resets = True  # the fused loop multiplies the state by a keep mask at a reset step, nothing more
 
     def __init__(
         self,
@@ -192,6 +194,8 @@ class TorchRNN(_LayerStack):
     One module per layer so that per-layer states are reachable for featurization. Resets split the
     sequence at the steps where any row resets; between those steps the fused kernel runs whole.
     """
+
+    cheap_resets = False  # every step where some row resets splits the fused call
 
     def __init__(
         self, kind: str, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
