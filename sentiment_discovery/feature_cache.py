@@ -41,17 +41,20 @@ class FeatureCache:
 
     def __init__(self, folder: Path, base_key: dict):
         self.folder, self.base_key = folder, base_key
+        self._keys: dict[str, dict] = {}  # per data file: its digest is read once per run
 
     def _paths(self, split: str) -> tuple[Path, Path]:
         name = f"{SPLIT_PREFIX[split]}Xt"
         return self.folder / f"{name}.npy", self.folder / f"{name}.key.json"
 
     def key(self, data_path: str) -> dict:
-        return {
-            **self.base_key,
-            "data": str(Path(data_path).resolve()),
-            "data_sha256": file_digest(data_path),
-        }
+        if data_path not in self._keys:
+            self._keys[data_path] = {
+                **self.base_key,
+                "data": str(Path(data_path).resolve()),
+                "data_sha256": file_digest(data_path),
+            }
+        return self._keys[data_path]
 
     def load(self, split: str, data_path: str, n_texts: int) -> np.ndarray | None:
         npy, meta = self._paths(split)

@@ -68,13 +68,14 @@ def check_save_path(save: str | Path) -> None:
             f"--save {save}: a .safetensors file holds weights only, not the training state a run "
             "checkpoints; save as .pt (python -m sentiment_discovery.convert makes a .safetensors copy)"
         )
-    longest = sibling(save, ".metrics.jsonl").name
+    files = RunFiles(save)
+    longest = files.metrics.name
     if len(longest.encode()) + SIBLING_MARGIN > NAME_MAX:
         raise UsageError(
             f"--save {save}: the outputs beside it ({longest} ...) would pass the file system's "
             f"{NAME_MAX}-byte limit on a name; use a shorter name"
         )
-    for path in (sibling(save, ".best.pt"), sibling(save, ".metrics.jsonl"), sibling(save, ".bpc.png")):
+    for path in (files.best, files.metrics, files.plot):
         refuse_symlink(path)  # a planted link: refused, not written through nor moved aside
         if path.is_dir():
             raise UsageError(f"--save {save}: {path} is a directory, expected a file path")

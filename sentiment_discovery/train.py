@@ -606,7 +606,7 @@ def pretrain(args) -> dict:
             lock.acquire_on_main()
         world_size, rank = distributed.get_world_size(), distributed.get_rank()
         say = print if rank == 0 else lambda *values: None  # rank 0 logs the run
-        options.progress = rank == 0  # a bar on a terminal, progress lines in a log (progress.py)
+        progress = rank == 0  # a bar on a terminal, progress lines in a log (progress.py)
         seed = distributed.broadcast(pick_seed(args.seed))
         say(f"seed {seed}" + (f", {world_size} processes" if world_size > 1 else ""))
         torch.manual_seed(seed)
@@ -630,7 +630,7 @@ def pretrain(args) -> dict:
             data = LMDataOptions.from_args(
                 args, preprocess=model.config.preprocess, rebuild_cache=args.preprocess and rank == 0
             )
-            splits = lm_splits(data, progress=options.progress, world_size=world_size, rank=rank)
+            splits = lm_splits(data, progress=progress, world_size=world_size, rank=rank)
         if world_size > 1:
             torch.manual_seed(seed + rank)  # the same initial weights (seeded above), distinct dropout masks
         processes = f", across {world_size} processes" if world_size > 1 else ""
@@ -664,7 +664,7 @@ def pretrain(args) -> dict:
             result = {}
             for name, part in (("val", splits.val), ("test", splits.test)):
                 if part is not None:
-                    result[f"{name}_bpc"] = evaluate(model, part, device, progress=options.progress)
+                    result[f"{name}_bpc"] = evaluate(model, part, device, progress=progress)
                     say(f"{name} BPC {result[f'{name}_bpc']:.4f}")
             return result
         result = Trainer(model, splits, options, device, train_state).run()

@@ -29,8 +29,8 @@ from .readers import (
 )
 from .readout import FeatureSpec, top_neurons
 from .regression import CV_FOLDS, accuracy, c_sweep, fit_transfer
-from .safe_io import check_output, save_npy
-from .transfer_results import check_transfer_outputs, write_predictions, write_transfer_results
+from .safe_io import check_output, save_npy, write_table
+from .transfer_results import check_transfer_outputs, predictions_frame, write_transfer_results
 
 
 def _choose_model(given: str, *outputs: str, fallback: str = "default") -> str:
@@ -205,8 +205,7 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
         # top N: --neurons, else the neurons transfer.py kept; their probability masks the other weights
         n_top = args.neurons if args.neurons >= 0 else len(readout.neurons)
         neurons = top_neurons(readout.weight, n_top)
-        write_predictions(
-            args.write_results,
+        frame = predictions_frame(
             records,
             probs if args.neurons < 0 else readout.probs(features),
             probs if args.neurons >= 0 else readout.probs(features, len(neurons)),
@@ -215,5 +214,6 @@ def run_classifier(args: argparse.Namespace) -> np.ndarray:
             args.text_key,
             args.label_key,
         )
+        write_table(frame, args.write_results)
         print(f"predictions written to {args.write_results}")
     return probs

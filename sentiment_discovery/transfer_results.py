@@ -78,11 +78,6 @@ def predictions_frame(
     return pd.DataFrame(columns)
 
 
-def write_predictions(path: str | Path, *frame_args, **frame_kwargs) -> None:
-    """``predictions_frame(*frame_args, **frame_kwargs)`` written to ``path`` (safe_io.write_table)."""
-    write_table(predictions_frame(*frame_args, **frame_kwargs), path)
-
-
 def extreme_samples(
     values: np.ndarray,
     records: Records,
