@@ -235,9 +235,10 @@ def lm_splits(
     eval_key = o.eval_text_key or o.text_key
 
     def read(path: str, key: str) -> EncodedCorpus:
+        corpus_options = o.corpus(key)
         if o.lazy:
-            return lazy_corpus(path, o.corpus(key), progress, o.rebuild_cache)
-        return load_corpus(path, o.corpus(key), progress)
+            return lazy_corpus(path, corpus_options, progress, o.rebuild_cache)
+        return load_corpus(path, corpus_options, progress)
 
     corpus = read(data, o.text_key)
     proportions = parse_split(o.split, has_valid=bool(valid), has_test=bool(test))
