@@ -93,12 +93,12 @@ def cached_features(
     under matches (``key``: how they were computed, with the digest of ``model_file`` added; see
     ``FeatureCache``), else featurized (with a progress bar) and saved there."""
     cache = FeatureCache(folder, {"model_sha256": file_digest(model_file), **key})
-    found = {split: cache.load(split, r.path, len(r)) if use_cached else None for split, r in records.items()}
     features = {}
     for split, recs in records.items():
-        if found[split] is not None:
+        cached = cache.load(split, recs.path, len(recs)) if use_cached else None
+        if cached is not None:
             print(f"{split}: using cached features from {folder}")
-            features[split] = found[split]
+            features[split] = cached
             continue
         part = " (its --split part)" if split in carved else ""
         print(f"{split}: featurizing {len(recs)} texts from {recs.path}{part}")

@@ -160,9 +160,9 @@ class SaveLock:
 def remove_stale_temp_files(save: str | Path) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` files that a killed checkpoint write left beside ``--save``, its best
     model and its snapshots (call it while holding the SaveLock: no write of this --save is under way)."""
-    save = Path(save)
+    files = RunFiles(save)
     removed = []
-    for path in (save, sibling(save, ".best.pt"), snapshot_path(save, "*")):
+    for path in (files.save, files.best, snapshot_path(save, "*")):
         for tmp in stale_temp_files(path):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
@@ -231,6 +231,7 @@ class RunFiles:
             if moved is not None:
                 log(f"{path} is another run's: moved it aside to {moved}")
         if resumed:
-            for suffix, own in ((".best.pt", self.best), (".metrics.jsonl", self.metrics)):
-                if sibling(load, suffix).is_file():
-                    shutil.copy2(sibling(load, suffix), own)
+            loaded = RunFiles(load)
+            for theirs, own in ((loaded.best, self.best), (loaded.metrics, self.metrics)):
+                if theirs.is_file():
+                    shutil.copy2(theirs, own)
